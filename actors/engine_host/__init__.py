@@ -1,0 +1,1 @@
+"""The engine host: the OS process that runs one engine (sim or SGLang) for EngineActor."""
