@@ -9,18 +9,22 @@ from __future__ import annotations
 import msgspec
 
 __all__ = [
+    "AddChild",
     "ChildExited",
+    "ChildInfo",
     "ChildReady",
-    "StopRequest",
-    "TimerFired",
     "Crash",
     "ExitReason",
     "Killed",
     "Normal",
+    "RemoveChild",
     "RestartIntensityExceeded",
     "Shutdown",
     "StartFailed",
     "StartTimeout",
+    "StopRequest",
+    "TimerFired",
+    "WhichChildren",
     "is_abnormal",
 ]
 
@@ -106,7 +110,9 @@ class RestartIntensityExceeded(_Reason, frozen=True, tag="restart_intensity_exce
         )
 
 
-ExitReason = Normal | Shutdown | Crash | StartFailed | StartTimeout | Killed | RestartIntensityExceeded
+ExitReason = (
+    Normal | Shutdown | Crash | StartFailed | StartTimeout | Killed | RestartIntensityExceeded
+)
 
 
 def is_abnormal(reason: ExitReason) -> bool:
@@ -143,3 +149,36 @@ class TimerFired(msgspec.Struct, frozen=True):
     """A supervisor's own timer (start timeout, shutdown timeout, backoff) went off."""
 
     token: int
+
+
+# --- introspection and dynamic children ------------------------------------------------
+
+
+class ChildInfo(msgspec.Struct, frozen=True):
+    """One row of `which_children`: a child's identity, state and history."""
+
+    id: str
+    kind: str  # actor | process | supervisor
+    state: str  # starting | running | stopping | restarting | stopped
+    generation: int  # incarnation number, 0 for the first start
+    restarts: int
+    last_exit: str | None = None
+    uptime: float | None = None  # seconds since it became ready
+    pid: int | None = None
+    children: tuple[ChildInfo, ...] = ()
+
+
+class WhichChildren(msgspec.Struct, frozen=True):
+    """Ask a supervisor for its children (and, if `recursive`, theirs)."""
+
+    recursive: bool = False
+
+
+class AddChild(msgspec.Struct, frozen=True):
+    """Ask a pool supervisor for one more child of its spec; the reply is the new id."""
+
+
+class RemoveChild(msgspec.Struct, frozen=True):
+    """Ask a pool supervisor to stop and drop the child `child_id`."""
+
+    child_id: str

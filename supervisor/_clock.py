@@ -82,7 +82,7 @@ class RealClock:
             if not entry.cancelled:
                 try:
                     entry.callback()
-                except Exception:  # noqa: BLE001 - a timer callback must never kill the clock
+                except Exception:
                     import logging
 
                     logging.getLogger(__name__).exception("timer callback failed")

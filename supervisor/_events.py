@@ -36,7 +36,7 @@ class EventBus:
         for listener in self._listeners:
             try:
                 listener(event)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 import logging
 
                 logging.getLogger(__name__).exception("supervision event listener failed")

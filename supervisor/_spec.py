@@ -228,9 +228,10 @@ def validate_child_spec(spec: ChildSpec) -> None:
     if spec.restart not in RESTARTS:
         raise InvalidSpec("restart", spec.restart, "expected permanent, transient or temporary")
     shutdown = spec.shutdown
-    if shutdown is not None and shutdown not in ("infinity", "brutal"):
-        if not _number(shutdown) or shutdown < 0:  # type: ignore[operator]
-            raise InvalidSpec("shutdown", shutdown, "expected seconds >= 0, infinity or brutal")
+    if shutdown not in (None, "infinity", "brutal") and (
+        not _number(shutdown) or shutdown < 0  # type: ignore[operator]
+    ):
+        raise InvalidSpec("shutdown", shutdown, "expected seconds >= 0, infinity or brutal")
     if not isinstance(spec.significant, bool):
         raise InvalidSpec("significant", spec.significant, "expected a bool")
     if spec.significant and spec.restart == "permanent":

@@ -134,7 +134,7 @@ def _pip(python: Path, args: list[str], log: Path) -> None:
 
 def ensure_env() -> Path:
     """Build the environment if it is missing or incomplete; return its directory."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this script runs on any python3
         sys.exit(f"bootstrap: sgl-node needs Python >= 3.10, this is {platform.python_version()}")
     reqs, no_deps = requirements()
     key = env_key(reqs, no_deps)

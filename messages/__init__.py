@@ -1,0 +1,1 @@
+"""Every typed message between actors and every payload on the wire."""

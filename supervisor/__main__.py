@@ -1,0 +1,108 @@
+"""`python -m supervisor CONFIG`: run one sgl-node (or its demonstration tree).
+
+Exit codes: 0 after an ordered stop (SIGTERM/SIGINT); 1 when the tree gave up
+(restart intensity exceeded) or failed to start; 2 for a bad configuration;
+128+N when a second signal N forced a brutal stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from types import FrameType
+
+import structlog
+
+from supervisor._process import kill_all_process_groups
+from supervisor._root import Root, exit_code_for
+from supervisor.config import ConfigError, NodeConfig, load
+from supervisor.logs import configure_logging
+from supervisor.tomlout import dumps
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor",
+        description=(
+            "Run one sgl-node: an SGLang engine (or the sim engine) as a supervised member "
+            "of a NATS serving fabric. See README.md for every configuration key."
+        ),
+        epilog="exit codes: 0 ordered stop, 1 tree gave up or failed to start, "
+        "2 bad configuration, 128+N brutal stop after a second signal N",
+    )
+    parser.add_argument("config", help="TOML configuration file (e.g. configs/cluster.toml)")
+    parser.add_argument(
+        "--check", action="store_true", help="validate CONFIG, print the resolved config, exit"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    return parser
+
+
+def build(config: NodeConfig) -> Root:
+    """Start the tree the configuration describes."""
+    if config.node.tree == "demo":
+        from supervisor.demo import build_demo_tree
+
+        flags, children = build_demo_tree(config)
+        return Root("demo", flags, children)
+    from supervisor.node import build_node_tree
+
+    flags, children = build_node_tree(config)
+    return Root("node", flags, children)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"sgl-node: configuration error in {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"# {args.config}: valid; every key resolved (defaults filled in)")
+        print(dumps(config))
+        return 0
+    configure_logging(
+        args.log_level or config.logging.level, args.log_format or config.logging.format
+    )
+    log = structlog.get_logger().bind(path="main")
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stopping:
+            log.error("second signal while stopping: brutal stop", signal=name)
+            kill_all_process_groups()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        stopping.append(signum)
+        log.info("stopping in order", signal=name)
+        root.stop(reason=f"signal {name}")
+
+    root = build(config)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    announced = False
+    while root.exit_reason is None:
+        root.poll(0.5)
+        if root.ready and not announced:
+            announced = True
+            log.info("tree ready", root=root.name)
+    reason = root.exit_reason
+    kill_all_process_groups()  # nothing the node started outlives it
+    code = exit_code_for(reason)
+    if code:
+        print(f"sgl-node: {root.name} stopped: {reason.describe()}", file=sys.stderr)
+    else:
+        log.info("stopped", reason=reason.describe())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

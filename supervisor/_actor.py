@@ -1,0 +1,172 @@
+"""`SupervisedActor`: a pykka actor that takes part in supervision.
+
+Pykka gives an actor a thread and an inbox, nothing more. This base class adds what
+a supervisor needs, and designs around four pykka quirks:
+
+* a failing `ask` does not crash a pykka actor: here any exception escaping a handler
+  crashes the actor (as a failing `gen_server:call` does), and the caller still gets it;
+* `on_failure` is not called when `on_start` raises: here a failing start-up is reported
+  as `start_failed` and the cleanup hook runs;
+* a `BaseException` in one pykka actor stops every actor in the process: here it is
+  caught and turned into a crash of this actor alone;
+* `actor_stopped` is set before `on_stop` finishes: here the parent learns of the exit
+  only from the `ChildExited` notice, sent after the cleanup hook has returned.
+
+Subclasses implement `on_start_up` (start-up work; the actor is ready when it returns,
+or later when it calls `report_ready` if `deferred_ready` is set), `handle` (a match
+on message type), `on_shutdown` (graceful stop) and `on_exit` (cleanup on every path).
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+import structlog
+
+from messages.control import (
+    ChildExited,
+    ChildReady,
+    Crash,
+    ExitReason,
+    Shutdown,
+    StartFailed,
+    StopRequest,
+)
+from supervisor._clock import Clock
+from supervisor._events import EventBus
+
+__all__ = ["ActorCrashed", "ChildContext", "Notify", "SupervisedActor", "crash_reason"]
+
+Notify = Callable[[ChildReady | ChildExited], None]
+
+
+class ActorCrashed(Exception):
+    """Raised to an `ask` caller when the actor died of a `BaseException`."""
+
+
+@dataclass(frozen=True)
+class ChildContext:
+    """What a supervised child knows of its place in the tree."""
+
+    child_id: str
+    generation: int
+    path: str  # e.g. "node/engine/engine_actor"
+    notify: Notify  # delivers ChildReady / ChildExited to the parent
+    bus: EventBus
+    clock: Clock
+
+
+def crash_reason(exc: BaseException) -> Crash:
+    """The `Crash` exit reason for an exception, with its traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return Crash(error_type=type(exc).__name__, message=str(exc), traceback=tb)
+
+
+class SupervisedActor(pykka.ThreadingActor):
+    """Base of every actor a supervisor starts. See the module docstring."""
+
+    # A hung actor must not keep the process alive once its supervisor gave up on it.
+    use_daemon_thread = True
+    # When True, the actor is ready only once it calls `report_ready()`.
+    deferred_ready = False
+
+    def __init__(self, context: ChildContext) -> None:
+        super().__init__()
+        self.context = context
+        self.log = structlog.get_logger().bind(path=context.path, generation=context.generation)
+        self._ready_reported = False
+        self._exited = False
+        self._exit_lock = threading.Lock()
+
+    # --- hooks for subclasses -------------------------------------------------------------
+
+    def on_start_up(self) -> None:
+        """Start-up work, in the actor's thread; raising fails the start."""
+
+    def handle(self, message: Any) -> Any:
+        """Handle one message; the default refuses it (a crash, as an unknown call in OTP)."""
+        msg = f"{type(self).__name__} does not handle {type(message).__name__}"
+        raise TypeError(msg)
+
+    def on_shutdown(self, request: StopRequest) -> None:
+        """Graceful stop asked by the supervisor; may block up to the shutdown timeout."""
+
+    def on_exit(self, reason: ExitReason) -> None:
+        """Release resources; runs once on every exit path (stop, crash, failed start)."""
+
+    # --- API for subclasses -----------------------------------------------------------------
+
+    def report_ready(self) -> None:
+        """Report the readiness handshake (once); for `deferred_ready` actors."""
+        if not self._ready_reported and not self._exited:
+            self._ready_reported = True
+            self.context.notify(ChildReady(self.context.child_id, self.context.generation))
+
+    def exit(self, reason: ExitReason) -> None:
+        """End this actor from inside its own thread with `reason` (e.g. `Normal()`)."""
+        self._finish(reason)
+
+    # --- pykka plumbing ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        try:
+            self.on_start_up()
+        except BaseException as exc:
+            self.log.error("start-up failed", error=f"{type(exc).__name__}: {exc}")
+            self._finish(StartFailed(cause=f"{type(exc).__name__}: {exc}"))
+            return
+        if not self.deferred_ready:
+            self.report_ready()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, StopRequest):
+            return self.on_stop_request(message)
+        try:
+            return self.handle(message)
+        except BaseException as exc:
+            reason = crash_reason(exc)
+            self.log.error(
+                "actor crashed", error=reason.describe(), message_type=type(message).__name__
+            )
+            self._finish(reason)
+            if isinstance(exc, Exception):
+                raise  # to an ask caller; pykka only logs it for a tell
+            raise ActorCrashed(reason.describe()) from exc
+
+    def on_stop_request(self, request: StopRequest) -> None:
+        """The supervisor asks this actor to stop: graceful hook, cleanup, exit notice."""
+        try:
+            if not request.brutal:
+                self.on_shutdown(request)
+        except BaseException as exc:
+            self.log.error("graceful stop failed", error=f"{type(exc).__name__}: {exc}")
+            self._finish(crash_reason(exc))
+            return
+        self._finish(Shutdown(detail=request.reason))
+
+    def on_stop(self) -> None:
+        # Only reached through pykka's own stop (ActorRef.stop, ActorRegistry.stop_all).
+        self._finish(Shutdown(detail="pykka stop"))
+
+    def on_failure(self, *_exc_info: Any) -> None:
+        # Already reported by on_receive; pykka calls this after logging a tell's exception.
+        pass
+
+    def _finish(self, reason: ExitReason) -> None:
+        with self._exit_lock:
+            if self._exited:
+                return
+            self._exited = True
+        try:
+            self.on_exit(reason)
+        except BaseException as exc:
+            self.log.error("cleanup failed", error=f"{type(exc).__name__}: {exc}")
+        # Leave the receive loop without taking another message.
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+        self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))

@@ -1,0 +1,264 @@
+"""Process children: spawn in an own process group, watch, probe readiness, stop, kill.
+
+Every process is started by one long-lived spawner thread with PR_SET_PDEATHSIG, so a
+child dies with the node even if the node is killed with SIGKILL (the death signal is
+tied to the thread that forked, hence one thread that lives as long as the process).
+Stopping sends SIGTERM to the whole group, and SIGKILL to it after the shutdown
+timeout; once the leader has exited, whatever is left of its group is SIGKILLed, so
+nothing the node started outlives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import structlog
+
+from messages.control import (
+    ChildExited,
+    ChildReady,
+    Crash,
+    ExitReason,
+    Killed,
+    Normal,
+    Shutdown,
+)
+from supervisor._spec import (
+    ProcessStart,
+    ReadyImmediately,
+    ReadyOnFile,
+    ReadyOnLine,
+    ReadyOnPort,
+)
+
+__all__ = ["ProcessChild", "kill_all_process_groups", "live_process_groups"]
+
+_PR_SET_PDEATHSIG = 1
+_OUTPUT_TAIL = 30
+
+_groups_lock = threading.Lock()
+_live_groups: set[int] = set()
+
+
+def live_process_groups() -> set[int]:
+    """Process groups started by this process and not yet cleaned up."""
+    with _groups_lock:
+        return set(_live_groups)
+
+
+def kill_all_process_groups() -> None:
+    """SIGKILL every process group still alive (brutal stop, last resort at exit)."""
+    for pgid in live_process_groups():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _set_death_signal() -> None:  # runs in the forked child, before exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+
+
+class _Spawner:
+    """One thread that forks every child process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[dict[str, Any], Future[subprocess.Popen[bytes]]]] = (
+            queue.Queue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def spawn(self, **popen_args: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spawner", daemon=True)
+                self._thread.start()
+        future: Future[subprocess.Popen[bytes]] = Future()
+        self._requests.put((popen_args, future))
+        return future.result(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            args, future = self._requests.get()
+            try:
+                preexec = _set_death_signal if sys.platform.startswith("linux") else None
+                proc = subprocess.Popen(start_new_session=True, preexec_fn=preexec, **args)  # noqa: PLW1509
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(proc)
+
+
+_SPAWNER = _Spawner()
+
+
+class ProcessChild:
+    """One incarnation of a process child; reports `ChildReady` / `ChildExited` via `notify`."""
+
+    def __init__(
+        self,
+        start: ProcessStart,
+        child_id: str,
+        generation: int,
+        path: str,
+        notify: Callable[[ChildReady | ChildExited], None],
+    ) -> None:
+        self.start_spec = start
+        self.child_id = child_id
+        self.generation = generation
+        self.notify = notify
+        self.log = structlog.get_logger().bind(path=path, generation=generation)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pgid: int | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL)
+        self._stop_requested = False
+        self._killed = False
+        self._kill_detail = ""
+        self._ready = threading.Event()
+        self._exited = threading.Event()
+        self._line_re = (
+            re.compile(start.ready.pattern) if isinstance(start.ready, ReadyOnLine) else None
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The leader's pid, once spawned."""
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        """Spawn the process and the threads that watch it. Raises OSError if it cannot run."""
+        spec = self.start_spec
+        env = dict(os.environ) if spec.inherit_env else {}
+        env.update(spec.env or {})
+        self.proc = _SPAWNER.spawn(
+            args=list(spec.command),
+            env=env,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
+        with _groups_lock:
+            _live_groups.add(self.pgid)
+        self.log.info("process spawned", pid=self.proc.pid, command=" ".join(spec.command))
+        readers = [
+            threading.Thread(
+                target=self._read, args=(stream, name), name=f"{self.child_id}-{name}", daemon=True
+            )
+            for stream, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr"))
+        ]
+        for reader in readers:
+            reader.start()
+        threading.Thread(
+            target=self._wait, args=(readers,), name=f"{self.child_id}-wait", daemon=True
+        ).start()
+        probe = spec.ready
+        if isinstance(probe, ReadyImmediately):
+            self._mark_ready()
+        elif isinstance(probe, ReadyOnPort | ReadyOnFile):
+            threading.Thread(
+                target=self._poll_probe, name=f"{self.child_id}-probe", daemon=True
+            ).start()
+
+    def _mark_ready(self) -> None:
+        if not self._ready.is_set() and not self._exited.is_set():
+            self._ready.set()
+            self.notify(ChildReady(self.child_id, self.generation))
+
+    def _read(self, stream: Any, name: str) -> None:
+        probe = self.start_spec.ready
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._tail.append(line)
+            self.log.info("output", stream=name, line=line)
+            if (
+                self._line_re is not None
+                and isinstance(probe, ReadyOnLine)
+                and probe.stream in (name, "any")
+                and self._line_re.search(line)
+            ):
+                self._mark_ready()
+        stream.close()
+
+    def _poll_probe(self) -> None:
+        probe = self.start_spec.ready
+        while not self._exited.is_set() and not self._ready.is_set():
+            if isinstance(probe, ReadyOnFile) and os.path.exists(probe.path):
+                self._mark_ready()
+            elif isinstance(probe, ReadyOnPort):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((probe.host, probe.port), timeout=0.2),
+                ):
+                    self._mark_ready()
+            time.sleep(0.05)
+
+    def _wait(self, readers: list[threading.Thread]) -> None:
+        assert self.proc is not None
+        assert self.pgid is not None
+        code = self.proc.wait()
+        self._exited.set()
+        # Whatever the leader left behind in its group goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        for reader in readers:
+            reader.join(timeout=2.0)
+        with _groups_lock:
+            _live_groups.discard(self.pgid)
+        reason = self._reason(code)
+        self.log.info("process exited", pid=self.proc.pid, code=code, reason=reason.describe())
+        self.notify(ChildExited(self.child_id, self.generation, reason))
+
+    def _reason(self, code: int) -> ExitReason:
+        if self._killed:
+            return Killed(signal=int(signal.SIGKILL), detail=self._kill_detail)
+        if self._stop_requested:
+            return Shutdown(detail=f"exit status {code}")
+        if code == 0:
+            return Normal()
+        if code < 0:
+            return Killed(signal=-code, detail=signal.Signals(-code).name)
+        return Crash(
+            error_type="ExitStatus",
+            message=f"exited with status {code}",
+            traceback="\n".join(self._tail),
+        )
+
+    def terminate(self) -> None:
+        """Graceful stop: SIGTERM to the whole group."""
+        self._stop_requested = True
+        self._signal(signal.SIGTERM)
+
+    def kill(self, detail: str = "did not stop within its shutdown timeout") -> None:
+        """SIGKILL the whole group (brutal stop, or the shutdown timeout ran out)."""
+        if not self._exited.is_set():
+            self._killed = True
+            self._kill_detail = detail
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.pgid is not None and not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, sig)
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Block until the leader has exited and been reaped (for tests and the root)."""
+        return self._exited.wait(timeout)

@@ -1,0 +1,339 @@
+"""The node's configuration: typed sections, every default, and validation.
+
+`load(path)` reads TOML into `NodeConfig`. Unknown keys, wrong types and values out of
+range are rejected before anything starts, with the key path at fault::
+
+    engine.dp_size: expected int, got str "two"
+
+Every default of the node lives in this module (the fields below), so one file answers
+"what happens if I leave this out". `configs/cluster.toml` repeats them with comments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "NodeConfig", "cache_dir", "load", "loads"]
+
+Pos = Annotated[int, msgspec.Meta(ge=1)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: pick a free port
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodeSection(_Section, frozen=True):
+    """Who this node is in the fabric."""
+
+    namespace: Name = "dynamo"
+    component: Name = "backend"
+    endpoint: Name = "generate"
+    # Empty: a fresh random id per start (like a lease id).
+    instance_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]*$")] = ""
+    mode: Literal["aggregated", "prefill", "decode", "embedding"] = "aggregated"
+    # "demo" runs a demonstration tree (supervision only, no engine, no NATS).
+    tree: Literal["node", "demo"] = "node"
+
+
+class SupervisionSection(_Section, frozen=True):
+    """Restart policy of the node's supervisors (see the README's supervision table)."""
+
+    intensity: Annotated[int, msgspec.Meta(ge=0)] = 5
+    period: Seconds = 60.0
+    backoff_initial: NonNeg = 0.5
+    backoff_max: NonNeg = 10.0
+    backoff_multiplier: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    backoff_jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    backoff_reset_after: NonNeg = 60.0
+    # Model conversion (first run) plus SGLang's start-up fit in this.
+    engine_start_timeout: Seconds = 900.0
+
+
+class NatsSection(_Section, frozen=True):
+    """The fabric connection, and the embedded server when `embedded` is true."""
+
+    embedded: bool = True
+    url: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    host: str = "127.0.0.1"  # embedded server: listen address
+    port: Port = 4222  # embedded server: client port
+    data_dir: str = ""  # embedded JetStream store; empty: under the cache dir
+    connect_timeout: Seconds = 10.0
+    # Bytes buffered while disconnected before publishes are dropped (and counted).
+    reconnect_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
+
+
+class SimSection(_Section, frozen=True):
+    """The simulated engine (fault injection, scale, benchmarks)."""
+
+    num_blocks: Pos = 1024
+    max_batch_size: Pos = 64
+    token_budget: Pos = 4096  # tokens (prefill + decode) one scheduler step may process
+    prefill_time_per_token: NonNeg = 0.0  # seconds
+    decode_time_per_step: NonNeg = 0.0  # seconds
+    vocab_size: Pos = 32000
+    eos_token_id: Annotated[int, msgspec.Meta(ge=0)] = 2
+    context_length: Pos = 8192
+
+
+class HealthSection(_Section, frozen=True):
+    """The engine canary and stuck-engine detection."""
+
+    canary_after_idle: Seconds = 10.0  # send a 1-token canary when idle this long
+    canary_timeout: Seconds = 30.0
+    failures_before_unhealthy: Pos = 3
+    stall_timeout: Seconds = 60.0  # in-flight requests without progress this long: stuck
+
+
+class EngineSection(_Section, frozen=True):
+    """The engine: which backend, which model, how many DP ranks, and its ZMQ ports."""
+
+    backend: Literal["sim", "sglang"] = "sglang"
+    model_path: str = "builtin:smollm2-135m-instruct"
+    served_model_name: str = ""  # empty: derived from model_path
+    model_cache_dir: str = ""  # built-in models; empty: under the cache dir
+    dp_size: Pos = 1
+    page_size: Pos = 16
+    kv_events_port: Port = 5557  # DP rank r publishes on this port + r (as SGLang)
+    health: HealthSection = msgspec.field(default_factory=HealthSection)
+    sim: SimSection = msgspec.field(default_factory=SimSection)
+    # Passed through to SGLang's ServerArgs (validated against it when backend = sglang).
+    sglang: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class HandlersSection(_Section, frozen=True):
+    """The request plane."""
+
+    count: Pos = 2
+    max_inflight: Pos = 256  # beyond this the node answers `overloaded` at once
+    default_deadline: Seconds = 300.0  # seconds, when a request gives none
+    max_request_bytes: Pos = 1024 * 1024
+    max_prompt_tokens: Pos = 32768
+    max_tokens_limit: Pos = 8192
+
+
+class EventsSection(_Section, frozen=True):
+    """The event plane."""
+
+    durable: bool = False  # also store KV events in a JetStream stream for replay
+    stream_max_age: Seconds = 3600.0
+
+
+class MetricsSection(_Section, frozen=True):
+    """Load metrics publishing."""
+
+    interval: Seconds = 1.0
+
+
+class DiscoverySection(_Section, frozen=True):
+    """Registration in the instances bucket."""
+
+    bucket: Name = "sgl_node_instances"
+    lease_ttl: Seconds = 10.0  # the record expires this long after the last heartbeat
+    heartbeat: Seconds = 2.0
+
+
+class SystemSection(_Section, frozen=True):
+    """The system HTTP server (/health, /ready, /metrics, /tree)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8081
+
+
+class ShutdownSection(_Section, frozen=True):
+    """Ordered stop."""
+
+    drain_timeout: NonNeg = 10.0  # in-flight requests may finish within this
+
+
+class LoggingSection(_Section, frozen=True):
+    """Structured logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+
+class NodeConfig(_Section, frozen=True):
+    """The whole configuration of one node."""
+
+    node: NodeSection = msgspec.field(default_factory=NodeSection)
+    supervision: SupervisionSection = msgspec.field(default_factory=SupervisionSection)
+    nats: NatsSection = msgspec.field(default_factory=NatsSection)
+    engine: EngineSection = msgspec.field(default_factory=EngineSection)
+    handlers: HandlersSection = msgspec.field(default_factory=HandlersSection)
+    events: EventsSection = msgspec.field(default_factory=EventsSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    discovery: DiscoverySection = msgspec.field(default_factory=DiscoverySection)
+    system: SystemSection = msgspec.field(default_factory=SystemSection)
+    shutdown: ShutdownSection = msgspec.field(default_factory=ShutdownSection)
+    logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `key` is the dotted path at fault."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_EXPECTED = re.compile(
+    r"^Expected `(?P<want>[^`]+)`(?P<rest>.*?)(?:, got `(?P<got>[^`]+)`)?$", re.S
+)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+
+
+def _dotted(path: str) -> str:
+    # msgspec paths look like `.engine.dp_size` or `.nats.url[0]`
+    return path.lstrip(".")
+
+
+def _lookup(raw: Any, key: str) -> Any:
+    value = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("["):
+            value = value[int(part[1:-1])]
+        else:
+            value = value[part]
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _translate(exc: msgspec.ValidationError, raw: dict[str, Any]) -> ConfigError:
+    match = _AT.match(str(exc))
+    assert match is not None
+    message, path = match["msg"], _dotted(match["path"] or "")
+    unknown = _UNKNOWN.match(message)
+    if unknown:
+        key = f"{path}.{unknown['field']}" if path else unknown["field"]
+        return ConfigError(key, "unknown key")
+    expected = _EXPECTED.match(message)
+    if expected:
+        want = expected["want"].replace("object", "table").replace("array", "list")
+        rest = expected["rest"]
+        try:
+            value = _lookup(raw, path)
+        except (KeyError, IndexError, TypeError):
+            return ConfigError(path, message)
+        got = type(value).__name__
+        if isinstance(value, dict):
+            got = "table"
+        if rest.strip():
+            return ConfigError(path, f"expected {want}{rest}, got {_describe(value)}")
+        return ConfigError(path, f"expected {want}, got {got} {_describe(value)}")
+    if message.startswith("Invalid enum value"):
+        choices = _literal_choices(path)
+        if choices:
+            value = _lookup(raw, path)
+            return ConfigError(
+                path, f"expected one of {', '.join(choices)}, got {_describe(value)}"
+            )
+    return ConfigError(path, message[0].lower() + message[1:])
+
+
+def _literal_choices(path: str) -> list[str]:
+    """The allowed values of the Literal field at `path` (dotted), if it is one."""
+    owner: Any = NodeConfig
+    annotation: Any = None
+    for part in path.split("."):
+        if not (isinstance(owner, type) and issubclass(owner, msgspec.Struct)):
+            return []
+        fields = {f.name: f for f in msgspec.structs.fields(owner)}
+        if part not in fields:
+            return []
+        annotation = fields[part].type
+        owner = annotation
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return []
+
+
+def _check(config: NodeConfig) -> None:
+    """Rules that span fields or need more than a type."""
+    if not config.nats.embedded and not config.nats.url:
+        raise ConfigError("nats.url", "needs at least one server when nats.embedded is false")
+    for i, url in enumerate(config.nats.url):
+        if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", url):
+            raise ConfigError(f"nats.url[{i}]", f'expected a nats:// URL, got "{url}"')
+    sup = config.supervision
+    if sup.backoff_max < sup.backoff_initial:
+        raise ConfigError(
+            "supervision.backoff_max",
+            f"must be >= supervision.backoff_initial ({sup.backoff_initial})",
+        )
+    if config.discovery.heartbeat >= config.discovery.lease_ttl:
+        raise ConfigError(
+            "discovery.heartbeat",
+            f"must be shorter than discovery.lease_ttl ({config.discovery.lease_ttl})",
+        )
+    model = config.engine.model_path
+    if config.engine.backend == "sglang" and not model:
+        raise ConfigError("engine.model_path", "required when engine.backend is sglang")
+    ports = {"nats.port": config.nats.port if config.nats.embedded else 0}
+    for rank in range(config.engine.dp_size):
+        ports[f"engine.kv_events_port (rank {rank})"] = config.engine.kv_events_port + rank
+    if config.system.enabled:
+        ports["system.port"] = config.system.port
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port and port in seen:
+            raise ConfigError(key.split(" ")[0], f"port {port} is also used by {seen[port]}")
+        if port:
+            seen[port] = key
+    if config.engine.kv_events_port + config.engine.dp_size - 1 > 65535:
+        raise ConfigError("engine.kv_events_port", "port + dp_size - 1 exceeds 65535")
+
+
+def loads(text: str) -> NodeConfig:
+    """Parse and validate TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, NodeConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, raw) from None
+    _check(config)
+    return config
+
+
+def load(path: str | Path) -> NodeConfig:
+    """Read, parse and validate the TOML file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return loads(text)
+
+
+def cache_dir() -> Path:
+    """Where the node keeps what it builds (models, the embedded NATS store)."""
+    explicit = os.environ.get("SGL_NODE_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sgl-node"
