@@ -15,6 +15,7 @@ from supervisor._decisions import (
     should_restart,
 )
 from supervisor._events import EventBus, EventRecorder
+from supervisor._metrics import SupervisionMetrics
 from supervisor._names import whereis
 from supervisor._process import kill_all_process_groups, live_process_groups
 from supervisor._root import Root, exit_code_for
@@ -56,6 +57,7 @@ __all__ = [
     "RealClock",
     "Root",
     "SupervisedActor",
+    "SupervisionMetrics",
     "Supervisor",
     "SupervisorFlags",
     "add_restart",

@@ -21,7 +21,7 @@ from supervisor.config import ConfigError, NodeConfig, load
 from supervisor.logs import configure_logging
 from supervisor.tomlout import dumps
 
-__all__ = ["main"]
+__all__ = ["build", "main", "serve"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,26 +71,38 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
+    return serve(build(config))
+
+
+def serve(root: Root) -> int:
+    """Run `root` until it ends; return the exit code.
+
+    The first SIGTERM/SIGINT stops the tree in order; a second one stops it brutally.
+    """
     log = structlog.get_logger().bind(path="main")
-    stopping: list[int] = []
+    # The handler runs between two bytecodes of the main thread, maybe inside a lock the
+    # main thread holds (a log write): it only records the signal; the loop below acts.
+    # A second signal cannot wait for that loop: it kills everything and exits at once.
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stopping:
-            log.error("second signal while stopping: brutal stop", signal=name)
+        received.append(signum)
+        if len(received) > 1:
+            note = f"sgl-node: second signal ({signal.Signals(signum).name}): brutal stop\n"
+            os.write(2, note.encode())
             kill_all_process_groups()
-            sys.stderr.flush()
             os._exit(128 + signum)
-        stopping.append(signum)
-        log.info("stopping in order", signal=name)
-        root.stop(reason=f"signal {name}")
 
-    root = build(config)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    announced = False
+    announced = stopping = False
     while root.exit_reason is None:
-        root.poll(0.5)
+        root.poll(0.1)
+        if received and not stopping:
+            stopping = True
+            name = signal.Signals(received[0]).name
+            log.info("stopping in order", signal=name)
+            root.stop(reason=f"signal {name}")
         if root.ready and not announced:
             announced = True
             log.info("tree ready", root=root.name)

@@ -61,8 +61,19 @@ def live_process_groups() -> set[int]:
 
 
 def kill_all_process_groups() -> None:
-    """SIGKILL every process group still alive (brutal stop, last resort at exit)."""
-    for pgid in live_process_groups():
+    """SIGKILL every process group still alive (brutal stop, last resort at exit).
+
+    Takes no lock: it may run in a signal handler that interrupted a holder of one.
+    """
+    for _ in range(3):
+        try:
+            groups = tuple(_live_groups)
+            break
+        except RuntimeError:  # the set changed while being copied
+            continue
+    else:
+        groups = ()
+    for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
 
@@ -132,7 +143,8 @@ class ProcessChild:
         self._killed = False
         self._kill_detail = ""
         self._ready = threading.Event()
-        self._exited = threading.Event()
+        self._reaped = threading.Event()  # the leader has exited and been reaped
+        self._exited = threading.Event()  # ...and its output has been read to the end
         self._line_re = (
             re.compile(start.ready.pattern) if isinstance(start.ready, ReadyOnLine) else None
         )
@@ -215,12 +227,14 @@ class ProcessChild:
         assert self.proc is not None
         assert self.pgid is not None
         code = self.proc.wait()
-        self._exited.set()
+        self._reaped.set()
         # Whatever the leader left behind in its group goes with it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signal.SIGKILL)
         for reader in readers:
             reader.join(timeout=2.0)
+        # Only now: a ready line printed just before the exit still counts as ready.
+        self._exited.set()
         with _groups_lock:
             _live_groups.discard(self.pgid)
         reason = self._reason(code)
@@ -249,13 +263,13 @@ class ProcessChild:
 
     def kill(self, detail: str = "did not stop within its shutdown timeout") -> None:
         """SIGKILL the whole group (brutal stop, or the shutdown timeout ran out)."""
-        if not self._exited.is_set():
+        if not self._reaped.is_set():
             self._killed = True
             self._kill_detail = detail
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
-        if self.pgid is not None and not self._exited.is_set():
+        if self.pgid is not None and not self._reaped.is_set():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pgid, sig)
 

@@ -256,7 +256,6 @@ class Supervisor(SupervisedActor):
             bus=self.context.bus,
             clock=self.context.clock,
         )
-        self._emit(ChildStarted, child_id=spec.id, generation=child.generation, kind=spec.kind)
         child.timer = self._arm(spec.start_timeout, "start_timeout", (spec.id, child.generation))
         try:
             if isinstance(spec.start, ActorStart):
@@ -268,9 +267,11 @@ class Supervisor(SupervisedActor):
                     spec.start, spec.id, child.generation, path, self._notify
                 )
                 child.process.start()
-        except Exception as exc:
+        except Exception as exc:  # a constructor or exec failure
             self._record_exit(child, StartFailed(cause=crash_reason(exc).describe()))
             self._after_start_failure(child)
+            return
+        self._emit(ChildStarted, child_id=spec.id, generation=child.generation, kind=spec.kind)
 
     def _begin_stop(self, step: _StopStep) -> None:
         pending = False
@@ -429,6 +430,18 @@ class Supervisor(SupervisedActor):
         delay, child.backoff = next_backoff(
             child.backoff, now, self.flags.backoff, self._random.random()
         )
+        child.state = "restarting"
+        for child_id in ids:
+            target = self._find(child_id)
+            if target is None or (child_id != spec.id and target.spec.restart == "temporary"):
+                continue
+            self._emit(
+                ChildRestarted,
+                child_id=child_id,
+                generation=target.generation + 1,
+                delay=delay,
+                cause=f"{spec.id} exited: {reason.describe()}",
+            )
         self._plan.append(_RestartStep(tuple(ids), failed=spec.id, delay=delay))
 
     def _escalate(self, child: _Child, reason: ExitReason) -> None:
@@ -462,20 +475,13 @@ class Supervisor(SupervisedActor):
             return
         for child_id in step.child_ids:
             child = self._find(child_id)
-            if child is None or child.state != "stopped":
+            if child is None or child.state not in ("stopped", "restarting"):
                 continue
             if child_id != step.failed and child.spec.restart == "temporary":
                 self._children.remove(child)  # OTP: temporary siblings are not restarted
                 continue
             child.state = "restarting"
             child.restarts += 1
-            self._emit(
-                ChildRestarted,
-                child_id=child_id,
-                generation=child.generation + 1,
-                delay=step.delay,
-                cause=f"{step.failed} exited",
-            )
             self._plan.append(_StartStep(child_id, initial=False))
         self._advance()
 

@@ -1,0 +1,62 @@
+"""Supervision events as Prometheus metrics (restarts, exits by reason, escalations, up)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from messages.supervision import (
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildRestarted,
+    ChildStarted,
+    RestartIntensityExceededEvent,
+    SupervisionEvent,
+)
+from supervisor._events import EventBus
+
+__all__ = ["SupervisionMetrics"]
+
+
+class SupervisionMetrics:
+    """Subscribes to a bus and keeps the supervision counters of one tree."""
+
+    def __init__(self, bus: EventBus, registry: CollectorRegistry) -> None:
+        labels = ["supervisor", "child"]
+        self.starts = Counter(
+            "sgl_node_child_starts", "Child incarnations started", labels, registry=registry
+        )
+        self.exits = Counter(
+            "sgl_node_child_exits", "Child exits by reason", [*labels, "reason"], registry=registry
+        )
+        self.restarts = Counter(
+            "sgl_node_child_restarts", "Child restarts decided", labels, registry=registry
+        )
+        self.escalations = Counter(
+            "sgl_node_restart_intensity_exceeded",
+            "Supervisors that gave up (escalations)",
+            ["supervisor"],
+            registry=registry,
+        )
+        self.up = Gauge("sgl_node_child_up", "1 while a child is ready", labels, registry=registry)
+        self._unsubscribe = bus.subscribe(self._on_event)
+
+    def _on_event(self, event: SupervisionEvent) -> None:
+        match event:
+            case ChildStarted(supervisor=sup, child_id=child):
+                self.starts.labels(sup, child).inc()
+            case ChildReadyEvent(supervisor=sup, child_id=child):
+                self.up.labels(sup, child).set(1)
+            case ChildExitedEvent(supervisor=sup, child_id=child, reason=reason):
+                self.up.labels(sup, child).set(0)
+                kind = type(reason).__name__.lower()
+                self.exits.labels(sup, child, kind).inc()
+            case ChildRestarted(supervisor=sup, child_id=child):
+                self.restarts.labels(sup, child).inc()
+            case RestartIntensityExceededEvent(supervisor=sup):
+                self.escalations.labels(sup).inc()
+            case _:
+                pass
+
+    def close(self) -> None:
+        """Stop counting."""
+        self._unsubscribe()
