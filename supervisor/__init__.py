@@ -16,7 +16,7 @@ from supervisor._decisions import (
 )
 from supervisor._events import EventBus, EventRecorder
 from supervisor._metrics import SupervisionMetrics
-from supervisor._names import whereis
+from supervisor._names import ask, whereis
 from supervisor._process import kill_all_process_groups, live_process_groups
 from supervisor._root import Root, exit_code_for
 from supervisor._spec import (
@@ -61,6 +61,7 @@ __all__ = [
     "Supervisor",
     "SupervisorFlags",
     "add_restart",
+    "ask",
     "auto_shutdown_due",
     "children_to_restart",
     "exit_code_for",

@@ -50,10 +50,23 @@ def build(config: NodeConfig) -> Root:
 
         flags, children = build_demo_tree(config)
         return Root("demo", flags, children)
-    from supervisor.node import build_node_tree
+    from actors import node_metrics
+    from supervisor._metrics import SupervisionMetrics
+    from supervisor.node import ROOT_NAME, build_node_tree, plan_node
 
-    flags, children = build_node_tree(config)
-    return Root("node", flags, children)
+    plan = plan_node(config)
+    log = structlog.get_logger().bind(path="main")
+    log.info(
+        "starting node",
+        instance_id=plan.instance_id,
+        backend=config.engine.backend,
+        nats=plan.nats_servers,
+        generate_subject=plan.subjects.generate,
+    )
+    flags, children = build_node_tree(config, plan)
+    root = Root(ROOT_NAME, flags, children)
+    SupervisionMetrics(root.bus, node_metrics.REGISTRY)
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:

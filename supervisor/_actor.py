@@ -109,16 +109,16 @@ class SupervisedActor(pykka.ThreadingActor):
 
     def exit(self, reason: ExitReason) -> None:
         """End this actor from inside its own thread with `reason` (e.g. `Normal()`)."""
-        self._finish(reason)
+        self._supervised_finish(reason)
 
     # --- pykka plumbing ---------------------------------------------------------------------
 
     def on_start(self) -> None:
         try:
             self.on_start_up()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001
             self.log.error("start-up failed", error=f"{type(exc).__name__}: {exc}")
-            self._finish(StartFailed(cause=f"{type(exc).__name__}: {exc}"))
+            self._supervised_finish(StartFailed(cause=f"{type(exc).__name__}: {exc}"))
             return
         if not self.deferred_ready:
             self.report_ready()
@@ -133,7 +133,7 @@ class SupervisedActor(pykka.ThreadingActor):
             self.log.error(
                 "actor crashed", error=reason.describe(), message_type=type(message).__name__
             )
-            self._finish(reason)
+            self._supervised_finish(reason)
             if isinstance(exc, Exception):
                 raise  # to an ask caller; pykka only logs it for a tell
             raise ActorCrashed(reason.describe()) from exc
@@ -143,28 +143,28 @@ class SupervisedActor(pykka.ThreadingActor):
         try:
             if not request.brutal:
                 self.on_shutdown(request)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001
             self.log.error("graceful stop failed", error=f"{type(exc).__name__}: {exc}")
-            self._finish(crash_reason(exc))
+            self._supervised_finish(crash_reason(exc))
             return
-        self._finish(Shutdown(detail=request.reason))
+        self._supervised_finish(Shutdown(detail=request.reason))
 
     def on_stop(self) -> None:
         # Only reached through pykka's own stop (ActorRef.stop, ActorRegistry.stop_all).
-        self._finish(Shutdown(detail="pykka stop"))
+        self._supervised_finish(Shutdown(detail="pykka stop"))
 
     def on_failure(self, *_exc_info: Any) -> None:
         # Already reported by on_receive; pykka calls this after logging a tell's exception.
         pass
 
-    def _finish(self, reason: ExitReason) -> None:
+    def _supervised_finish(self, reason: ExitReason) -> None:
         with self._exit_lock:
             if self._exited:
                 return
             self._exited = True
         try:
             self.on_exit(reason)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001
             self.log.error("cleanup failed", error=f"{type(exc).__name__}: {exc}")
         # Leave the receive loop without taking another message.
         pykka.ActorRegistry.unregister(self.actor_ref)

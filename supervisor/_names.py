@@ -11,7 +11,7 @@ from typing import Any
 
 import pykka
 
-__all__ = ["register", "unregister", "whereis"]
+__all__ = ["ask", "register", "unregister", "whereis"]
 
 _lock = threading.Lock()
 _names: dict[str, pykka.ActorRef[Any]] = {}
@@ -36,3 +36,15 @@ def whereis(path: str) -> pykka.ActorRef[Any] | None:
     if ref is not None and not ref.is_alive():
         return None
     return ref
+
+
+def ask(path: str, message: object, timeout: float) -> Any:
+    """Ask the actor registered at `path` and wait up to `timeout` for the answer.
+
+    Raises LookupError when nothing runs there (e.g. it is restarting).
+    """
+    ref = whereis(path)
+    if ref is None:
+        msg = f"no actor is running at {path}"
+        raise LookupError(msg)
+    return ref.ask(message, timeout=timeout)

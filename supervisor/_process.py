@@ -82,7 +82,7 @@ def _set_death_signal() -> None:  # runs in the forked child, before exec
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:
+    except Exception:  # noqa: BLE001
         pass
 
 
@@ -111,7 +111,7 @@ class _Spawner:
             try:
                 preexec = _set_death_signal if sys.platform.startswith("linux") else None
                 proc = subprocess.Popen(start_new_session=True, preexec_fn=preexec, **args)  # noqa: PLW1509
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001
                 future.set_exception(exc)
             else:
                 future.set_result(proc)

@@ -24,6 +24,7 @@ from messages.control import (
     StopRequest,
     WhichChildren,
 )
+from supervisor import _names
 from supervisor._actor import ChildContext
 from supervisor._clock import REAL_CLOCK, Clock
 from supervisor._events import EventBus
@@ -63,6 +64,7 @@ class Root:
             clock=self.clock,
         )
         self.ref: pykka.ActorRef[Any] = Supervisor.start(context, flags, children)
+        _names.register(name, self.ref)
         self.ready = False
         self.exit_reason: ExitReason | None = None
 

@@ -267,7 +267,7 @@ class Supervisor(SupervisedActor):
                     spec.start, spec.id, child.generation, path, self._notify
                 )
                 child.process.start()
-        except Exception as exc:  # a constructor or exec failure
+        except Exception as exc:  # a constructor or exec failure  # noqa: BLE001
             self._record_exit(child, StartFailed(cause=crash_reason(exc).describe()))
             self._after_start_failure(child)
             return
@@ -614,7 +614,7 @@ class Supervisor(SupervisedActor):
                         tuple[ChildInfo, ...],
                         child.actor.ask(WhichChildren(True), timeout=_ASK_TIMEOUT),
                     )
-                except Exception:
+                except Exception:  # noqa: BLE001
                     grandchildren = ()
             rows.append(
                 ChildInfo(

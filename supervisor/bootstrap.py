@@ -4,6 +4,7 @@ Runs with nothing but the Python standard library, as a script::
 
     python3 supervisor/bootstrap.py run [CONFIG] [node options]
     python3 supervisor/bootstrap.py test [pytest options]
+    python3 supervisor/bootstrap.py client ARGS...       # python -m supervisor.client ARGS
     python3 supervisor/bootstrap.py exec CMD [ARGS...]   # any command inside the environment
     python3 supervisor/bootstrap.py env                  # print the environment's path
 
@@ -199,8 +200,10 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
-    if command not in ("run", "test", "exec", "env"):
-        sys.exit(f"bootstrap: unknown command {command!r} (expected run, test, exec or env)")
+    if command not in ("run", "test", "client", "exec", "env"):
+        sys.exit(
+            f"bootstrap: unknown command {command!r} (expected run, test, client, exec or env)"
+        )
     env = ensure_env()
     python = str(env / "bin" / "python")
     if command == "env":
@@ -211,6 +214,8 @@ def main(argv: list[str]) -> None:
         _exec(env, [python, "-m", "supervisor", *rest])
     elif command == "test":
         _exec(env, [python, "-m", "pytest", *rest])
+    elif command == "client":
+        _exec(env, [python, "-m", "supervisor.client", *rest])
     else:
         if not rest:
             sys.exit("bootstrap: exec needs a command")

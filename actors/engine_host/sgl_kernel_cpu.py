@@ -107,7 +107,7 @@ def install(device: str) -> bool:
         return True
     try:
         importlib.import_module(MODULE_NAME)
-    except Exception as exc:  # a broken build fails in many ways: ImportError, OSError...
+    except Exception as exc:  # a broken build fails in many ways: ImportError, OSError...  # noqa: BLE001
         first_line = next(iter(str(exc).strip().splitlines()), "")
         reason = f"{type(exc).__name__}: {first_line}"
     else:

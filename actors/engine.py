@@ -1,0 +1,330 @@
+"""`EngineActor`: the node's side of the engine host channel.
+
+It submits requests to the engine host process, routes each output chunk back to the
+handler that asked, runs control operations, and watches the engine's health: a canary
+when idle, and stall detection while busy. When it stops for any reason (the host died,
+the engine is unhealthy, the node stops), every in-flight request ends at once with
+`engine_restarting`, so no client waits for output that will never come.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from actors import node_metrics
+from messages.codec import DecodeError, decode_msgpack, encode_msgpack
+from messages.control import ExitReason
+from messages.engine import (
+    EngineInfo,
+    HostAbort,
+    HostChunk,
+    HostControl,
+    HostControlReply,
+    HostGenerate,
+    HostOutput,
+)
+from messages.node import (
+    AbortGenerate,
+    EngineControl,
+    EngineOutput,
+    EngineStatus,
+    GetEngineInfo,
+    GetEngineStatus,
+    SubmitGenerate,
+    Tick,
+)
+from messages.request import OutputOptions, SamplingOptions, StopConditions
+from supervisor import ChildContext, SupervisedActor, whereis
+from supervisor.config import HealthSection
+
+__all__ = ["EngineActor", "EngineUnhealthyError"]
+
+_CANARY_PREFIX = "canary-"
+
+
+class EngineUnhealthyError(RuntimeError):
+    """The engine failed its canaries or stopped making progress."""
+
+
+@dataclass
+class _Inflight:
+    reply_path: str
+    submitted: float
+    last_progress: float
+
+
+class EngineActor(SupervisedActor):
+    """Owns the channel to the engine host; see the module docstring."""
+
+    def __init__(
+        self,
+        context: ChildContext,
+        command_endpoint: str,
+        output_endpoint: str,
+        health: HealthSection,
+        max_inflight: int,
+    ) -> None:
+        super().__init__(context)
+        self.command_endpoint = command_endpoint
+        self.output_endpoint = output_endpoint
+        self.health = health
+        self.max_inflight = max_inflight
+        self.info: EngineInfo | None = None
+        self._zmq = zmq.Context()
+        self._commands = self._zmq.socket(zmq.PUSH)
+        self._outputs = self._zmq.socket(zmq.PULL)
+        self._inflight: dict[str, _Inflight] = {}
+        self._lock = threading.Lock()  # inflight is shared with the reader thread
+        self._pending: dict[int, Future[HostControlReply]] = {}
+        self._op_ids = itertools.count(1)
+        self._halt = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._last_activity = time.monotonic()
+        self._canary: tuple[str, float] | None = None
+        self._canary_count = itertools.count(1)
+        self._failures = 0
+        self._status_detail = ""
+
+    # --- start and stop ------------------------------------------------------------------
+
+    def on_start_up(self) -> None:
+        self._commands.setsockopt(zmq.SNDHWM, 0)
+        self._commands.setsockopt(zmq.LINGER, 0)
+        self._commands.connect(self.command_endpoint)
+        self._outputs.connect(self.output_endpoint)
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+        reply = self._control("info", {}).result(timeout=30)
+        if not reply.ok:
+            msg = f"engine host refused info: {reply.message}"
+            raise RuntimeError(msg)
+        self.info = EngineInfo(**reply.data)
+        self._ticker = threading.Thread(target=self._tick, name="engine-health", daemon=True)
+        self._ticker.start()
+        self.log.info(
+            "engine connected",
+            backend=self.info.backend,
+            model=self.info.model_name,
+            dp_size=self.info.dp_size,
+            kv_blocks=self.info.total_kv_blocks,
+        )
+
+    def on_exit(self, reason: ExitReason) -> None:
+        self._halt.set()
+        with self._lock:
+            inflight, self._inflight = self._inflight, {}
+        why = f"the engine stopped ({reason.describe()}); it restarts by policy, retry"
+        for request_id, entry in inflight.items():
+            self._deliver(
+                entry.reply_path,
+                HostChunk(
+                    request_id=request_id,
+                    finish_reason="error",
+                    error_code="engine_restarting",
+                    error_message=why,
+                ),
+            )
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError(why))
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self._commands.close(linger=0)
+        self._outputs.close(linger=0)
+        self._zmq.term()
+        node_metrics.INFLIGHT.set(0)
+
+    # --- messages -----------------------------------------------------------------------
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case SubmitGenerate():
+                self._submit(message)
+            case AbortGenerate(request_id=request_id):
+                with self._lock:
+                    known = request_id in self._inflight
+                if known:
+                    self._send(HostAbort(request_id))
+            case GetEngineInfo():
+                return self.info
+            case GetEngineStatus():
+                with self._lock:
+                    inflight = len(self._inflight)
+                return EngineStatus(
+                    healthy=self._failures < self.health.failures_before_unhealthy,
+                    inflight=inflight,
+                    consecutive_probe_failures=self._failures,
+                    detail=self._status_detail,
+                )
+            case EngineControl(op=op, args=args):
+                return self._control(op, args)  # a Future: the caller waits, not this actor
+            case Tick(kind="health"):
+                self._check_health()
+            case EngineOutput(chunk=chunk):
+                self._canary_done(chunk)
+            case _:
+                return super().handle(message)
+        return None
+
+    def _submit(self, message: SubmitGenerate) -> None:
+        request = message.request
+        now = time.monotonic()
+        with self._lock:
+            duplicate = request.request_id in self._inflight
+            full = len(self._inflight) >= self.max_inflight
+            if not duplicate and not full:
+                self._inflight[request.request_id] = _Inflight(message.reply_path, now, now)
+                node_metrics.INFLIGHT.set(len(self._inflight))
+        if duplicate or full:
+            code = "invalid_request" if duplicate else "overloaded"
+            text = (
+                f"request_id {request.request_id!r} is already in flight"
+                if duplicate
+                else f"the node has {self.max_inflight} requests in flight (handlers.max_inflight)"
+            )
+            self._deliver(
+                message.reply_path,
+                HostChunk(
+                    request.request_id, finish_reason="error", error_code=code, error_message=text
+                ),
+            )
+            return
+        self._last_activity = now
+        self._send(
+            HostGenerate(
+                request_id=request.request_id,
+                token_ids=request.token_ids,
+                prompt=request.prompt,
+                messages=request.messages,
+                sampling=request.sampling,
+                stop=request.stop,
+                output=request.output,
+                dp_rank=request.dp_rank,
+                priority=request.priority,
+                max_prompt_tokens=message.max_prompt_tokens,
+            )
+        )
+
+    # --- the channel ----------------------------------------------------------------------
+
+    def _send(self, command: Any) -> None:
+        self._commands.send(encode_msgpack(command), copy=False)
+
+    def _control(self, op: str, args: dict[str, Any]) -> Future[HostControlReply]:
+        op_id = next(self._op_ids)
+        future: Future[HostControlReply] = Future()
+        self._pending[op_id] = future
+        self._send(HostControl(op_id=op_id, op=op, args=args))  # type: ignore[arg-type]
+        return future
+
+    def _read(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._outputs, zmq.POLLIN)
+        while not self._halt.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                data = self._outputs.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            try:
+                output: HostOutput = decode_msgpack(data, HostOutput)
+            except DecodeError as exc:
+                self.log.error("undecodable engine output", error=str(exc))
+                continue
+            if isinstance(output, HostControlReply):
+                future = self._pending.pop(output.op_id, None)
+                if future is not None and not future.done():
+                    future.set_result(output)
+            else:
+                self._route(output)
+
+    def _route(self, chunk: HostChunk) -> None:
+        now = time.monotonic()
+        self._last_activity = now
+        if chunk.request_id.startswith(_CANARY_PREFIX):
+            self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
+            return
+        with self._lock:
+            entry = self._inflight.get(chunk.request_id)
+            if entry is None:
+                return  # already failed (engine restart) or unknown
+            entry.last_progress = now
+            if chunk.finish_reason is not None:
+                del self._inflight[chunk.request_id]
+                node_metrics.INFLIGHT.set(len(self._inflight))
+        self._deliver(entry.reply_path, chunk)
+
+    def _deliver(self, reply_path: str, chunk: HostChunk) -> None:
+        handler = whereis(reply_path)
+        if handler is not None:
+            handler.tell(EngineOutput(chunk))
+
+    # --- health ---------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        while not self._halt.wait(1.0):
+            self.actor_ref.tell(Tick("health"))
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stalled = [
+                rid
+                for rid, entry in self._inflight.items()
+                if now - entry.last_progress > self.health.stall_timeout
+            ]
+            busy = bool(self._inflight)
+        if stalled:
+            self._status_detail = (
+                f"{len(stalled)} requests made no progress in {self.health.stall_timeout:g}s"
+            )
+            raise EngineUnhealthyError(f"engine stalled: {self._status_detail}")
+        if self._canary is not None:
+            request_id, sent = self._canary
+            if now - sent > self.health.canary_timeout:
+                self._canary = None
+                self._send(HostAbort(request_id))
+                self._canary_failed(f"canary got no answer within {self.health.canary_timeout:g}s")
+            return
+        if not busy and now - self._last_activity >= self.health.canary_after_idle:
+            request_id = f"{_CANARY_PREFIX}{next(self._canary_count)}-{time.time_ns()}"
+            self._canary = (request_id, now)
+            self._send(
+                HostGenerate(
+                    request_id=request_id,
+                    token_ids=[1, 2, 3],
+                    sampling=SamplingOptions(temperature=0.0),
+                    stop=StopConditions(max_tokens=1, ignore_eos=True),
+                    output=OutputOptions(text=False),
+                    canary=True,
+                )
+            )
+
+    def _canary_done(self, chunk: HostChunk) -> None:
+        if chunk.finish_reason is None:
+            return
+        self._canary = None
+        if chunk.finish_reason in ("stop", "length"):
+            if self._failures:
+                self.log.info("engine healthy again", after_failures=self._failures)
+            self._failures = 0
+            self._status_detail = ""
+        else:
+            self._canary_failed(f"canary ended {chunk.finish_reason}: {chunk.error_message}")
+
+    def _canary_failed(self, why: str) -> None:
+        self._failures += 1
+        self._status_detail = why
+        self.log.warning("engine canary failed", failures=self._failures, why=why)
+        if self._failures >= self.health.failures_before_unhealthy:
+            msg = f"engine unhealthy after {self._failures} failed canaries: {why}"
+            raise EngineUnhealthyError(msg)

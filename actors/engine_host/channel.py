@@ -1,0 +1,50 @@
+"""The host's end of the engine host channel (see messages/engine.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from messages.codec import DecodeError, decode_msgpack, encode_msgpack
+from messages.engine import HostCommand, HostOutput
+
+__all__ = ["HostChannel"]
+
+
+class HostChannel:
+    """PULL for commands, PUSH for outputs; `send` is safe from any thread."""
+
+    def __init__(self, command_endpoint: str, output_endpoint: str) -> None:
+        self._context = zmq.Context()
+        self._commands = self._context.socket(zmq.PULL)
+        self._commands.bind(command_endpoint)
+        self._outputs = self._context.socket(zmq.PUSH)
+        self._outputs.setsockopt(zmq.SNDHWM, 0)  # never drop an output
+        self._outputs.setsockopt(zmq.LINGER, 1000)
+        self._outputs.bind(output_endpoint)
+        self._send_lock = threading.Lock()
+        self.undecodable = 0
+
+    def send(self, output: HostOutput) -> None:
+        """Send one output (thread-safe)."""
+        data = encode_msgpack(output)
+        with self._send_lock:
+            self._outputs.send(data, copy=False)
+
+    def recv(self, timeout: float) -> HostCommand | None:
+        """The next command, or None after `timeout` seconds (or for undecodable bytes)."""
+        if not self._commands.poll(int(timeout * 1000)):
+            return None
+        data = self._commands.recv()
+        try:
+            return decode_msgpack(data, HostCommand)  # type: ignore[no-any-return]
+        except DecodeError:
+            self.undecodable += 1
+            return None
+
+    def close(self) -> None:
+        """Close both sockets."""
+        self._commands.close(linger=0)
+        self._outputs.close(linger=1000)
+        self._context.term()

@@ -1,0 +1,304 @@
+"""`SimEngine`: the sim backend's face to the engine host.
+
+It validates requests (exact errors), routes them to a DP rank, and answers control ops.
+The work happens in one `RankScheduler` thread and one `KvEventPublisher` thread per DP
+rank. Lock order: the engine's `_lock` (request ids, released flag, life cycle) before a
+rank's lock, never the reverse; `emit` is never called under either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+import zmq
+
+from actors.engine_host.sim._kv_publisher import KvEventPublisher
+from actors.engine_host.sim._metrics_pusher import MetricsPusher
+from actors.engine_host.sim._request import SimRequest
+from actors.engine_host.sim._scheduler import RankScheduler
+from actors.engine_host.sim._tokenizer import SimTokenizer
+from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
+from messages.engine import EngineInfo, HostChunk, HostGenerate, HostOutput
+
+if TYPE_CHECKING:
+    from supervisor.config import SimSection
+
+__all__ = ["SIM_VERSION", "SimEngine"]
+
+SIM_VERSION = "sgl-node-sim/1 (SGLang 0.5.23 wire formats)"
+STOP_TIMEOUT = 2.0  # seconds per thread on close
+log = structlog.get_logger(__name__)
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """`tcp://host:port`, with brackets for an IPv6 address."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class SimEngine:
+    """A simulated SGLang engine with DP ranks; see the package docstring."""
+
+    def __init__(
+        self,
+        sim: SimSection,
+        *,
+        dp_size: int,
+        page_size: int,
+        kv_events_port: int,
+        kv_topic: str,
+        metrics_endpoints: list[str],
+        emit: Callable[[HostOutput], None],
+        model_name: str = "sim",
+        bind_host: str = "127.0.0.1",
+        replay_port: int | None = None,
+    ) -> None:
+        if dp_size < 1 or page_size < 1:
+            raise ValueError(f"dp_size and page_size must be >= 1, got {dp_size}, {page_size}")
+        if metrics_endpoints and len(metrics_endpoints) != dp_size:
+            raise ValueError(
+                f"metrics_endpoints: expected {dp_size} (one per DP rank) or none, "
+                f"got {len(metrics_endpoints)}"
+            )
+        if sim.vocab_size < SimTokenizer.vocab_floor:
+            raise ValueError(
+                f"sim.vocab_size must be >= {SimTokenizer.vocab_floor} for the byte "
+                f"tokenizer, got {sim.vocab_size}"
+            )
+        ports = range(kv_events_port, kv_events_port + dp_size)
+        if replay_port is not None and set(ports) & set(range(replay_port, replay_port + dp_size)):
+            raise ValueError(
+                f"replay ports {replay_port}..{replay_port + dp_size - 1} overlap the KV "
+                f"event ports {ports.start}..{ports.stop - 1}"
+            )
+        self.sim = sim
+        self.dp_size = dp_size
+        self.page_size = page_size
+        self.model_name = model_name
+        self.tokenizer = SimTokenizer()
+        self._topic = kv_topic
+        self._emit = emit
+        self._kv_endpoints = [tcp_endpoint(bind_host, p) for p in ports]
+        self._replay_endpoints = [
+            tcp_endpoint(bind_host, replay_port + r) if replay_port is not None else None
+            for r in range(dp_size)
+        ]
+        self._metrics_endpoints = list(metrics_endpoints)
+        self._lock = threading.Lock()
+        self._live: dict[str, RankScheduler] = {}
+        self._arrivals = itertools.count()
+        self._released = False
+        self._slow = 1.0
+        self._state = "new"  # new -> running -> closed
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._publishers: list[KvEventPublisher] = []
+        self._ranks: list[RankScheduler] = []
+        self._closed = threading.Event()
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the KV event sockets, connect the metrics sockets, start the schedulers
+        and publish each rank's initial AllBlocksCleared. Socket errors raise here."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"SimEngine.start: the engine is {self._state}")
+            self._ctx = zmq.Context()
+            try:
+                for rank in range(self.dp_size):
+                    self._start_rank(self._ctx, rank)
+            except BaseException:
+                self._shutdown()
+                raise
+            self._state = "running"
+        log.info("sim engine started", dp_size=self.dp_size, kv_events=self._kv_endpoints)
+
+    def _start_rank(self, ctx: zmq.Context[zmq.Socket[bytes]], rank: int) -> None:
+        publisher = KvEventPublisher(
+            ctx, rank, self._kv_endpoints[rank], self._topic, self._replay_endpoints[rank]
+        )
+        publisher.start()
+        self._publishers.append(publisher)
+        metrics = None
+        if self._metrics_endpoints:
+            metrics = MetricsPusher(ctx, self._metrics_endpoints[rank])
+        scheduler = RankScheduler(
+            rank,
+            self.sim,
+            self.page_size,
+            publisher,
+            metrics,
+            self._emit,
+            lambda: self._slow,
+            self._forget,
+        )
+        self._ranks.append(scheduler)
+        scheduler.flush_cache()  # SGLang resets its tree at start: AllBlocksCleared first
+        scheduler.start()
+
+    def serve(self) -> None:
+        """Block until `close` (the host's main thread waits here; the sim's work runs on
+        its own threads)."""
+        self._closed.wait()
+
+    def close(self) -> None:
+        """Stop every thread and close every socket; in-flight requests end with an
+        `engine_restarting` error. Bounded in time: a stuck thread is left behind."""
+        with self._lock:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+        try:
+            self._shutdown()
+        finally:
+            self._closed.set()
+        log.info("sim engine closed")
+
+    def _shutdown(self) -> None:
+        # Every thread is asked to stop, even after one failed to.
+        stopped = [rank.stop(STOP_TIMEOUT) for rank in self._ranks]
+        stopped += [pub.close(STOP_TIMEOUT) for pub in self._publishers]
+        clean = all(stopped)
+        if self._ctx is not None:
+            if clean:
+                self._ctx.term()
+            else:  # terminating would wait for the stuck thread's sockets forever
+                log.warning("sim engine: a thread did not stop; ZMQ context left open")
+            self._ctx = None
+
+    def info(self) -> EngineInfo:
+        """What the host reports about this engine."""
+        return EngineInfo(
+            backend="sim",
+            model_name=self.model_name,
+            context_length=self.sim.context_length,
+            page_size=self.page_size,
+            total_kv_blocks=self.sim.num_blocks,
+            max_batch_size=self.sim.max_batch_size,
+            dp_size=self.dp_size,
+            kv_event_endpoints=list(self._kv_endpoints),
+            kv_event_topic=self._topic,
+            metrics_endpoints=list(self._metrics_endpoints),
+            eos_token_ids=[self.sim.eos_token_id],
+            version=SIM_VERSION,
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(self, cmd: HostGenerate) -> None:
+        """Queue a generation; a refusal is emitted as one error chunk. Thread-safe."""
+        try:
+            prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
+            with self._lock:
+                rank = self._admission_rank(cmd, len(prompt))
+                req = SimRequest(
+                    request_id=cmd.request_id,
+                    prompt=prompt,
+                    stop=cmd.stop,
+                    output=cmd.output,
+                    eos_token_id=self.sim.eos_token_id,
+                    priority=cmd.priority or 0,
+                    arrival=next(self._arrivals),
+                )
+                self._live[cmd.request_id] = rank
+                rank.enqueue(req)
+        except Refused as refusal:
+            self._emit(
+                HostChunk(
+                    request_id=cmd.request_id,
+                    finish_reason="error",
+                    error_code=refusal.code,
+                    error_message=str(refusal),
+                )
+            )
+
+    def abort(self, request_id: str) -> None:
+        """End the request with `cancelled` (at the next step boundary if it is running).
+        Unknown or finished ids are ignored. Thread-safe."""
+        with self._lock:
+            rank = self._live.get(request_id)
+        if rank is not None:
+            rank.abort(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._live.pop(request_id, None)
+
+    def _admission_rank(self, cmd: HostGenerate, prompt_tokens: int) -> RankScheduler:
+        """The rank for `cmd`, or `Refused`; call with `_lock` held."""
+        if self._state != "running":
+            raise Refused("engine_error", f"the sim engine is not running ({self._state})")
+        if self._released:
+            raise Refused("engine_error", "the KV cache memory is released; resume it first")
+        if cmd.request_id in self._live:
+            raise Refused("invalid_request", f"request id {cmd.request_id!r} is already running")
+        check_limits(cmd, prompt_tokens, self.sim, self.page_size, self.dp_size)
+        if cmd.dp_rank is not None:
+            rank = self._ranks[cmd.dp_rank]
+        else:
+            rank = min(self._ranks, key=lambda r: (r.load(), r.dp_rank))
+        if rank.failure:
+            raise Refused("engine_error", f"DP rank {rank.dp_rank} failed: {rank.failure}")
+        return rank
+
+    # -- control -----------------------------------------------------------------------------
+
+    def control(self, op: str, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+        """Run control op `op`: (ok, message, data). Thread-safe."""
+        match op:
+            case "info":
+                return True, "", msgspec.to_builtins(self.info())
+            case "stats":
+                return True, "", self._stats()
+            case "flush_cache":
+                return self._flush(release=False)
+            case "release_memory":
+                return self._flush(release=True)
+            case "resume_memory":
+                with self._lock:
+                    self._released = False
+                return True, "KV cache memory resumed", {}
+            case "slow":
+                return self._set_slow(args.get("factor"))
+            case "reset_sequence":
+                rank = args.get("dp_rank")
+                if not isinstance(rank, int) or not 0 <= rank < len(self._publishers):
+                    return False, f"reset_sequence: no DP rank {rank!r}", {}
+                self._publishers[rank].reset_sequence()
+                return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
+            case _:
+                return False, f"unknown op {op!r} for the sim backend", {}
+
+    def _set_slow(self, factor: object) -> tuple[bool, str, dict[str, Any]]:
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            return False, f"slow: factor must be a number, got {factor!r}", {}
+        if not math.isfinite(factor) or factor <= 0:
+            return False, f"slow: factor must be finite and > 0, got {factor!r}", {}
+        self._slow = float(factor)
+        return True, f"timings multiplied by {self._slow}", {"factor": self._slow}
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "backend": "sim",
+            "released": self._released,
+            "slow_factor": self._slow,
+            "ranks": [rank.stats() for rank in self._ranks],
+        }
+
+    def _flush(self, *, release: bool) -> tuple[bool, str, dict[str, Any]]:
+        # Like SGLang: only when idle. Holding _lock keeps new requests out meanwhile.
+        with self._lock:
+            busy = sum(rank.load() for rank in self._ranks)
+            if busy:
+                return False, f"the engine is not idle ({busy} requests running or waiting)", {}
+            for rank in self._ranks:
+                rank.flush_cache()
+            if release:
+                self._released = True
+                return True, "KV cache flushed and memory released", {}
+            return True, "KV cache flushed", {}

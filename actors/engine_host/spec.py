@@ -1,0 +1,33 @@
+"""What the node tells its engine host process at start (one JSON argument)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from supervisor.config import SimSection
+
+__all__ = ["HostSpec"]
+
+
+class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the engine host needs; built by the node from its config."""
+
+    backend: str  # sim | sglang
+    command_endpoint: str  # ipc:// — the host binds PULL here
+    output_endpoint: str  # ipc:// — the host binds PUSH here
+    dp_size: int
+    page_size: int
+    kv_events_port: int
+    kv_topic: str = "kv-events"
+    replay_port: int | None = None
+    metrics_endpoints: list[str]  # per DP rank; the node's MetricsActor binds PULL there
+    model_path: str = ""
+    served_model_name: str = ""
+    model_cache_dir: str = ""
+    prometheus_dir: str = ""
+    sim: SimSection = msgspec.field(default_factory=SimSection)
+    sglang: dict[str, Any] = msgspec.field(default_factory=dict)
+    node_rank: int = 0
+    nnodes: int = 1

@@ -1,0 +1,140 @@
+"""`MetricsActor`: scheduler load metrics from ZMQ → NATS and Prometheus.
+
+The engine's schedulers push SGLang's `KvMetrics` (one PUSH socket per DP rank, to
+an ipc path this actor binds). Every interval it publishes one `LoadMetrics` per rank on
+`{namespace}.{component}.load_metrics`, with KV figures in pages, and sets the gauges.
+A rank without a fresh sample is published with `stale = true` (SGLang sends nothing
+while idle), so a router can tell "idle" from "unknown".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from actors import node_metrics
+from actors.nats_link import NatsLink
+from messages.codec import DecodeError, encode_json
+from messages.control import ExitReason
+from messages.engine import EngineInfo
+from messages.metrics import LoadMetrics, SchedulerMetrics, decode_scheduler_metrics
+from messages.node import GetEngineInfo, GetLink, Tick
+from supervisor import ChildContext, SupervisedActor, ask
+
+__all__ = ["MetricsActor"]
+
+
+class MetricsActor(SupervisedActor):
+    """Relays scheduler metrics; see the module docstring."""
+
+    def __init__(
+        self,
+        context: ChildContext,
+        fabric_path: str,
+        engine_path: str,
+        instance_id: str,
+        subject: str,
+        interval: float,
+    ) -> None:
+        super().__init__(context)
+        self.fabric_path = fabric_path
+        self.engine_path = engine_path
+        self.instance_id = instance_id
+        self.subject = subject
+        self.interval = interval
+        self.link: NatsLink | None = None
+        self.info: EngineInfo | None = None
+        self._zmq = zmq.Context()
+        self._sockets: list[zmq.Socket[bytes]] = []
+        self._latest: dict[int, tuple[SchedulerMetrics, float]] = {}
+        self._published_at: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def on_start_up(self) -> None:
+        self.link = ask(self.fabric_path, GetLink(), timeout=10)
+        self.info = ask(self.engine_path, GetEngineInfo(), timeout=10)
+        assert self.info is not None
+        for rank, endpoint in enumerate(self.info.metrics_endpoints):
+            sock = self._zmq.socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(endpoint)
+            self._sockets.append(sock)
+            thread = threading.Thread(
+                target=self._read, args=(rank, sock), name=f"metrics-{rank}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        ticker = threading.Thread(target=self._tick, name="metrics-tick", daemon=True)
+        ticker.start()
+        self._threads.append(ticker)
+
+    def on_exit(self, reason: ExitReason) -> None:
+        self._halt.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._zmq.term()
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case Tick(kind="publish"):
+                self._publish()
+                return None
+        return super().handle(message)
+
+    def _read(self, rank: int, sock: zmq.Socket[bytes]) -> None:
+        while not self._halt.is_set():
+            if not sock.poll(100):
+                continue
+            data = sock.recv()
+            try:
+                sample = decode_scheduler_metrics(data)
+            except DecodeError as exc:
+                node_metrics.ZMQ_DROPPED.labels("scheduler_metrics").inc()
+                self.log.warning("undecodable scheduler metrics dropped", error=str(exc))
+                continue
+            node_metrics.SCHEDULER_SAMPLES.labels(str(rank)).inc()
+            with self._lock:
+                self._latest[rank] = (sample, time.monotonic())
+
+    def _tick(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.actor_ref.tell(Tick("publish"))
+
+    def _publish(self) -> None:
+        assert self.info is not None
+        assert self.link is not None
+        page = max(1, self.info.page_size)
+        for rank in range(self.info.dp_size):
+            with self._lock:
+                latest = self._latest.get(rank)
+            sample, received = latest if latest else (SchedulerMetrics(), 0.0)
+            stale = latest is None or received <= self._published_at.get(rank, -1.0)
+            self._published_at[rank] = time.monotonic()
+            load = LoadMetrics(
+                instance_id=self.instance_id,
+                dp_rank=rank,
+                request_active_slots=sample.request_active_slots,
+                request_total_slots=sample.request_total_slots or self.info.max_batch_size,
+                kv_active_blocks=sample.kv_active_blocks // page,
+                kv_total_blocks=(sample.kv_total_blocks // page) or self.info.total_kv_blocks,
+                num_requests_waiting=sample.num_requests_waiting,
+                cache_usage=sample.gpu_cache_usage_perc,
+                prefix_hit_rate=sample.gpu_prefix_cache_hit_rate,
+                ts=time.time(),
+                stale=stale,
+            )
+            self.link.publish(self.subject, encode_json(load))
+            label = str(rank)
+            node_metrics.KV_ACTIVE.labels(label).set(load.kv_active_blocks)
+            node_metrics.KV_TOTAL.labels(label).set(load.kv_total_blocks)
+            node_metrics.WAITING.labels(label).set(load.num_requests_waiting)
+            node_metrics.RUNNING.labels(label).set(load.request_active_slots)
+            node_metrics.CACHE_USAGE.labels(label).set(load.cache_usage)
+            node_metrics.PREFIX_HIT.labels(label).set(load.prefix_hit_rate)

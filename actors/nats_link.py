@@ -1,0 +1,250 @@
+"""`NatsLink`: the node's one NATS connection, usable from any thread.
+
+nats-py is asyncio; actors are threads. The link runs the connection on its own event
+loop thread and offers thread-safe calls: `publish` (non-blocking, ordered: one FIFO
+drained by one task), `subscribe` (callbacks run on the loop thread, so they must only
+hand the message to an actor), and `call` (run a coroutine, wait for its result).
+
+While disconnected, nats-py buffers publishes up to `pending_size` bytes; beyond that a
+publish is dropped, counted in `dropped`, and logged: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import OutboundBufferLimitError
+
+__all__ = ["LinkEvent", "NatsLink"]
+
+T = TypeVar("T")
+LinkEvent = str  # "disconnected" | "reconnected" | "closed"
+MessageCallback = Callable[[str, str, bytes], None]  # subject, reply, data
+
+
+class NatsLink:
+    """A NATS connection on a private event loop thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        name: str,
+        connect_timeout: float = 10.0,
+        pending_size: int = 8 * 1024 * 1024,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.servers = servers
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.pending_size = pending_size
+        self.connect_options = connect_options or {}
+        self.log = structlog.get_logger().bind(path=f"nats:{name}")
+        self.loop = asyncio.new_event_loop()
+        self.nc: Client | None = None
+        self.published = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.connected = threading.Event()
+        self._queue: collections.deque[tuple[str, bytes, str]] = collections.deque()
+        self._drain_scheduled = False
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[LinkEvent], None]] = []
+        self._thread = threading.Thread(target=self._run, name=f"nats-{name}", daemon=True)
+        self._closed = False
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Start the loop thread and connect; raises if the servers cannot be reached."""
+        self._thread.start()
+        self.call(self._connect, timeout=self.connect_timeout + 5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _connect(self) -> None:
+        self.nc = await nats.connect(
+            servers=self.servers,
+            name=self.name,
+            connect_timeout=self.connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            pending_size=self.pending_size,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+            error_cb=self._on_error,
+            **self.connect_options,
+        )
+        self.connected.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what is queued, close the connection and stop the loop thread."""
+        if self._closed or not self._thread.is_alive():
+            return
+        self._closed = True
+
+        async def shutdown() -> None:
+            if self.nc is not None and not self.nc.is_closed:
+                await self._drain_queue()
+                try:
+                    await asyncio.wait_for(self.nc.flush(), timeout=1.0)
+                except Exception:  # noqa: BLE001 - best effort at close
+                    pass
+                await self.nc.close()
+
+        try:
+            self.call(shutdown, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("nats close incomplete", error=str(exc))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=timeout)
+
+    # --- events ------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[LinkEvent], None]) -> Callable[[], None]:
+        """Be told of disconnects and reconnects (on the loop thread: only hand it on)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    def _notify(self, event: LinkEvent) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                self.log.exception("link listener failed")
+
+    async def _on_disconnected(self) -> None:
+        self.connected.clear()
+        self.log.warning(
+            "nats disconnected; publishes are buffered", buffer_bytes=self.pending_size
+        )
+        self._notify("disconnected")
+
+    async def _on_reconnected(self) -> None:
+        self.connected.set()
+        self.reconnects += 1
+        url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
+        self.log.info("nats reconnected", server=url, dropped_total=self.dropped)
+        self._notify("reconnected")
+
+    async def _on_closed(self) -> None:
+        self.connected.clear()
+        if not self._closed:
+            self.log.error("nats connection closed")
+            self._notify("closed")
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.log.warning("nats error", error=f"{type(exc).__name__}: {exc}")
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        """Queue a publish; returns at once. Order is kept across all callers."""
+        with self._lock:
+            self._queue.append((subject, data, reply))
+            if self._drain_scheduled or self._closed:
+                return
+            self._drain_scheduled = True
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self.loop.create_task(self._drain_queue())
+
+    async def _drain_queue(self) -> None:
+        nc = self.nc
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._drain_scheduled = False
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+            for subject, data, reply in batch:
+                if nc is None:
+                    self.dropped += 1
+                    continue
+                try:
+                    await nc.publish(subject, data, reply=reply)
+                    self.published += 1
+                except OutboundBufferLimitError:
+                    self.dropped += 1
+                    if self.dropped == 1 or self.dropped % 1000 == 0:
+                        self.log.error(
+                            "publish dropped: disconnected and the buffer is full",
+                            subject=subject,
+                            dropped_total=self.dropped,
+                        )
+                except Exception as exc:  # noqa: BLE001 - count and report, never kill the drain
+                    self.dropped += 1
+                    self.log.error("publish failed", subject=subject, error=str(exc))
+
+    # --- subscribing and calling --------------------------------------------------------------
+
+    def subscribe(self, subject: str, callback: MessageCallback, queue: str = "") -> Any:
+        """Subscribe; `callback(subject, reply, data)` runs on the loop thread."""
+
+        async def on_message(msg: Msg) -> None:
+            callback(msg.subject, msg.reply, msg.data)
+
+        async def go() -> Any:
+            assert self.nc is not None
+            return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
+        return self.call(go, timeout=self.connect_timeout)
+
+    def unsubscribe(self, subscription: Any, timeout: float = 2.0) -> None:
+        """Stop a subscription (best effort when the connection is gone)."""
+
+        async def go() -> None:
+            await subscription.unsubscribe()
+
+        try:
+            self.call(go, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001
+            self.log.debug("unsubscribe failed", error=str(exc))
+
+    def call(self, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """Run `factory()` on the loop and wait up to `timeout` seconds for its result."""
+        if threading.current_thread() is self._thread:
+            msg = "NatsLink.call from its own loop thread would deadlock"
+            raise RuntimeError(msg)
+
+        async def run() -> T:
+            return await factory()
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything queued so far has reached the server."""
+
+        async def go() -> None:
+            await self._drain_queue()
+            assert self.nc is not None
+            await self.nc.flush(timeout=max(1, int(timeout)))
+
+        self.call(go, timeout=timeout + 1)

@@ -1,0 +1,163 @@
+"""`SystemHttpActor`: the node's system HTTP server.
+
+    /health   200 while the tree answers (liveness)
+    /ready    200 once the instance is registered and the engine healthy (readiness gate)
+    /metrics  Prometheus: the node's metrics, plus SGLang's own when it runs
+    /tree     which_children of the whole tree, as JSON
+
+It binds 127.0.0.1 unless configured otherwise. Requests are served on the server's own
+threads; they ask actors with short timeouts and never block an actor.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from actors import node_metrics
+from messages.control import ExitReason, WhichChildren
+from messages.node import EngineStatus, GetEngineStatus, GetRegistration, RegistrationStatus
+from supervisor import ChildContext, SupervisedActor, whereis
+
+__all__ = ["SystemHttpActor"]
+
+_ASK_TIMEOUT = 1.0
+
+
+class SystemHttpActor(SupervisedActor):
+    """Serves /health, /ready, /metrics and /tree; see the module docstring."""
+
+    def __init__(
+        self,
+        context: ChildContext,
+        host: str,
+        port: int,
+        root_path: str,
+        registrar_path: str,
+        engine_path: str,
+        prometheus_dir: str = "",
+    ) -> None:
+        super().__init__(context)
+        self.host = host
+        self.port = port
+        self.root_path = root_path
+        self.registrar_path = registrar_path
+        self.engine_path = engine_path
+        self.prometheus_dir = prometheus_dir
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def on_start_up(self) -> None:
+        actor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = actor.route(self.path.split("?", 1)[0])
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # one access line per scrape is noise
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="system-http", daemon=True
+        )
+        self._thread.start()
+        self.log.info("system http listening", host=self.host, port=self.port)
+
+    def on_exit(self, reason: ExitReason) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def handle(self, message: Any) -> Any:
+        return super().handle(message)
+
+    # --- routes (on the server's threads) -------------------------------------------------
+
+    def route(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for a GET of `path`."""
+        if path == "/health":
+            return self._health()
+        if path == "/ready":
+            return self._ready()
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self._metrics()
+        if path == "/tree":
+            return self._tree()
+        return (
+            404,
+            "application/json",
+            _json({"error": f"no route {path}; try /health /ready /metrics /tree"}),
+        )
+
+    def _health(self) -> tuple[int, str, bytes]:
+        root = whereis(self.root_path)
+        try:
+            if root is None:
+                raise RuntimeError("the root supervisor is not running")
+            root.ask(WhichChildren(), timeout=_ASK_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001
+            return 503, "application/json", _json({"status": "unhealthy", "detail": str(exc)})
+        return 200, "application/json", _json({"status": "alive"})
+
+    def _ready(self) -> tuple[int, str, bytes]:
+        registrar, engine = whereis(self.registrar_path), whereis(self.engine_path)
+        registration: RegistrationStatus | None = None
+        status: EngineStatus | None = None
+        try:
+            if registrar is not None:
+                registration = cast(
+                    RegistrationStatus, registrar.ask(GetRegistration(), timeout=_ASK_TIMEOUT)
+                )
+            if engine is not None:
+                status = cast(EngineStatus, engine.ask(GetEngineStatus(), timeout=_ASK_TIMEOUT))
+        except Exception:  # noqa: BLE001 - a busy or restarting actor: not ready
+            pass
+        registered = registration is not None and registration.registered
+        healthy = status is not None and status.healthy
+        body = {
+            "ready": registered and healthy,
+            "registered": registered,
+            "engine_healthy": healthy,
+            "instance_id": registration.instance_id if registration else None,
+            "inflight": status.inflight if status else None,
+            "detail": status.detail if status else "the engine is not running",
+        }
+        return (200 if body["ready"] else 503), "application/json", _json(body)
+
+    def _metrics(self) -> bytes:
+        body = generate_latest(node_metrics.REGISTRY)
+        if self.prometheus_dir:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            try:
+                multiprocess.MultiProcessCollector(registry, path=self.prometheus_dir)  # type: ignore[no-untyped-call]
+                body += generate_latest(registry)
+            except Exception as exc:  # noqa: BLE001 - SGLang's files may be mid-write
+                self.log.warning("sglang metrics unreadable", error=str(exc))
+        return body
+
+    def _tree(self) -> tuple[int, str, bytes]:
+        root = whereis(self.root_path)
+        try:
+            rows = root.ask(WhichChildren(recursive=True), timeout=2.0) if root else ()
+        except Exception as exc:  # noqa: BLE001
+            return 503, "application/json", _json({"error": str(exc)})
+        return 200, "application/json", _json({"root": self.root_path, "children": rows})
+
+
+def _json(value: Any) -> bytes:
+    return msgspec.json.encode(value)

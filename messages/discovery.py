@@ -1,0 +1,50 @@
+"""Discovery records in the instances bucket (JetStream KV, JSON values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["InstanceRecord", "ModelCard", "Subjects"]
+
+
+class ModelCard(msgspec.Struct, frozen=True):
+    """What a router needs to know about the model behind an instance."""
+
+    name: str
+    context_length: int
+    kv_block_size: int
+    total_kv_blocks: int
+    max_batch_size: int
+    dp_size: int
+    mode: str  # aggregated | prefill | decode | embedding
+    backend: str  # sim | sglang
+    model_type: str = "chat"  # chat | completions | embedding
+    runtime_config: dict[str, Any] = {}
+
+
+class Subjects(msgspec.Struct, frozen=True):
+    """Where to send work and cancellations, and where events appear."""
+
+    generate: str  # queue group: any instance of the component
+    instance: str  # this instance only
+    cancel: str
+    kv_events: str
+    load_metrics: str
+    tree: str
+
+
+class InstanceRecord(msgspec.Struct, frozen=True):
+    """One live instance; the key is `{namespace}.{component}.{endpoint}.{instance_id}`."""
+
+    instance_id: str
+    namespace: str
+    component: str
+    endpoint: str
+    subjects: Subjects
+    model: ModelCard
+    host: str
+    pid: int
+    started_at: float  # unix time
+    version: str

@@ -1,0 +1,135 @@
+"""The engine host channel: EngineActor ⇄ engine host process, msgpack over local ZMQ.
+
+Commands go on a PUSH→PULL socket to the host; outputs (stream chunks, control replies)
+come back on a PUSH→PULL socket from it. Both ends decode into these types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from messages.request import (
+    ChatMessage,
+    OutputOptions,
+    SamplingOptions,
+    StopConditions,
+    TokenLogprob,
+    Usage,
+)
+
+__all__ = [
+    "CONTROL_OPS",
+    "EngineInfo",
+    "HostAbort",
+    "HostChunk",
+    "HostCommand",
+    "HostControl",
+    "HostControlReply",
+    "HostGenerate",
+    "HostOutput",
+    "HostShutdown",
+]
+
+ControlOp = Literal[
+    "info",
+    "probe",
+    "stats",
+    "flush_cache",
+    "release_memory",
+    "resume_memory",
+    "update_weights",
+    "start_profile",
+    "stop_profile",
+    "chaos",
+]
+CONTROL_OPS: tuple[str, ...] = ControlOp.__args__  # type: ignore[attr-defined]
+
+
+class _Cmd(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):
+    pass
+
+
+class HostGenerate(_Cmd, frozen=True, tag="generate"):
+    """Start a streaming generation. Exactly one of token_ids / prompt / messages."""
+
+    request_id: str
+    token_ids: list[int] | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingOptions = SamplingOptions()
+    stop: StopConditions = StopConditions()
+    output: OutputOptions = OutputOptions()
+    dp_rank: int | None = None
+    priority: int | None = None
+    max_prompt_tokens: int = 0  # 0: no limit
+    canary: bool = False  # a health canary, not a client request
+
+
+class HostAbort(_Cmd, frozen=True, tag="abort"):
+    """Abort a request; its stream ends with finish_reason `cancelled`."""
+
+    request_id: str
+
+
+class HostControl(_Cmd, frozen=True, tag="control"):
+    """A control operation; answered by one `HostControlReply` with the same `op_id`."""
+
+    op_id: int
+    op: ControlOp
+    args: dict[str, Any] = {}
+
+
+class HostShutdown(_Cmd, frozen=True, tag="shutdown"):
+    """Stop the engine and exit."""
+
+
+HostCommand = HostGenerate | HostAbort | HostControl | HostShutdown
+
+
+class _Out(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):
+    pass
+
+
+class HostChunk(_Out, frozen=True, tag="chunk"):
+    """A delta of one request's output. The last one has `finish_reason`."""
+
+    request_id: str
+    token_ids: list[int] = []
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    usage: Usage | None = None
+    error_code: str = ""
+    error_message: str = ""
+    logprobs: list[TokenLogprob] | None = None
+
+
+class HostControlReply(_Out, frozen=True, tag="control_reply"):
+    """The answer to `HostControl(op_id)`."""
+
+    op_id: int
+    ok: bool
+    message: str = ""
+    data: dict[str, Any] = {}
+
+
+HostOutput = HostChunk | HostControlReply
+
+
+class EngineInfo(msgspec.Struct, frozen=True):
+    """What the host reports about its engine (answer to the `info` control op)."""
+
+    backend: str  # sim | sglang
+    model_name: str
+    context_length: int
+    page_size: int
+    total_kv_blocks: int  # pages
+    max_batch_size: int
+    dp_size: int
+    kv_event_endpoints: list[str]  # per DP rank, SGLang's ZMQ PUB (tcp://host:port)
+    kv_event_topic: str
+    metrics_endpoints: list[str]  # per DP rank, SGLang's scheduler metrics PUSH target (ipc://)
+    eos_token_ids: list[int] = []
+    version: str = ""
+    prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any

@@ -1,0 +1,116 @@
+"""Messages between the node's actors (in-process; never on the wire)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from messages.engine import HostChunk
+from messages.request import GenerateRequest
+
+__all__ = [
+    "AbortGenerate",
+    "EngineControl",
+    "EngineOutput",
+    "EngineStatus",
+    "GetEngineInfo",
+    "GetEngineStatus",
+    "GetLink",
+    "GetRegistration",
+    "IncomingCancel",
+    "IncomingRequest",
+    "LinkChanged",
+    "RegistrationStatus",
+    "SubmitGenerate",
+    "Tick",
+]
+
+
+class GetLink(msgspec.Struct, frozen=True):
+    """Ask the FabricActor for the node's NATS link."""
+
+
+class LinkChanged(msgspec.Struct, frozen=True):
+    """The NATS connection was lost or came back."""
+
+    event: str  # disconnected | reconnected | closed
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """A periodic wake-up an actor sends itself (heartbeat, publish interval, probe)."""
+
+    kind: str = ""
+
+
+class IncomingRequest(msgspec.Struct, frozen=True):
+    """A raw request from the request plane, handed from the NATS thread to a handler."""
+
+    subject: str
+    reply: str
+    data: bytes
+    received_at: float  # monotonic
+
+
+class IncomingCancel(msgspec.Struct, frozen=True):
+    """A raw cancel message from the cancel subject."""
+
+    data: bytes
+
+
+class SubmitGenerate(msgspec.Struct, frozen=True):
+    """Handler → EngineActor: run `request`; outputs go back to the actor at `reply_path`."""
+
+    request: GenerateRequest
+    reply_path: str
+    max_prompt_tokens: int = 0
+
+
+class AbortGenerate(msgspec.Struct, frozen=True):
+    """Handler → EngineActor: abort a request (cancel, deadline, drain)."""
+
+    request_id: str
+    reason: str  # cancelled | deadline_exceeded | shutdown
+
+
+class EngineOutput(msgspec.Struct, frozen=True):
+    """EngineActor → handler: one chunk of a request's output."""
+
+    chunk: HostChunk
+
+
+class GetEngineInfo(msgspec.Struct, frozen=True):
+    """Ask EngineActor for the engine's `EngineInfo`."""
+
+
+class GetEngineStatus(msgspec.Struct, frozen=True):
+    """Ask EngineActor whether the engine is healthy, and its in-flight count."""
+
+
+class EngineStatus(msgspec.Struct, frozen=True):
+    """Answer to GetEngineStatus."""
+
+    healthy: bool
+    inflight: int
+    consecutive_probe_failures: int
+    detail: str = ""
+
+
+class EngineControl(msgspec.Struct, frozen=True):
+    """Run a control op on the engine host (ask; answered with a HostControlReply)."""
+
+    op: str
+    args: dict[str, Any] = {}
+    timeout: float = 30.0
+
+
+class GetRegistration(msgspec.Struct, frozen=True):
+    """Ask the RegistrarActor whether the instance is registered."""
+
+
+class RegistrationStatus(msgspec.Struct, frozen=True):
+    """Answer of the RegistrarActor: is the instance in discovery now?"""
+
+    registered: bool
+    instance_id: str
+    key: str

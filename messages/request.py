@@ -1,0 +1,178 @@
+"""The request plane: generate requests, stream chunks, errors, cancellation (JSON on NATS).
+
+Modelled on Dynamo's preprocessed request: a request carries token ids (or, for
+convenience, a text prompt or chat messages that the engine host tokenizes), sampling
+options, stop conditions and output options. Every response on the reply subject is a
+`StreamChunk`; the last one has a `finish_reason`. A request refused before it started
+gets exactly one chunk, with `finish_reason = "error"` and an `error`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "ERROR_CODES",
+    "FINISH_REASONS",
+    "CancelRequest",
+    "ChatMessage",
+    "ErrorInfo",
+    "GenerateRequest",
+    "OutputOptions",
+    "SamplingOptions",
+    "StopConditions",
+    "StreamChunk",
+    "TokenLogprob",
+    "Usage",
+    "error_chunk",
+]
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+Prob = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+FinishReason = Literal["stop", "length", "cancelled", "shutdown", "error"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "shutdown", "error")
+
+# Stable error codes (README: "Error codes"). `retryable` says whether the same request
+# may succeed if sent again (on this node later, or on another node).
+ERROR_CODES: dict[str, bool] = {
+    "invalid_request": False,  # the request is malformed or breaks a limit; see `field`
+    "overloaded": True,  # the node is at max_inflight; try another node or later
+    "engine_restarting": True,  # the engine died or is (re)starting; in-flight work is lost
+    "engine_error": False,  # the engine refused or failed this request
+    "deadline_exceeded": False,  # the request's timeout ran out
+    "not_ready": True,  # the node is starting or stopping
+    "internal": False,  # a bug; the node logs it with the request id
+}
+
+
+class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class SamplingOptions(_Wire, frozen=True):
+    """How to pick tokens. Unset fields take the engine's defaults."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None  # -1: all
+    min_p: Prob | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
+    json_schema: str | None = None  # guided decoding (a JSON Schema, as a string)
+    regex: str | None = None
+
+
+class StopConditions(_Wire, frozen=True):
+    """When to stop generating."""
+
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 128
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop: list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]] = []
+    stop_token_ids: list[TokenId] = []
+    ignore_eos: bool = False
+
+
+class OutputOptions(_Wire, frozen=True):
+    """What each chunk carries."""
+
+    text: bool = True  # detokenized text deltas next to the token ids
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None  # top-k per token
+    skip_special_tokens: bool = True
+
+
+class ChatMessage(_Wire, frozen=True):
+    """One chat turn; the engine host applies the model's chat template."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class GenerateRequest(_Wire, frozen=True):
+    """A streaming generate request. Exactly one of token_ids, prompt, messages."""
+
+    request_id: RequestId
+    token_ids: list[TokenId] | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    model: str = ""
+    sampling: SamplingOptions = SamplingOptions()
+    stop: StopConditions = StopConditions()
+    output: OutputOptions = OutputOptions()
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None  # seconds
+    client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    dp_rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    priority: int | None = None
+
+    def input_problem(self) -> str | None:
+        """Why the input is unusable, or None (exactly one form, not empty)."""
+        given = [n for n in ("token_ids", "prompt", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            return f"give exactly one of token_ids, prompt, messages (got {given or 'none'})"
+        if not getattr(self, given[0]):
+            return f"{given[0]} is empty"
+        return None
+
+
+class Usage(_Wire, frozen=True):
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class ErrorInfo(_Wire, frozen=True):
+    """Why a stream ended with `finish_reason = "error"`."""
+
+    code: str  # one of ERROR_CODES
+    message: str
+    retryable: bool = False
+    field: str = ""  # for invalid_request: the dotted path at fault
+
+
+class TokenLogprob(_Wire, frozen=True):
+    """Log-probability of a generated token, with the top alternatives when asked."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+class StreamChunk(_Wire, frozen=True):
+    """One message of a response stream; `index` counts from 0 per request."""
+
+    request_id: str
+    index: int
+    token_ids: list[int] = []
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class CancelRequest(_Wire, frozen=True):
+    """Cancel an in-flight request by id (broadcast on the cancel subject)."""
+
+    request_id: RequestId
+
+
+def error_chunk(
+    request_id: str, index: int, code: str, message: str, field: str = ""
+) -> StreamChunk:
+    """The terminal chunk for a request that ends in error `code`."""
+    return StreamChunk(
+        request_id=request_id,
+        index=index,
+        finish_reason="error",
+        error=ErrorInfo(
+            code=code, message=message, retryable=ERROR_CODES.get(code, False), field=field
+        ),
+    )

@@ -1,0 +1,319 @@
+"""A client for sgl-node nodes; it needs nothing but the NATS URL.
+
+As a library (asyncio)::
+
+    async with NodeClient("nats://127.0.0.1:4222") as client:
+        async for chunk in client.generate(GenerateRequest(request_id="r1", prompt="Hi")):
+            print(chunk.text, end="")
+
+As a command: ``python -m supervisor.client generate "What is the capital of France?"``;
+also ``instances``, ``watch kv-events|metrics``, ``tree``, ``cancel``. See ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats
+import nats.js.errors
+from nats.aio.client import Client
+
+from messages.codec import DecodeError, decode_json, encode_json
+from messages.discovery import InstanceRecord
+from messages.kv import KvEventBatch
+from messages.metrics import LoadMetrics
+from messages.request import (
+    CancelRequest,
+    ChatMessage,
+    GenerateRequest,
+    StopConditions,
+    StreamChunk,
+)
+from supervisor.config import DiscoverySection, NodeSection
+
+__all__ = ["NoRespondersError", "NodeClient", "main"]
+
+_NODE = NodeSection()
+_DISCOVERY = DiscoverySection()
+
+
+class NoRespondersError(ConnectionError):
+    """No node serves the subject the request was sent to."""
+
+
+class NodeClient:
+    """Talks to the nodes of one `namespace.component.endpoint` over NATS."""
+
+    def __init__(
+        self,
+        servers: str | list[str] = "nats://127.0.0.1:4222",
+        namespace: str = _NODE.namespace,
+        component: str = _NODE.component,
+        endpoint: str = _NODE.endpoint,
+        bucket: str = _DISCOVERY.bucket,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.servers = [servers] if isinstance(servers, str) else servers
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.connect_options = connect_options or {}
+        self.nc: Client | None = None
+
+    @property
+    def base(self) -> str:
+        """`namespace.component`."""
+        return f"{self.namespace}.{self.component}"
+
+    async def connect(self) -> NodeClient:
+        """Connect to NATS."""
+        self.nc = await nats.connect(servers=self.servers, **self.connect_options)
+        return self
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def __aenter__(self) -> NodeClient:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _nc(self) -> Client:
+        if self.nc is None:
+            msg = "NodeClient is not connected"
+            raise RuntimeError(msg)
+        return self.nc
+
+    async def generate(
+        self,
+        request: GenerateRequest | bytes,
+        instance_id: str | None = None,
+        idle_timeout: float = 120.0,
+    ) -> AsyncIterator[StreamChunk]:
+        """Send a request and yield its chunks until the one with a finish reason.
+
+        `request` may be raw bytes (to send anything at all, e.g. in tests). `instance_id`
+        picks one node; otherwise NATS spreads requests over the nodes. Raises
+        `NoRespondersError` if nobody serves the subject and `TimeoutError` if no chunk
+        comes for `idle_timeout` seconds.
+        """
+        nc = self._nc()
+        subject = f"{self.base}.{self.endpoint}" + (f".{instance_id}" if instance_id else "")
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        try:
+            data = request if isinstance(request, bytes) else encode_json(request)
+            await nc.publish(subject, data, reply=inbox)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout)
+                except nats.errors.TimeoutError:
+                    msg_text = f"no chunk for {idle_timeout:g}s on {subject}"
+                    raise TimeoutError(msg_text) from None
+                if msg.headers and msg.headers.get("Status") == "503":
+                    msg_text = f"no node serves {subject}"
+                    raise NoRespondersError(msg_text)
+                chunk = decode_json(msg.data, StreamChunk)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def cancel(self, request_id: str) -> None:
+        """Cancel an in-flight request, whichever node runs it."""
+        nc = self._nc()
+        await nc.publish(f"{self.base}.cancel", encode_json(CancelRequest(request_id)))
+        await nc.flush()
+
+    async def instances(self) -> list[InstanceRecord]:
+        """The live instances of this endpoint, from the discovery bucket."""
+        js = self._nc().jetstream()
+        try:
+            kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return []
+        prefix = f"{self.base}.{self.endpoint}."
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        records = []
+        for key in keys:
+            if not key.startswith(prefix):
+                continue
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                records.append(decode_json(entry.value, InstanceRecord))
+        return records
+
+    async def watch(self, what: str) -> AsyncIterator[KvEventBatch | LoadMetrics]:
+        """Yield KV event batches (`kv-events`) or load metrics (`metrics`) as they come."""
+        kinds: dict[str, tuple[str, type[Any]]] = {
+            "kv-events": (f"{self.base}.kv_events", KvEventBatch),
+            "metrics": (f"{self.base}.load_metrics", LoadMetrics),
+        }
+        subject, type_ = kinds[what]
+        sub = await self._nc().subscribe(subject)
+        try:
+            async for msg in sub.messages:
+                try:
+                    yield decode_json(msg.data, type_)
+                except DecodeError:
+                    continue
+        finally:
+            await sub.unsubscribe()
+
+    async def tree(self, instance_id: str, timeout: float = 5.0) -> Any:
+        """The supervision tree of one instance (which_children, recursively)."""
+        msg = await self._nc().request(f"{self.base}.tree.{instance_id}", b"", timeout=timeout)
+        return msgspec.json.decode(msg.data)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor.client", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
+    parser.add_argument("--namespace", default=_NODE.namespace)
+    parser.add_argument("--component", default=_NODE.component)
+    parser.add_argument("--endpoint", default=_NODE.endpoint)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--instance", help="send to this instance id only")
+    gen.add_argument("--timeout", type=float, default=None, help="request deadline, seconds")
+    gen.add_argument("--json", action="store_true", help="print each chunk as a JSON line")
+    commands.add_parser("instances", help="list live instances (discovery)")
+    watch = commands.add_parser("watch", help="print events as JSON lines")
+    watch.add_argument("what", choices=["kv-events", "metrics"])
+    tree = commands.add_parser("tree", help="an instance's supervision tree")
+    tree.add_argument("instance", nargs="?", help="instance id (default: the only one)")
+    cancel = commands.add_parser("cancel", help="cancel a request by id")
+    cancel.add_argument("request_id")
+    return parser
+
+
+async def _generate(client: NodeClient, args: argparse.Namespace) -> int:
+    from messages.request import SamplingOptions
+
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt=args.prompt if args.raw else None,
+        messages=None if args.raw else [ChatMessage(role="user", content=args.prompt)],
+        sampling=SamplingOptions(temperature=args.temperature),
+        stop=StopConditions(max_tokens=args.max_tokens),
+        timeout=args.timeout,
+    )
+    started = time.monotonic()
+    first: float | None = None
+    tokens = 0
+    last: StreamChunk | None = None
+    async for chunk in client.generate(request, instance_id=args.instance):
+        last = chunk
+        if chunk.token_ids and first is None:
+            first = time.monotonic() - started
+        tokens += len(chunk.token_ids)
+        if args.json:
+            print(encode_json(chunk).decode(), flush=True)
+        else:
+            print(chunk.text, end="", flush=True)
+    elapsed = time.monotonic() - started
+    assert last is not None
+    if not args.json:
+        print()
+    summary = f"[{last.finish_reason}; {tokens} tokens in {elapsed:.2f}s"
+    if first is not None:
+        summary += f"; first token after {first * 1000:.0f} ms"
+    if last.usage is not None:
+        summary += f"; cached prompt tokens {last.usage.cached_tokens}"
+    if last.error is not None:
+        summary += f"; error {last.error.code}: {last.error.message}"
+    print(summary + "]", file=sys.stderr)
+    return 0 if last.finish_reason in ("stop", "length") else 1
+
+
+async def _run(args: argparse.Namespace) -> int:
+    client = NodeClient(args.nats, args.namespace, args.component, args.endpoint)
+    try:
+        await client.connect()
+    except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
+        print(f"cannot connect to NATS at {args.nats}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "generate":
+            return await _generate(client, args)
+        if args.command == "instances":
+            for record in await client.instances():
+                card = record.model
+                print(
+                    f"{record.instance_id}  {card.name}  mode={card.mode} backend={card.backend} "
+                    f"dp={card.dp_size} blocks={card.total_kv_blocks}x{card.kv_block_size} "
+                    f"host={record.host} pid={record.pid}"
+                )
+            return 0
+        if args.command == "watch":
+            async for item in client.watch(args.what):
+                print(encode_json(item).decode(), flush=True)
+            return 0
+        if args.command == "tree":
+            instance = args.instance
+            if instance is None:
+                records = await client.instances()
+                if len(records) != 1:
+                    print(
+                        f"{len(records)} instances; name one: {[r.instance_id for r in records]}",
+                        file=sys.stderr,
+                    )
+                    return 2
+                instance = records[0].instance_id
+            print(msgspec.json.format(msgspec.json.encode(await client.tree(instance))).decode())
+            return 0
+        if args.command == "cancel":
+            await client.cancel(args.request_id)
+            return 0
+    except (NoRespondersError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m supervisor.client`."""
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

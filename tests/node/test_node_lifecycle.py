@@ -1,0 +1,140 @@
+"""Ordered stop under load and engine-host death, on a real node with the sim engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from messages.request import GenerateRequest, StopConditions, StreamChunk
+from supervisor.client import NodeClient
+from tests.node.harness import NodeProcess, descendants, start_node
+from tests.supervision.children import pid_alive, wait_until
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    proc = start_node(
+        tmp_path, engine__sim={"decode_time_per_step": 0.01}, shutdown={"drain_timeout": 1.0}
+    )
+    try:
+        proc.wait_ready(60)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def _ts(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["timestamp"]).timestamp()
+
+
+def _request(max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt="stream me", stop=StopConditions(max_tokens=max_tokens)
+    )
+
+
+async def _stream(
+    client: NodeClient, req: GenerateRequest, started: asyncio.Event | None = None
+) -> list[StreamChunk]:
+    chunks = []
+    async for chunk in client.generate(req, idle_timeout=30):
+        chunks.append(chunk)
+        if started is not None and not started.is_set():
+            started.set()
+    return chunks
+
+
+def test_sigterm_during_20_streams_ends_each_with_tokens_or_shutdown_and_stops_in_order(
+    node: NodeProcess,
+) -> None:
+    pids = descendants(node.proc.pid)
+    assert pids  # nats-server and the engine host at least
+
+    async def go() -> list[list[StreamChunk]]:
+        async with NodeClient(node.url) as client:
+            # 10 short streams finish within the 1 s drain; 10 long ones are cut by it.
+            reqs = [_request(50) for _ in range(10)] + [_request(1000) for _ in range(10)]
+            events = [asyncio.Event() for _ in reqs]
+            tasks = [
+                asyncio.create_task(_stream(client, r, e))
+                for r, e in zip(reqs, events, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
+            node.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    endings = [chunks[-1].finish_reason for chunks in results]
+    assert endings[:10] == ["length"] * 10
+    assert endings[10:] == ["shutdown"] * 10
+    assert all(len(chunks) > 1 for chunks in results)  # every stream had tokens first
+    assert node.proc.wait(30) == 0
+    deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[0]
+    host_exit = node.wait_log(
+        lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
+    )[0]
+    nats_exit = node.wait_log(
+        lambda r: r.get("event") == "child exited" and r.get("child") == "nats_server"
+    )[0]
+    assert _ts(deregistered) <= _ts(host_exit) <= _ts(nats_exit)
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+
+
+def test_kill_9_of_the_engine_host_fails_inflight_at_once_and_the_node_recovers(
+    node: NodeProcess,
+) -> None:
+    host = node.wait_log(
+        lambda r: (
+            r.get("event") == "process spawned" and r.get("path") == "node/core/engine/engine_host"
+        )
+    )[0]
+
+    async def go() -> tuple[list[list[StreamChunk]], float]:
+        async with NodeClient(node.url) as client:
+            reqs = [_request(1000) for _ in range(5)]
+            events = [asyncio.Event() for _ in reqs]
+            tasks = [
+                asyncio.create_task(_stream(client, r, e))
+                for r, e in zip(reqs, events, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
+            killed_at = time.monotonic()
+            import os
+
+            os.kill(host["pid"], signal.SIGKILL)
+            results = await asyncio.gather(*tasks)
+            return results, time.monotonic() - killed_at
+
+    results, took = asyncio.run(go())
+    for chunks in results:
+        last = chunks[-1]
+        assert last.finish_reason == "error"
+        assert last.error is not None
+        assert last.error.code == "engine_restarting"
+        assert last.error.retryable
+    assert took < 1.0
+    # The engine subtree restarts, the instance registers again and serves.
+    node.wait_log(lambda r: r.get("event") == "registered", count=2, timeout=60)
+    node.wait_ready(60)
+
+    async def again() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            return await _stream(client, _request(5))
+
+    assert asyncio.run(again())[-1].finish_reason == "length"
+    status, body = node.http("/tree")
+    assert status == 200
+    rows = {r["id"]: r for r in json.loads(body)["children"]}
+    engine = {r["id"]: r for r in rows["core"]["children"]}["engine"]
+    host_row = {r["id"]: r for r in engine["children"]}["engine_host"]
+    assert host_row["restarts"] == 1
+    assert "killed by signal 9" in host_row["last_exit"]

@@ -1,0 +1,298 @@
+"""The whole node on a real fabric with the sim engine: one OS process per node, real
+nats-server, real ZMQ, clients over NATS (in-process and as a separate process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from actors.engine_host.sim import SimTokenizer, expected_output
+from messages.kv import BlockRemoved, BlockStored, KvEventBatch, block_hashes
+from messages.metrics import LoadMetrics
+from messages.request import GenerateRequest, StopConditions, StreamChunk
+from supervisor.client import NodeClient
+from tests.node.harness import ROOT, NodeProcess, start_node
+
+TOKENIZER = SimTokenizer()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def collect(
+    client: NodeClient, request: GenerateRequest | bytes, **kw: Any
+) -> list[StreamChunk]:
+    return [chunk async for chunk in client.generate(request, **kw)]
+
+
+def request(prompt: str, max_tokens: int = 16, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt=prompt, stop=StopConditions(max_tokens=max_tokens), **kw
+    )
+
+
+def expected_text(prompt: str, n: int) -> str:
+    return TOKENIZER.decode(expected_output(TOKENIZER.encode(prompt), n))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    tmp = tmp_path_factory.mktemp("sim-node")
+    proc = start_node(
+        tmp,
+        dp_size=2,
+        engine__sim={"num_blocks": 64, "decode_time_per_step": 0.002},
+        handlers={"count": 2, "max_inflight": 200, "max_request_bytes": 100_000},
+    )
+    try:
+        proc.wait_ready(60)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def test_the_instance_appears_in_discovery_and_ready_flips_only_then(node: NodeProcess) -> None:
+    async def go() -> list[Any]:
+        async with NodeClient(node.url) as client:
+            return await client.instances()
+
+    records = run(go())
+    assert [r.instance_id for r in records] == [node.instance_id]
+    card = records[0].model
+    assert (card.backend, card.dp_size, card.kv_block_size, card.total_kv_blocks) == (
+        "sim",
+        2,
+        16,
+        64,
+    )
+    assert records[0].subjects.instance.endswith(node.instance_id)
+    registered = node.wait_log(lambda r: r.get("event") == "registered")[0]
+    registered_at = datetime.fromisoformat(registered["timestamp"]).timestamp()
+    status, body = node.http("/ready")
+    assert status == 200
+    assert json.loads(body)["registered"] is True
+    # The fixture polled /ready from the node's first moments: no 200 before registration.
+    assert node.ready_history[0][1] != 200
+    first_ok = min(t for t, code in node.ready_history if code == 200)
+    assert first_ok >= registered_at
+
+
+def test_a_client_streams_a_completion_with_the_expected_tokens(node: NodeProcess) -> None:
+    async def go() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            return await collect(client, request("hello world", max_tokens=12))
+
+    chunks = run(go())
+    assert len(chunks) >= 12  # one chunk per token, then the end
+    assert "".join(c.text for c in chunks) == expected_text("hello world", 12)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (11, 12)
+
+
+def test_fifty_concurrent_streams_all_complete(node: NodeProcess) -> None:
+    async def go() -> list[list[StreamChunk]]:
+        async with NodeClient(node.url) as client:
+            return await asyncio.gather(
+                *(collect(client, request(f"prompt {i}", max_tokens=20)) for i in range(50))
+            )
+
+    results = run(go())
+    for i, chunks in enumerate(results):
+        assert chunks[-1].finish_reason == "length", chunks[-1]
+        assert "".join(c.text for c in chunks) == expected_text(f"prompt {i}", 20)
+
+
+def test_the_cli_client_in_its_own_process_streams_an_answer(node: NodeProcess) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor.client",
+            "--nats",
+            node.url,
+            "generate",
+            "--raw",
+            "--max-tokens",
+            "8",
+            "abc",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected_text("abc", 8).strip()
+    assert "[length; 8 tokens" in result.stderr
+
+
+def test_cancel_mid_stream_ends_it_cancelled_and_the_engine_aborts(node: NodeProcess) -> None:
+    async def go() -> tuple[list[StreamChunk], float]:
+        async with NodeClient(node.url) as client:
+            req = request("a long one", max_tokens=800)
+            chunks: list[StreamChunk] = []
+            cancelled_at = 0.0
+            async for chunk in client.generate(req):
+                chunks.append(chunk)
+                if len(chunks) == 5:
+                    cancelled_at = time.monotonic()
+                    await client.cancel(req.request_id)
+            return chunks, time.monotonic() - cancelled_at
+
+    chunks, took = run(go())
+    assert chunks[-1].finish_reason == "cancelled"
+    assert len(chunks) < 1000
+    assert took < 1.0  # the abort reaches the engine well within a second here
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "words"),
+    [
+        (b"{not json", "", "malformed"),
+        (
+            b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": "many"}}',
+            "stop.max_tokens",
+            "expected `int`",
+        ),
+        (b'{"request_id": "r1", "prompt": "x", "colour": 1}', "colour", "unknown field"),
+        (b'{"prompt": "x"}', "request_id", "required"),
+        (b'{"request_id": "r1"}', "prompt", "exactly one of"),
+        (
+            b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": 100000}}',
+            "stop.max_tokens",
+            "exceeds the limit",
+        ),
+        (b'{"request_id": "r1", "token_ids": [1, -5]}', "token_ids[1]", ">= 0"),
+        (b'{"request_id": "r1", "prompt": "\xff\xfe"}', "", "malformed"),
+        (b'{"request_id": "r1", "prompt": "' + b"x" * 200_000 + b'"}', "", "limit is"),
+        (b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": 5', "", "malformed"),
+    ],
+)
+def test_bad_requests_get_one_error_naming_the_problem(
+    node: NodeProcess, payload: bytes, field: str, words: str
+) -> None:
+    async def go() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            return await collect(client, payload)
+
+    chunks = run(go())
+    assert len(chunks) == 1
+    error = chunks[0].error
+    assert chunks[0].finish_reason == "error"
+    assert error is not None
+    assert error.code == "invalid_request"
+    assert error.field == field
+    assert words in error.message
+
+
+def test_the_node_kept_serving_with_zero_restarts(node: NodeProcess) -> None:
+    status, body = node.http("/tree")
+    assert status == 200
+
+    def restarts(rows: list[dict[str, Any]]) -> int:
+        return sum(r["restarts"] + restarts(r.get("children", [])) for r in rows)
+
+    rows = json.loads(body)["children"]
+    assert [r["id"] for r in rows] == ["system", "core"]
+    core = {r["id"]: r for r in rows[1]["children"]}
+    assert list(core) == ["nats_server", "fabric", "engine", "handlers", "registrar"]
+    engine = [r["id"] for r in core["engine"]["children"]]
+    assert engine == ["engine_host", "engine_actor", "metrics", "kv_relay_0", "kv_relay_1"]
+    assert all(r["state"] == "running" for r in core.values())
+    assert restarts(rows) == 0
+    assert node.http("/health")[0] == 200
+
+
+def _batches(node: NodeProcess, seconds: float, action: Any) -> list[KvEventBatch]:
+    async def go() -> list[KvEventBatch]:
+        async with NodeClient(node.url) as client:
+            got: list[KvEventBatch] = []
+
+            async def watch() -> None:
+                async for item in client.watch("kv-events"):
+                    assert isinstance(item, KvEventBatch)
+                    got.append(item)
+
+            task = asyncio.create_task(watch())
+            await asyncio.sleep(0.2)
+            await action(client)
+            await asyncio.sleep(seconds)
+            task.cancel()
+            return got
+
+    return run(go())
+
+
+def test_kv_events_on_nats_follow_the_engines_blocks_on_both_ranks(node: NodeProcess) -> None:
+    prompt = "the quick brown fox jumps over the lazy dog " * 2  # 88 tokens: 5 full pages
+
+    async def action(client: NodeClient) -> None:
+        for rank in (0, 1):
+            await collect(client, request(prompt, max_tokens=4, dp_rank=rank))
+
+    batches = _batches(node, 0.5, action)
+    stored = {b.dp_rank: [e for e in b.events if isinstance(e, BlockStored)] for b in batches}
+    tokens = TOKENIZER.encode(prompt)
+    pages = [h for h, _ in block_hashes(tokens, 16)]
+    for rank in (0, 1):
+        events = stored[rank]
+        assert events, f"no BlockStored for rank {rank}"
+        first = events[0]
+        assert first.block_hashes == pages
+        assert first.parent_block_hash is None
+        assert first.token_ids == tokens[: 16 * len(pages)]
+        assert all(b.instance_id == node.instance_id for b in batches)
+
+
+def test_eviction_shows_as_block_removed(node: NodeProcess) -> None:
+    async def action(client: NodeClient) -> None:
+        for i in range(12):  # 12 distinct 5-page prompts overflow 64 blocks on rank 0
+            await collect(client, request(f"{i:03d} " + "z" * 80, max_tokens=1, dp_rank=0))
+
+    batches = _batches(node, 0.5, action)
+    removed = [
+        e for b in batches if b.dp_rank == 0 for e in b.events if isinstance(e, BlockRemoved)
+    ]
+    assert removed
+
+
+def test_load_metrics_arrive_on_nats_and_prometheus_scrapes(node: NodeProcess) -> None:
+    async def go() -> list[LoadMetrics]:
+        async with NodeClient(node.url) as client:
+            got: list[LoadMetrics] = []
+            async for item in client.watch("metrics"):
+                assert isinstance(item, LoadMetrics)
+                got.append(item)
+                if {m.dp_rank for m in got} == {0, 1}:
+                    return got
+            return got
+
+    metrics = run(asyncio.wait_for(go(), 10))
+    assert all(m.instance_id == node.instance_id and m.kv_total_blocks == 64 for m in metrics)
+    status, body = node.http("/metrics")
+    text = body.decode()
+    assert status == 200
+    for name in (
+        "sgl_node_requests_total",
+        "sgl_node_time_to_first_token_seconds_bucket",
+        "sgl_node_kv_total_blocks",
+        "sgl_node_child_restarts_total",
+        "sgl_node_inflight_requests",
+        "sgl_node_kv_event_batches_total",
+    ):
+        assert name in text, name
