@@ -86,6 +86,7 @@ class RegistrarActor(SupervisedActor):
         self._halt = threading.Event()
         self._unsubscribe_bus: Any = None
         self._tree_subscription: Any = None
+        self._write_failures = 0
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -212,12 +213,20 @@ class RegistrarActor(SupervisedActor):
             self.link.call(lambda: kv.put(self.key, data), timeout=5)
         except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
             self.kv = None  # the bucket may be gone (server restart): open it again
+            self._write_failures += 1
             self.log.warning(
-                "registration write failed", why=why, error=f"{type(exc).__name__}: {exc}"
+                "registration write failed; retrying at the next heartbeat",
+                why=why,
+                error=f"{type(exc).__name__}: {exc}",
             )
             return
         if not self.registered:
             self.log.info("registered", key=self.key, bucket=self.discovery.bucket)
+        elif self._write_failures:
+            self.log.info(
+                "registration restored", key=self.key, after_failures=self._write_failures
+            )
+        self._write_failures = 0
         self.registered = True
         node_metrics.REGISTERED.set(1)
 

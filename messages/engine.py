@@ -42,6 +42,8 @@ ControlOp = Literal[
     "update_weights",
     "start_profile",
     "stop_profile",
+    "slow",  # sim: scale the timing model (fault injection)
+    "reset_sequence",  # sim: restart a rank's KV event sequence (fault injection)
     "chaos",
 ]
 CONTROL_OPS: tuple[str, ...] = ControlOp.__args__  # type: ignore[attr-defined]

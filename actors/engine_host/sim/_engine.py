@@ -113,7 +113,9 @@ class SimEngine:
                 for rank in range(self.dp_size):
                     self._start_rank(self._ctx, rank)
             except BaseException:
+                self._state = "closed"  # not restartable: build a new engine
                 self._shutdown()
+                self._closed.set()
                 raise
             self._state = "running"
         log.info("sim engine started", dp_size=self.dp_size, kv_events=self._kv_endpoints)
