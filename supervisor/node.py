@@ -2,8 +2,8 @@
 
     node                    one_for_one
     ├── system              SystemHttpActor (/health works while the engine loads)
+    ├── nats_server         process: embedded nats-server (when nats.embedded)
     └── core                rest_for_one
-        ├── nats_server     process: embedded nats-server (when nats.embedded)
         ├── fabric          FabricActor: the node's NATS connection
         ├── engine          one_for_all: relays die with their engine
         │   ├── engine_host     process: python -m actors.engine_host
@@ -15,7 +15,9 @@
 
 Start order is top to bottom, each child ready before the next; stop order is the
 reverse: the registrar withdraws the instance, handlers drain, relays and metrics stop,
-the engine host stops, NATS goes last.
+the engine host stops, NATS goes last. The NATS server sits beside `core`, not in it:
+when it restarts, the fabric reconnects (publishes are buffered meanwhile) and streams
+in flight carry on, instead of the whole core restarting.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -135,132 +138,102 @@ def _flags(config: NodeConfig, strategy: Strategy) -> SupervisorFlags:
     )
 
 
-def build_node_tree(
-    config: NodeConfig, plan: NodePlan | None = None
-) -> tuple[SupervisorFlags, list[ChildSpec]]:
-    """The node's top flags and children (see the module docstring)."""
-    plan = plan or plan_node(config)
-    node, engine = config.node, config.engine
-    Path(plan.host_spec.prometheus_dir).mkdir(parents=True, exist_ok=True)
-    # A subtree is ready when its last child is: its start may take as long as the engine's.
-    subtree_timeout = config.supervision.engine_start_timeout + 60.0
+def _actor(child_id: str, cls: type[Any], *args: Any, **spec: Any) -> ChildSpec:
+    return ChildSpec(child_id, ActorStart(cls, args), **spec)
 
-    engine_children = [
-        ChildSpec(
-            "engine_host",
-            ProcessStart(
-                [
-                    sys.executable,
-                    "-m",
-                    "actors.engine_host",
-                    msgspec.json.encode(plan.host_spec).decode(),
-                ],
-                env={
-                    "PYTHONPATH": str(ROOT),
-                    "PROMETHEUS_MULTIPROC_DIR": plan.host_spec.prometheus_dir,
-                },
-                cwd=str(ROOT),
-                ready=ReadyOnLine(r"^engine host ready$", stream="stdout"),
-            ),
-            start_timeout=config.supervision.engine_start_timeout,
-            shutdown=30.0,
+
+def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
+    """engine_host, engine_actor, metrics, one kv_relay per DP rank."""
+    spec = plan.host_spec
+    env = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": spec.prometheus_dir}
+    if config.engine.backend == "sglang" and config.engine.sglang.get("device", "cpu") == "cpu":
+        env["SGL_NODE_SGLANG_CPU"] = "1"  # the host installs its sgl_kernel stand-in
+    host = ChildSpec(
+        "engine_host",
+        ProcessStart(
+            [sys.executable, "-m", "actors.engine_host", msgspec.json.encode(spec).decode()],
+            env=env,
+            cwd=str(ROOT),
+            ready=ReadyOnLine(r"^engine host ready$", stream="stdout"),
         ),
-        ChildSpec(
+        start_timeout=config.supervision.engine_start_timeout,
+        shutdown=30.0,
+    )
+    fabric, engine_actor = PATHS["fabric"], PATHS["engine_actor"]
+    children = [
+        host,
+        _actor(
             "engine_actor",
-            ActorStart(
-                EngineActor,
-                (
-                    plan.host_spec.command_endpoint,
-                    plan.host_spec.output_endpoint,
-                    engine.health,
-                    config.handlers.max_inflight,
-                ),
-            ),
+            EngineActor,
+            spec.command_endpoint,
+            spec.output_endpoint,
+            config.engine.health,
+            config.handlers.max_inflight,
         ),
-        ChildSpec(
+        _actor(
             "metrics",
-            ActorStart(
-                MetricsActor,
-                (
-                    PATHS["fabric"],
-                    PATHS["engine_actor"],
-                    plan.instance_id,
-                    plan.subjects.load_metrics,
-                    config.metrics.interval,
-                ),
-            ),
+            MetricsActor,
+            fabric,
+            engine_actor,
+            plan.instance_id,
+            plan.subjects.load_metrics,
+            config.metrics.interval,
         ),
     ]
     durable = config.events.stream_max_age if config.events.durable else None
-    for rank in range(engine.dp_size):
-        engine_children.append(
-            ChildSpec(
+    for rank in range(config.engine.dp_size):
+        children.append(
+            _actor(
                 f"kv_relay_{rank}",
-                ActorStart(
-                    KvRelayActor,
-                    (
-                        PATHS["fabric"],
-                        PATHS["engine_actor"],
-                        plan.instance_id,
-                        rank,
-                        plan.subjects.kv_events,
-                        durable,
-                    ),
-                ),
+                KvRelayActor,
+                fabric,
+                engine_actor,
+                plan.instance_id,
+                rank,
+                plan.subjects.kv_events,
+                durable,
             )
         )
+    return children
 
-    handler_spec = ChildSpec(
+
+def _nats_server(config: NodeConfig, plan: NodePlan) -> ChildSpec:
+    nats = config.nats
+    data_dir = nats.data_dir or str(cache_dir() / "nats" / str(nats.port))
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    command = [
+        nats_server_binary(),
+        *("--addr", nats.host, "--port", str(nats.port)),
+        *("--jetstream", "--store_dir", data_dir),
+        *("--server_name", f"sgl-node-{plan.instance_id}"),
+    ]
+    return ChildSpec(
+        "nats_server", ProcessStart(command, ready=ReadyOnPort(nats.port, nats.host)), shutdown=10.0
+    )
+
+
+def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[ChildSpec]:
+    """fabric, engine, handlers, registrar: each depends on the ones before it."""
+    node = config.node
+    engine_children = _engine_subtree(config, plan)
+    handler = _actor(
         "handler",
-        ActorStart(
-            HandlerActor,
-            (
-                PATHS["fabric"],
-                PATHS["engine_actor"],
-                plan.subjects,
-                config.handlers,
-                config.shutdown.drain_timeout,
-            ),
-        ),
+        HandlerActor,
+        PATHS["fabric"],
+        PATHS["engine_actor"],
+        plan.subjects,
+        config.handlers,
+        config.shutdown.drain_timeout,
         shutdown=config.shutdown.drain_timeout + 5.0,
     )
-    core_children: list[ChildSpec] = []
-    if config.nats.embedded:
-        data_dir = config.nats.data_dir or str(cache_dir() / "nats" / str(config.nats.port))
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        core_children.append(
-            ChildSpec(
-                "nats_server",
-                ProcessStart(
-                    [
-                        nats_server_binary(),
-                        "--addr",
-                        config.nats.host,
-                        "--port",
-                        str(config.nats.port),
-                        "--jetstream",
-                        "--store_dir",
-                        data_dir,
-                        "--server_name",
-                        f"sgl-node-{plan.instance_id}",
-                    ],
-                    ready=ReadyOnPort(config.nats.port, config.nats.host),
-                ),
-                shutdown=10.0,
-            )
-        )
-    core_children += [
-        ChildSpec(
+    return [
+        _actor(
             "fabric",
-            ActorStart(
-                FabricActor,
-                (
-                    plan.nats_servers,
-                    f"sgl-node-{plan.instance_id}",
-                    config.nats.connect_timeout,
-                    config.nats.reconnect_buffer_bytes,
-                ),
-            ),
+            FabricActor,
+            plan.nats_servers,
+            f"sgl-node-{plan.instance_id}",
+            config.nats.connect_timeout,
+            config.nats.reconnect_buffer_bytes,
         ),
         ChildSpec(
             "engine",
@@ -271,53 +244,55 @@ def build_node_tree(
             "handlers",
             ActorStart(
                 Supervisor,
-                (_flags(config, "pool"), [handler_spec]),
+                (_flags(config, "pool"), [handler]),
                 {"pool_size": config.handlers.count},
             ),
         ),
-        ChildSpec(
+        _actor(
             "registrar",
-            ActorStart(
-                RegistrarActor,
-                (
-                    PATHS["fabric"],
-                    ENGINE,
-                    ROOT_NAME,
-                    plan.instance_id,
-                    node.namespace,
-                    node.component,
-                    node.endpoint,
-                    plan.subjects,
-                    node.mode,
-                    config.discovery,
-                    [c.id for c in engine_children],
-                ),
-            ),
+            RegistrarActor,
+            PATHS["fabric"],
+            ENGINE,
+            ROOT_NAME,
+            plan.instance_id,
+            node.namespace,
+            node.component,
+            node.endpoint,
+            plan.subjects,
+            node.mode,
+            config.discovery,
+            [c.id for c in engine_children],
         ),
     ]
+
+
+def build_node_tree(
+    config: NodeConfig, plan: NodePlan | None = None
+) -> tuple[SupervisorFlags, list[ChildSpec]]:
+    """The node's top flags and children (see the module docstring)."""
+    plan = plan or plan_node(config)
+    Path(plan.host_spec.prometheus_dir).mkdir(parents=True, exist_ok=True)
+    # A subtree is ready when its last child is: its start may take as long as the engine's.
+    subtree_timeout = config.supervision.engine_start_timeout + 60.0
     children = []
     if config.system.enabled:
+        sglang_metrics = plan.host_spec.prometheus_dir if config.engine.backend == "sglang" else ""
         children.append(
-            ChildSpec(
+            _actor(
                 "system",
-                ActorStart(
-                    SystemHttpActor,
-                    (
-                        config.system.host,
-                        config.system.port,
-                        ROOT_NAME,
-                        PATHS["registrar"],
-                        PATHS["engine_actor"],
-                        plan.host_spec.prometheus_dir if engine.backend == "sglang" else "",
-                    ),
-                ),
+                SystemHttpActor,
+                config.system.host,
+                config.system.port,
+                ROOT_NAME,
+                PATHS["registrar"],
+                PATHS["engine_actor"],
+                sglang_metrics,
             )
         )
-    children.append(
-        ChildSpec(
-            "core",
-            ActorStart(Supervisor, (_flags(config, "rest_for_one"), core_children)),
-            start_timeout=subtree_timeout + 60.0,
-        )
+    if config.nats.embedded:
+        children.append(_nats_server(config, plan))
+    core = ActorStart(
+        Supervisor, (_flags(config, "rest_for_one"), _core(config, plan, subtree_timeout))
     )
+    children.append(ChildSpec("core", core, start_timeout=subtree_timeout + 60.0))
     return _flags(config, "one_for_one"), children

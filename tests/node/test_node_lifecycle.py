@@ -138,3 +138,37 @@ def test_kill_9_of_the_engine_host_fails_inflight_at_once_and_the_node_recovers(
     host_row = {r["id"]: r for r in engine["children"]}["engine_host"]
     assert host_row["restarts"] == 1
     assert "killed by signal 9" in host_row["last_exit"]
+
+
+def test_a_restart_of_the_embedded_nats_server_does_not_interrupt_streams(
+    node: NodeProcess,
+) -> None:
+    server = node.wait_log(
+        lambda r: r.get("event") == "process spawned" and r.get("path") == "node/nats_server"
+    )[0]
+
+    async def go() -> list[list[StreamChunk]]:
+        async with NodeClient(
+            node.url, connect_options={"max_reconnect_attempts": -1, "reconnect_time_wait": 0.2}
+        ) as client:
+            reqs = [_request(200) for _ in range(4)]
+            events = [asyncio.Event() for _ in reqs]
+            tasks = [
+                asyncio.create_task(_stream(client, r, e))
+                for r, e in zip(reqs, events, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
+            import os
+
+            os.kill(server["pid"], signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    for chunks in results:
+        assert chunks[-1].finish_reason == "length"
+        assert sum(len(c.token_ids) for c in chunks) == 200  # nothing lost across the restart
+    node.wait_log(lambda r: r.get("event") == "nats reconnected")
+    status, body = node.http("/tree")
+    rows = {r["id"]: r for r in json.loads(body)["children"]}
+    assert rows["nats_server"]["restarts"] == 1
+    assert rows["core"]["restarts"] == 0

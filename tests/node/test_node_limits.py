@@ -96,7 +96,7 @@ def test_the_cli_lists_instances_and_shows_the_tree(node: NodeProcess) -> None:
     assert tree.returncode == 0, tree.stderr
     body = json.loads(tree.stdout)
     assert body["instance_id"] == node.instance_id
-    assert [c["id"] for c in body["children"]] == ["system", "core"]
+    assert [c["id"] for c in body["children"]] == ["system", "nats_server", "core"]
 
 
 def test_generate_to_a_subject_nobody_serves_says_so(node: NodeProcess) -> None:

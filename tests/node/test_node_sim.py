@@ -208,9 +208,9 @@ def test_the_node_kept_serving_with_zero_restarts(node: NodeProcess) -> None:
         return sum(r["restarts"] + restarts(r.get("children", [])) for r in rows)
 
     rows = json.loads(body)["children"]
-    assert [r["id"] for r in rows] == ["system", "core"]
-    core = {r["id"]: r for r in rows[1]["children"]}
-    assert list(core) == ["nats_server", "fabric", "engine", "handlers", "registrar"]
+    assert [r["id"] for r in rows] == ["system", "nats_server", "core"]
+    core = {r["id"]: r for r in rows[2]["children"]}
+    assert list(core) == ["fabric", "engine", "handlers", "registrar"]
     engine = [r["id"] for r in core["engine"]["children"]]
     assert engine == ["engine_host", "engine_actor", "metrics", "kv_relay_0", "kv_relay_1"]
     assert all(r["state"] == "running" for r in core.values())
