@@ -169,6 +169,7 @@ def test_a_restart_of_the_embedded_nats_server_does_not_interrupt_streams(
         assert sum(len(c.token_ids) for c in chunks) == 200  # nothing lost across the restart
     node.wait_log(lambda r: r.get("event") == "nats reconnected")
     status, body = node.http("/tree")
+    assert status == 200
     rows = {r["id"]: r for r in json.loads(body)["children"]}
     assert rows["nats_server"]["restarts"] == 1
     assert rows["core"]["restarts"] == 0
