@@ -110,16 +110,18 @@ class CommandLoop:
                 self.backend.close()
 
     def control(self, command: HostControl) -> None:
-        if command.op == "info":
-            info = msgspec.to_builtins(self.backend.info())
-            reply = HostControlReply(command.op_id, True, "", info)
-        else:
-            try:
+        # Every control op gets exactly one reply, whatever fails: the caller is waiting.
+        try:
+            if command.op == "info":
+                ok, message, data = True, "", msgspec.to_builtins(self.backend.info())
+            else:
                 ok, message, data = self.backend.control(command.op, dict(command.args))
-            except Exception as exc:  # noqa: BLE001
-                ok, message, data = False, f"{type(exc).__name__}: {exc}", {}
-            reply = HostControlReply(command.op_id, ok, message, data)
-        self.channel.send(reply)
+            reply = HostControlReply(command.op_id, ok, message, msgspec.to_builtins(data))
+            self.channel.send(reply)
+        except Exception as exc:
+            self.log.exception("control op failed", op=command.op)
+            failed = HostControlReply(command.op_id, False, f"{type(exc).__name__}: {exc}", {})
+            self.channel.send(failed)
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 from messages.request import OutputOptions, SamplingOptions, StopConditions, TokenLogprob, Usage
 
 __all__ = [
+    "STATE_KEYS",
     "STREAMING_FIELD",
     "Finish",
     "StreamDeltas",
@@ -32,6 +33,7 @@ __all__ = [
     "generate_kwargs",
     "kv_events_config",
     "max_running_requests",
+    "plain",
     "sampling_params",
     "scheduler_info",
     "server_args_fields",
@@ -45,6 +47,14 @@ __all__ = [
 STREAMING_FIELD = "incremental_streaming_output"
 # The per-DP-rank limit of running requests in get_internal_state()'s answer.
 _MAX_RUNNING_KEY = "effective_max_running_requests_per_dp"
+# The runtime part of get_internal_state()'s answer (the rest repeats the ServerArgs).
+STATE_KEYS = (
+    _MAX_RUNNING_KEY,
+    "last_gen_throughput",
+    "memory_usage",
+    "startup_time",
+    "world_size",
+)
 
 
 @functools.cache
@@ -246,6 +256,22 @@ def usage_of(deltas: StreamDeltas, meta: Mapping[str, Any], prompt_len: int) -> 
     )
 
 
+def plain(value: Any) -> Any:
+    """`value` as msgpack can carry it: SGLang's states hold numpy scalars (a float64 is a
+    `float` subclass that msgspec refuses), made Python; unknown objects become strings."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
+    return plain(item()) if callable(item) else str(value)
+
+
 def eos_token_ids(tokenizer_manager: Any) -> list[int]:
     """The model's end-of-sequence ids (config's and tokenizer's)."""
     ids: set[int] = set()
@@ -285,7 +311,8 @@ async def flush_cache(tokenizer_manager: Any) -> tuple[bool, str]:
 
 
 async def internal_states(tokenizer_manager: Any) -> list[dict[str, Any]]:
-    """Each DP rank's scheduler state (a round trip to the schedulers)."""
+    """Each DP rank's scheduler state (a round trip to the schedulers): the resolved
+    ServerArgs plus the runtime keys in `STATE_KEYS`."""
     return list(await tokenizer_manager.get_internal_state())
 
 

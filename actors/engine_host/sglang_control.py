@@ -4,7 +4,7 @@
 | op | what it does |
 | --- | --- |
 | probe | the loop answers (cheap liveness; a dead SGLang child kills the host anyway) |
-| stats | each DP rank's scheduler state (scalars of `get_internal_state`) + in-flight count |
+| stats | each DP rank's scheduler state (runtime part of `get_internal_state`), in flight |
 | flush_cache | empties the prefix cache; SGLang refuses unless idle |
 | release_memory / resume_memory | GPU only (torch_memory_saver); refused on CPU or busy |
 | update_weights | `model_path` (a directory or `builtin:` name), optional `load_format` |
@@ -90,11 +90,10 @@ class ControlOps:
         return True, "", {"inflight": self.backend.inflight}
 
     async def stats(self, _args: dict[str, Any]) -> Reply:
-        """Each rank's scheduler state, scalars only."""
+        """Each rank's scheduler state (its runtime part, not the ServerArgs again)."""
         states = await compat.internal_states(self._tm)
         ranks = [
-            {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
-            for state in states
+            {k: compat.plain(state[k]) for k in compat.STATE_KEYS if k in state} for state in states
         ]
         return True, "", {"inflight": self.backend.inflight, "ranks": ranks}
 

@@ -166,6 +166,21 @@ def test_an_abort_mid_stream_ends_it_with_cancelled_promptly() -> None:
     assert (stats["running"], stats["used_blocks"], stats["aborted"]) == (0, 0, 1)
 
 
+def test_aborting_the_only_request_as_a_step_begins_never_breaks_the_scheduler() -> None:
+    # Regression: a step that found nothing left after reaping aborts crashed the rank.
+    with running_sim(decode_time_per_step=0.0, context_length=100_000, num_blocks=20_000) as (
+        engine,
+        out,
+    ):
+        for i in range(100):
+            engine.submit(gen(f"alone-{i}", max_tokens=3000))
+            out.wait_for(f"alone-{i}", 2)
+            engine.abort(f"alone-{i}")  # the only running request, aborted mid-decode
+            assert out.wait_done(f"alone-{i}")[-1].finish_reason in ("cancelled", "length")
+        engine.submit(gen("after", max_tokens=3))
+        assert out.wait_done("after")[-1].finish_reason == "length"
+
+
 def test_a_waiting_request_is_cancelled_at_once_and_unknown_ids_are_ignored() -> None:
     with running_sim(max_batch_size=1, decode_time_per_step=0.01) as (engine, out):
         engine.submit(gen("runs", max_tokens=2000))

@@ -193,9 +193,11 @@ class RankScheduler:
                 cost = self._sim.prefill_time_per_token * step.uncached_tokens
             elif self._running:
                 cost = self._sim.decode_time_per_step
-            else:  # only possible if a request slipped past validation: never spin on it
+            elif self._waiting:  # only if a request slipped past validation: never spin on it
                 out.append(self._refuse_head())
                 gone.append(out[-1].request_id)
+                cost = 0.0
+            else:  # everything was aborted since the wait: nothing to do this step
                 cost = 0.0
             self._publisher.publish(self.cache.events.take())
         self._deliver(out, gone)

@@ -1,0 +1,249 @@
+"""The sglang backend: a real `sgl.Engine` inside the engine host.
+
+Threads: `start` and `serve` run on the host's main thread, which creates the Engine (so
+SGLang's signal handlers are installed and its children's PDEATHSIG is tied to a thread
+that lives as long as the host) and then runs the Engine's asyncio loop until `close`.
+`submit`, `abort` and `control` come from the command thread and only hand work to that
+loop; every SGLang call runs on it (its ZMQ sockets are not thread-safe). The requests
+themselves are `sglang_requests.Requests`; the control operations `sglang_control`.
+
+Stopping: `close` (from the host's SIGTERM handler or a shutdown command) wakes `serve`,
+which ends every in-flight request (`engine_restarting`), cancels SGLang's tasks on the
+loop and calls `Engine.shutdown()`: SIGKILL of every descendant of the host, reaped. If
+the host is SIGKILLed instead, PDEATHSIG takes SGLang's children down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from actors.engine_host import sglang_compat as compat
+from actors.engine_host.builtin_model import resolve_model_path
+from actors.engine_host.sglang_args import SglangArgsError, cpu_threads_bind, engine_kwargs, is_cpu
+from actors.engine_host.sglang_children import (
+    CPU_ENV,
+    METRICS_ENV,
+    prepare_cpu_process,
+    route_children,
+)
+from actors.engine_host.sglang_control import ControlOps
+from actors.engine_host.sglang_requests import STOPPING, EngineFacts, Requests
+from actors.engine_host.spec import HostSpec
+from messages.engine import EngineInfo, HostChunk, HostControlReply, HostGenerate
+
+__all__ = ["SglangBackend"]
+
+Emit = Callable[[HostChunk | HostControlReply], None]
+
+
+class SglangBackend:
+    """SGLang as an engine host backend (see the module docstring)."""
+
+    def __init__(self, spec: HostSpec, emit: Emit) -> None:
+        self.spec = spec
+        self._emit = emit
+        self.log = structlog.get_logger().bind(path="engine_host.sglang")
+        self.engine: Any = None  # the sgl.Engine, once started
+        self.facts: EngineFacts | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = asyncio.Event()  # set on the loop by close()
+        self._requests: Requests | None = None
+        self._closing = threading.Event()
+        self._serving = threading.Event()
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._control = ControlOps(self)
+
+    # --- life cycle (main thread) ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Resolve the model, start the Engine and read its facts; raises
+        `SglangArgsError` for a bad `engine.sglang` table."""
+        spec = self.spec
+        if is_cpu(spec):
+            os.environ[CPU_ENV] = "1"  # inherited by SGLang's children
+            prepare_cpu_process()
+        cache_dir = spec.model_cache_dir or None
+        model_dir = resolve_model_path(spec.model_path, cache_dir, progress=self.log.info)
+        model_name = spec.served_model_name or model_dir.name
+        kwargs = engine_kwargs(spec, model_dir, model_name)
+        if is_cpu(spec) and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+            bind = cpu_threads_bind(spec.dp_size)  # without it dp_size > 1 asserts on the CPU
+            if bind is not None:
+                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
+        os.environ[METRICS_ENV] = json.dumps(spec.metrics_endpoints[: spec.dp_size])
+
+        import sglang
+        from sglang.srt.entrypoints import engine as engine_module
+
+        started = time.monotonic()
+        previous_sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            self.engine = route_children(engine_module)(**kwargs)
+        except TypeError as exc:
+            key = compat.unexpected_keyword(exc)
+            if key is None:
+                raise
+            msg = f"engine.sglang.{key}: not a field of SGLang's ServerArgs"
+            raise SglangArgsError(msg) from None
+        self._loop = loop = self.engine.loop
+        tm = self.engine.tokenizer_manager
+        states = loop.run_until_complete(compat.internal_states(tm))  # the first SGLang call
+        self._keep_sigterm(loop, previous_sigterm)
+        info = compat.scheduler_info(self.engine)
+        max_input = int(info.get("max_req_input_len") or tm.context_len)
+        self.facts = EngineFacts(
+            model_name=model_name,
+            context_length=int(tm.context_len),
+            max_prompt_tokens=min(max_input, int(tm.context_len)) - 1,
+            kv_tokens=int(info.get("max_total_num_tokens") or 0),
+            max_batch_size=compat.max_running_requests(states, kwargs.get("max_running_requests")),
+            eos_token_ids=compat.eos_token_ids(tm),
+            version=str(sglang.__version__),
+            incremental=bool(getattr(tm, compat.STREAMING_FIELD, False)),
+        )
+        self._requests = Requests(self.engine, self.facts, self._emit, self._tokenizing)
+        self.log.info(
+            "sglang engine started",
+            seconds=round(time.monotonic() - started, 1),
+            model=model_name,
+            kv_tokens=self.facts.kv_tokens,
+            dp_size=spec.dp_size,
+        )
+
+    def _keep_sigterm(self, loop: asyncio.AbstractEventLoop, previous: Any) -> None:
+        """SGLang's first call on the main thread installs its own SIGTERM handler on the
+        loop (drain, then `sys.exit`). The host decides how it stops: SIGTERM goes back to
+        the handler the host had installed, called from the loop."""
+        if callable(previous):
+            loop.add_signal_handler(signal.SIGTERM, previous, signal.SIGTERM, None)
+        else:
+            loop.add_signal_handler(signal.SIGTERM, self.close)
+
+    def serve(self) -> None:
+        """Run the Engine's loop until `close`; then end in-flight requests and shut the
+        engine down."""
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._serving.clear()
+            self._shutdown()
+
+    async def _serve(self) -> None:
+        self._serving.set()
+        if not self._closing.is_set():
+            await self._stopping.wait()
+        assert self._requests is not None
+        await asyncio.gather(*self._requests.stop_all(), return_exceptions=True)
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        for task in others:  # SGLang's output loop and watchdogs on this loop
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def _shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        if engine is not None:
+            engine.shutdown()  # SIGKILLs and reaps every descendant of this process
+            self.log.info("sglang engine stopped")
+
+    def close(self) -> None:
+        """Stop serving (from any thread, any number of times); `serve` returns."""
+        self._closing.set()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    # --- facts -------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        """Facts for registration, the relays and the metrics actor."""
+        facts = self.facts
+        if facts is None:
+            msg = "the engine has not started"
+            raise RuntimeError(msg)
+        spec = self.spec
+        ranks = range(spec.dp_size)
+        return EngineInfo(
+            backend="sglang",
+            model_name=facts.model_name,
+            context_length=facts.context_length,
+            page_size=spec.page_size,
+            total_kv_blocks=facts.kv_tokens // spec.page_size,  # per DP rank
+            max_batch_size=facts.max_batch_size,
+            dp_size=spec.dp_size,
+            kv_event_endpoints=[f"tcp://127.0.0.1:{spec.kv_events_port + r}" for r in ranks],
+            kv_event_topic=spec.kv_topic,
+            metrics_endpoints=list(spec.metrics_endpoints[: spec.dp_size]),
+            eos_token_ids=facts.eos_token_ids,
+            version=facts.version,
+            prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
+        )
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight (exact on the loop's thread)."""
+        return len(self._requests) if self._requests is not None else 0
+
+    # --- from the command thread ---------------------------------------------------------------
+
+    def submit(self, cmd: HostGenerate) -> None:
+        """Start a streaming generation on the loop."""
+        requests = self._requests
+        if requests is None or not self._call_soon(requests.start, cmd):
+            self._emit(
+                HostChunk(
+                    cmd.request_id,
+                    finish_reason="error",
+                    error_code="engine_restarting",
+                    error_message=STOPPING,
+                )
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends `cancelled`."""
+        if self._requests is not None:
+            self._call_soon(self._requests.abort, request_id)
+
+    def control(self, op: str, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+        """A control operation, run on the loop: (ok, message, data)."""
+        return self._control.run(op, args)
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        """Await `coro` on the loop from another thread; raises TimeoutError, or
+        RuntimeError when the engine is not serving."""
+        loop = self._loop
+        if loop is None or not self._serving.is_set() or self._closing.is_set():
+            coro.close()
+            msg = "the engine is not serving"
+            raise RuntimeError(msg)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
+        loop = self._loop
+        if loop is None or self._closing.is_set() or loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            return False
+        return True

@@ -1,0 +1,210 @@
+"""The requests in flight on the Engine's loop: each one a task that tokenizes its input,
+checks its length, streams SGLang's items out as `HostChunk`s and ends with exactly one
+terminal chunk, whatever happens (finish, refusal, abort, engine stop).
+
+Requests get an internal rid (uuid4 hex: fixed length, because SGLang's scheduler aborts
+every rid that *starts with* the one given). Abort cancels the request's task: SGLang's
+generator then aborts the request in the scheduler if it got there, or drops it if not,
+so an abort can never overtake its request. Everything here runs on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from actors.engine_host import sglang_compat as compat
+from messages.engine import HostChunk, HostGenerate
+from messages.request import Usage
+
+__all__ = ["STOPPING", "EngineFacts", "Requests"]
+
+STOPPING = "the engine host is stopping; retry"
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the engine reported once started."""
+
+    model_name: str
+    context_length: int
+    max_prompt_tokens: int
+    kv_tokens: int  # the KV pool of one DP rank, in tokens
+    max_batch_size: int
+    eos_token_ids: list[int]
+    version: str
+    incremental: bool  # SGLang streams deltas (else cumulative items)
+
+
+@dataclass
+class _Request:
+    cmd: HostGenerate
+    rid: str
+    task: asyncio.Task[None] | None = None
+    cancelled: bool = False  # aborted by the client
+    prompt_len: int = 0
+    deltas: compat.StreamDeltas | None = None
+
+
+class Requests:
+    """The requests in flight (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        facts: EngineFacts,
+        emit: Callable[[HostChunk], None],
+        tokenizing: Executor,
+    ) -> None:
+        self.engine = engine
+        self.facts = facts
+        self.emit = emit
+        self.tokenizing = tokenizing  # one thread: the tokenizer is not shared
+        self.log = structlog.get_logger().bind(path="engine_host.sglang")
+        self._inflight: dict[str, _Request] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def start(self, cmd: HostGenerate) -> None:
+        """Start streaming `cmd`."""
+        if cmd.request_id in self._inflight:
+            msg = f"request_id {cmd.request_id!r} is already in flight"
+            self.end(cmd.request_id, "invalid_request", msg)
+            return
+        entry = self._inflight[cmd.request_id] = _Request(cmd, uuid.uuid4().hex)
+        entry.task = asyncio.get_running_loop().create_task(self._generate(entry))
+        entry.task.add_done_callback(functools.partial(self._finished, entry))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (unknown or finished ones are ignored); it ends `cancelled`."""
+        entry = self._inflight.get(request_id)
+        if entry is not None and entry.task is not None and not entry.task.done():
+            entry.cancelled = True
+            entry.task.cancel()
+
+    def stop_all(self) -> list[asyncio.Task[None]]:
+        """Cancel every request (each ends `engine_restarting`); their tasks, to await."""
+        tasks = [entry.task for entry in self._inflight.values() if entry.task is not None]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def end(self, request_id: str, code: str, message: str) -> None:
+        """The terminal chunk of a request that ends in error `code`."""
+        self.emit(
+            HostChunk(request_id, finish_reason="error", error_code=code, error_message=message)
+        )
+
+    def _finished(self, entry: _Request, task: asyncio.Task[None]) -> None:
+        request_id = entry.cmd.request_id
+        self._inflight.pop(request_id, None)
+        if not task.cancelled():
+            if task.exception() is not None:  # a bug: _generate handles every error
+                self.log.error("request failed", request_id=request_id, exc=task.exception())
+                self.end(request_id, "engine_error", f"internal error: {task.exception()!r}")
+            return
+        if not entry.cancelled:
+            self.end(request_id, "engine_restarting", STOPPING)
+            return
+        deltas = entry.deltas
+        usage = Usage(
+            prompt_tokens=entry.prompt_len,
+            completion_tokens=deltas.completion_tokens if deltas else 0,
+            cached_tokens=deltas.cached_tokens if deltas else 0,
+        )
+        self.emit(HostChunk(request_id, finish_reason="cancelled", usage=usage))
+
+    async def _generate(self, entry: _Request) -> None:
+        cmd = entry.cmd
+        try:
+            ids = await self._prompt_ids(cmd)
+        except Exception as exc:  # noqa: BLE001 (a template or tokenizer error is the input's)
+            self.end(cmd.request_id, "invalid_request", f"cannot tokenize the input: {exc}")
+            return
+        entry.prompt_len = len(ids)
+        problem = self._prompt_problem(len(ids), cmd.max_prompt_tokens)
+        if problem is not None:
+            self.end(cmd.request_id, "invalid_request", problem)
+            return
+        want_logprobs = cmd.output.logprobs is not None
+        deltas = entry.deltas = compat.StreamDeltas(self.facts.incremental, want_logprobs)
+        try:
+            stream = await self.engine.async_generate(
+                input_ids=ids,
+                sampling_params=compat.sampling_params(cmd.sampling, cmd.stop, cmd.output),
+                **compat.generate_kwargs(entry.rid, cmd.output, cmd.dp_rank, cmd.priority),
+            )
+            async for item in stream:
+                if self._chunk(cmd, deltas, item, len(ids)):
+                    return
+        except ValueError as exc:  # SGLang's request validation
+            code = "invalid_request" if deltas.completion_tokens == 0 else "engine_error"
+            self.end(cmd.request_id, code, str(exc))
+            return
+        except Exception as exc:
+            self.log.exception("generate failed", request_id=cmd.request_id)
+            self.end(cmd.request_id, "engine_error", f"{type(exc).__name__}: {exc}")
+            return
+        self.end(cmd.request_id, "engine_error", "the engine's stream ended without a finish")
+
+    def _chunk(
+        self, cmd: HostGenerate, deltas: compat.StreamDeltas, item: Any, prompt_len: int
+    ) -> bool:
+        """Emit one streamed item as a chunk; True for the last."""
+        delta = deltas.next(item)
+        meta = item.get("meta_info") or {}
+        finish = compat.finish_of(meta)
+        self.emit(
+            HostChunk(
+                cmd.request_id,
+                token_ids=delta.token_ids,
+                text=delta.text if cmd.output.text else "",
+                logprobs=delta.logprobs,
+                finish_reason=finish.reason if finish else None,
+                usage=compat.usage_of(deltas, meta, prompt_len) if finish else None,
+                error_code=finish.error_code if finish else "",
+                error_message=finish.message if finish and finish.reason == "error" else "",
+            )
+        )
+        return finish is not None
+
+    async def _prompt_ids(self, cmd: HostGenerate) -> list[int]:
+        if cmd.token_ids is not None:
+            return list(cmd.token_ids)
+        tokenizer = self.engine.tokenizer_manager.tokenizer
+        if cmd.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in cmd.messages]
+            encode = functools.partial(
+                tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True
+            )
+        elif cmd.prompt is not None:
+            encode = functools.partial(tokenizer.encode, cmd.prompt)  # as SGLang tokenizes text
+        else:
+            msg = "give exactly one of token_ids, prompt, messages"
+            raise ValueError(msg)
+        loop = asyncio.get_running_loop()
+        return compat.token_ids_of(await loop.run_in_executor(self.tokenizing, encode))
+
+    def _prompt_problem(self, length: int, node_limit: int) -> str | None:
+        limit = self.facts.max_prompt_tokens
+        if length == 0:
+            return "the prompt is empty"
+        if 0 < node_limit < length:
+            return (
+                f"the prompt has {length} tokens, more than the node's limit of {node_limit} "
+                f"(handlers.max_prompt_tokens)"
+            )
+        if length > limit:
+            return (
+                f"the prompt has {length} tokens, more than this engine accepts ({limit}; "
+                f"context length {self.facts.context_length})"
+            )
+        return None
