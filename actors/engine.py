@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from actors import node_metrics
+from messages.chaos import ChaosFailProbes
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.control import ExitReason
 from messages.engine import (
@@ -92,6 +93,7 @@ class EngineActor(SupervisedActor):
         self._canary_count = itertools.count(1)
         self._failures = 0
         self._status_detail = ""
+        self._inject_canary_failures = 0
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -170,6 +172,11 @@ class EngineActor(SupervisedActor):
                 self._check_health()
             case EngineOutput(chunk=chunk):
                 self._canary_done(chunk)
+            case ChaosFailProbes(count=count):
+                self._inject_canary_failures += count
+                if self._canary is None:
+                    self._send_canary(time.monotonic())
+                return True, f"the next {count} canaries fail"
             case _:
                 return super().handle(message)
         return None
@@ -296,23 +303,32 @@ class EngineActor(SupervisedActor):
                 self._canary_failed(f"canary got no answer within {self.health.canary_timeout:g}s")
             return
         if not busy and now - self._last_activity >= self.health.canary_after_idle:
-            request_id = f"{_CANARY_PREFIX}{next(self._canary_count)}-{time.time_ns()}"
-            self._canary = (request_id, now)
-            self._send(
-                HostGenerate(
-                    request_id=request_id,
-                    token_ids=[1, 2, 3],
-                    sampling=SamplingOptions(temperature=0.0),
-                    stop=StopConditions(max_tokens=1, ignore_eos=True),
-                    output=OutputOptions(text=False),
-                    canary=True,
-                )
+            self._send_canary(now)
+
+    def _send_canary(self, now: float) -> None:
+        request_id = f"{_CANARY_PREFIX}{next(self._canary_count)}-{time.time_ns()}"
+        self._canary = (request_id, now)
+        self._send(
+            HostGenerate(
+                request_id=request_id,
+                token_ids=[1, 2, 3],
+                sampling=SamplingOptions(temperature=0.0),
+                stop=StopConditions(max_tokens=1, ignore_eos=True),
+                output=OutputOptions(text=False),
+                canary=True,
             )
+        )
 
     def _canary_done(self, chunk: HostChunk) -> None:
         if chunk.finish_reason is None:
             return
         self._canary = None
+        if self._inject_canary_failures > 0:
+            self._inject_canary_failures -= 1
+            self._canary_failed("injected canary failure (fault injection)")
+            if self._inject_canary_failures > 0:
+                self._send_canary(time.monotonic())
+            return
         if chunk.finish_reason in ("stop", "length"):
             if self._failures:
                 self.log.info("engine healthy again", after_failures=self._failures)

@@ -2,17 +2,25 @@
 
 It connects during start-up (ready = connected), hands the `NatsLink` to actors that
 ask, and crashes if the connection is closed for good, so its dependants restart with
-a fresh one (they come after it in a rest_for_one supervisor).
+a fresh one (they come after it in a rest_for_one supervisor). Credentials come from
+`[nats.auth]` and are read at each start. With fault injection on, the connection goes
+through a proxy that `cut_nats` can sever.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
+from actors import node_metrics
+from actors.nats_auth import connect_options
 from actors.nats_link import NatsLink
+from actors.nats_proxy import NatsCutProxy
+from messages.chaos import ChaosCutNats
 from messages.control import ExitReason
 from messages.node import GetLink, LinkChanged
 from supervisor import ChildContext, SupervisedActor
+from supervisor.config import NatsAuthSection
 
 __all__ = ["FabricActor"]
 
@@ -27,20 +35,54 @@ class FabricActor(SupervisedActor):
         client_name: str,
         connect_timeout: float,
         pending_size: int,
-        connect_options: dict[str, Any] | None = None,
+        auth: NatsAuthSection | None = None,
+        cut_proxy: bool = False,
+        resume_delay: float = 1.0,
     ) -> None:
         super().__init__(context)
-        self.link = NatsLink(servers, client_name, connect_timeout, pending_size, connect_options)
+        self.resume_delay = resume_delay
+        self.servers = servers
+        self.client_name = client_name
+        self.connect_timeout = connect_timeout
+        self.pending_size = pending_size
+        self.auth = auth or NatsAuthSection()
+        self.proxy: NatsCutProxy | None = None
+        if cut_proxy:
+            url = urlparse(servers[0])
+            self.proxy = NatsCutProxy(url.hostname or "127.0.0.1", url.port or 4222)
+        self.link: NatsLink | None = None
 
     def on_start_up(self) -> None:
+        servers = self.servers
+        if self.proxy is not None:
+            servers = [f"nats://127.0.0.1:{self.proxy.start()}"]
+        self.link = NatsLink(
+            servers,
+            self.client_name,
+            self.connect_timeout,
+            self.pending_size,
+            connect_options(self.auth),
+            self.resume_delay,
+        )
         self.link.connect()
+        link = self.link
         self.link.add_listener(lambda event: self.actor_ref.tell(LinkChanged(event)))
-        self.log.info("connected to nats", servers=self.link.servers)
+        node_metrics.NATS_PUBLISHED.set_function(lambda: link.published)
+        node_metrics.NATS_DROPPED.set_function(lambda: link.dropped)
+        node_metrics.NATS_RECONNECTS.set_function(lambda: link.reconnects)
+        self.log.info(
+            "connected to nats", servers=self.servers, via_chaos_proxy=self.proxy is not None
+        )
 
     def handle(self, message: Any) -> Any:
         match message:
             case GetLink():
                 return self.link
+            case ChaosCutNats(seconds=seconds):
+                if self.proxy is None:
+                    return False, "cut_nats needs [chaos] enabled (then NATS goes through a proxy)"
+                self.proxy.cut(seconds)
+                return True, f"NATS connection cut for {seconds:g}s"
             case LinkChanged(event="closed"):
                 msg = "the NATS connection was closed and will not reconnect"
                 raise ConnectionError(msg)
@@ -49,4 +91,7 @@ class FabricActor(SupervisedActor):
         return super().handle(message)
 
     def on_exit(self, reason: ExitReason) -> None:
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
+        if self.proxy is not None:
+            self.proxy.close()

@@ -2,15 +2,17 @@
 
 It subscribes to the rank's PUB socket, decodes each batch (either event encoding),
 stamps it with the instance id and rank, and publishes it on
-`{namespace}.{component}.kv_events`. It follows the publisher's sequence numbers: on a
-gap, or when the sequence goes back (the publisher restarted), it first publishes a
-resync (`AllBlocksCleared` for this rank) so no subscriber keeps a stale view. It also
-publishes one when it starts, as it cannot know what it missed before. Undecodable
+`{namespace}.{component}.kv_events`. It follows the publisher's sequence numbers: a gap is
+filled from the publisher's replay buffer when it has one; otherwise, and when the
+sequence goes back (the publisher restarted), it first publishes a resync
+(`AllBlocksCleared` for this rank) so no subscriber keeps a stale view. At start it
+publishes a resync and then replays the publisher's whole history if it still holds it. Undecodable
 messages are counted and dropped; they never crash the relay.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any
@@ -19,7 +21,10 @@ import nats.js.errors
 import zmq
 
 from actors import node_metrics
+from actors.kv_replay import fetch_replay
 from actors.nats_link import NatsLink
+from actors.zmq_faults import ZmqFaults
+from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
 from messages.control import ExitReason
 from messages.engine import EngineInfo
@@ -28,6 +33,8 @@ from messages.node import GetEngineInfo, GetLink
 from supervisor import ChildContext, SupervisedActor, ask
 
 __all__ = ["KvRelayActor", "stream_name"]
+
+_RECENT = 10_000  # sequence numbers remembered to skip batches already published
 
 
 def stream_name(subject: str) -> str:
@@ -66,6 +73,9 @@ class KvRelayActor(SupervisedActor):
         self._thread: threading.Thread | None = None
         self._label = str(dp_rank)
         self._dropped_seen = 0
+        self.faults = ZmqFaults()
+        self.replay_endpoint: str | None = None
+        self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def on_start_up(self) -> None:
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
@@ -81,6 +91,9 @@ class KvRelayActor(SupervisedActor):
             self._ensure_stream(self.durable_max_age)
         self._dropped_seen = self.link.dropped
         self._resync(Resync(reason="relay_start"))
+        if self.info.kv_replay_endpoints:
+            self.replay_endpoint = self.info.kv_replay_endpoints[self.dp_rank]
+            self._catch_up()
         self._thread = threading.Thread(
             target=self._run, name=f"kv-relay-{self.dp_rank}", daemon=True
         )
@@ -111,6 +124,10 @@ class KvRelayActor(SupervisedActor):
         self._zmq.term()
 
     def handle(self, message: Any) -> Any:
+        if isinstance(message, ChaosZmq):
+            self.faults.set(message)
+            rule = f"dropping {message.drop:.0%}, delaying {message.delay_fraction:.0%}"
+            return True, f"kv_relay_{self.dp_rank}: {rule}"
         return super().handle(message)
 
     def _run(self) -> None:
@@ -118,10 +135,11 @@ class KvRelayActor(SupervisedActor):
             if not self._sub.poll(100):
                 continue
             frames = self._sub.recv_multipart()
-            self.relay(frames)
+            if self.faults.admit():
+                self.relay(frames)
 
     def relay(self, frames: list[bytes]) -> None:
-        """Decode one ZMQ message and publish it (plus a resync first when needed)."""
+        """Decode one ZMQ message and publish it; fill a gap by replay, or resync first."""
         try:
             if len(frames) != 3:
                 raise DecodeError("KVEventBatch", "", f"expected 3 frames, got {len(frames)}")
@@ -132,31 +150,75 @@ class KvRelayActor(SupervisedActor):
             self.log.warning("undecodable kv event message dropped", error=str(exc))
             return
         assert self.link is not None
+        last = self.last_seq
+        if last is not None and seq <= last and self._recent.get(seq) == hash(frames[2]):
+            return  # already published (it came by replay too)
         if self.link.dropped != self._dropped_seen:
             # Publishes were lost while NATS was away: subscribers' views are stale.
             self._dropped_seen = self.link.dropped
             self._resync(Resync(reason="gap", gaps_total=self.gaps))
-        last = self.last_seq
         if last is not None and seq > last + 1:
             self.gaps += 1
             node_metrics.KV_GAPS.labels(self._label).inc()
-            self.log.warning("kv event sequence gap", expected=last + 1, got=seq)
-            self._resync(Resync(reason="gap", missed_batches=seq - last - 1, gaps_total=self.gaps))
+            if self._fill_gap(last + 1, seq):
+                self.log.info("kv event gap filled by replay", start=last + 1, end=seq - 1)
+            else:
+                self.log.warning("kv event sequence gap", expected=last + 1, got=seq)
+                self._resync(
+                    Resync(reason="gap", missed_batches=seq - last - 1, gaps_total=self.gaps)
+                )
         elif last is not None and seq <= last:
             self.log.warning("kv event publisher restarted", last=last, got=seq)
             self._resync(Resync(reason="publisher_restart", gaps_total=self.gaps))
-        self.last_seq = seq
+        self._publish(seq, batch.ts, batch.events, frames[2])
+
+    def _publish(self, seq: int, ts: float, events: list[Any], payload: bytes) -> None:
+        assert self.link is not None
         out = KvEventBatch(
-            instance_id=self.instance_id,
-            dp_rank=self.dp_rank,
-            seq=seq,
-            ts=batch.ts,
-            events=batch.events,
+            instance_id=self.instance_id, dp_rank=self.dp_rank, seq=seq, ts=ts, events=events
         )
         self.link.publish(self.subject, encode_json(out))
+        self.last_seq = seq
+        self._recent[seq] = hash(payload)
+        if len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
         node_metrics.KV_BATCHES.labels(self._label).inc()
-        for event in batch.events:
+        for event in events:
             node_metrics.KV_EVENTS.labels(self._label, type(event).__name__).inc()
+
+    def _replayed(self, start: int) -> list[tuple[int, bytes]] | None:
+        if self.replay_endpoint is None:
+            return None
+        return fetch_replay(self._zmq, self.replay_endpoint, start)
+
+    def _fill_gap(self, start: int, end: int) -> bool:
+        """Publish batches start..end-1 from the replay buffer; False if it lacks any."""
+        batches = [(s, p) for s, p in self._replayed(start) or [] if start <= s < end]
+        if [s for s, _ in batches] != list(range(start, end)):
+            return False
+        for seq, payload in batches:
+            try:
+                batch = decode_sglang_batch(payload)
+            except DecodeError:
+                return False
+            self._publish(seq, batch.ts, batch.events, payload)
+        return True
+
+    def _catch_up(self) -> None:
+        """At start: replay the publisher's history from 0 if it still holds all of it, so
+        subscribers rebuild the engine's cache exactly instead of starting blind."""
+        batches = self._replayed(0)
+        if not batches or batches[0][0] != 0:
+            return
+        for expected, (seq, payload) in enumerate(batches):
+            if seq != expected:
+                return  # a hole: keep the resync (the view under-reports, never lies)
+            try:
+                batch = decode_sglang_batch(payload)
+            except DecodeError:
+                return
+            self._publish(seq, batch.ts, batch.events, payload)
+        self.log.info("caught up from the replay buffer", batches=len(batches))
 
     def _resync(self, why: Resync) -> None:
         assert self.link is not None

@@ -17,6 +17,8 @@ import zmq
 
 from actors import node_metrics
 from actors.nats_link import NatsLink
+from actors.zmq_faults import ZmqFaults
+from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
 from messages.control import ExitReason
 from messages.engine import EngineInfo
@@ -54,6 +56,7 @@ class MetricsActor(SupervisedActor):
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.faults = ZmqFaults()
 
     def on_start_up(self) -> None:
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
@@ -86,6 +89,12 @@ class MetricsActor(SupervisedActor):
             case Tick(kind="publish"):
                 self._publish()
                 return None
+            case ChaosZmq():
+                self.faults.set(message)
+                return (
+                    True,
+                    f"metrics: dropping {message.drop:.0%}, delaying {message.delay_fraction:.0%}",
+                )
         return super().handle(message)
 
     def _read(self, rank: int, sock: zmq.Socket[bytes]) -> None:
@@ -93,6 +102,8 @@ class MetricsActor(SupervisedActor):
             if not sock.poll(100):
                 continue
             data = sock.recv()
+            if not self.faults.admit():
+                continue
             try:
                 sample = decode_scheduler_metrics(data)
             except DecodeError as exc:

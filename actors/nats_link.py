@@ -5,8 +5,10 @@ loop thread and offers thread-safe calls: `publish` (non-blocking, ordered: one 
 drained by one task), `subscribe` (callbacks run on the loop thread, so they must only
 hand the message to an actor), and `call` (run a coroutine, wait for its result).
 
-While disconnected, nats-py buffers publishes up to `pending_size` bytes; beyond that a
-publish is dropped, counted in `dropped`, and logged: nothing is lost silently.
+While disconnected, the link holds publishes (up to `pending_size` bytes) and sends them
+`resume_delay` seconds after the reconnect, when clients that lost the server too have
+re-subscribed; beyond the buffer a publish is dropped, counted in `dropped`, and logged:
+nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ class NatsLink:
         connect_timeout: float = 10.0,
         pending_size: int = 8 * 1024 * 1024,
         connect_options: dict[str, Any] | None = None,
+        resume_delay: float = 1.0,
     ) -> None:
         self.servers = servers
         self.name = name
         self.connect_timeout = connect_timeout
         self.pending_size = pending_size
         self.connect_options = connect_options or {}
+        self.resume_delay = resume_delay
         self.log = structlog.get_logger().bind(path=f"nats:{name}")
         self.loop = asyncio.new_event_loop()
         self.nc: Client | None = None
@@ -55,6 +59,8 @@ class NatsLink:
         self.connected = threading.Event()
         self._queue: collections.deque[tuple[str, bytes, str]] = collections.deque()
         self._drain_scheduled = False
+        self._flowing = False  # connected, and past the resume delay after a reconnect
+        self._queued_bytes = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[LinkEvent], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"nats-{name}", daemon=True)
@@ -87,6 +93,8 @@ class NatsLink:
             **self.connect_options,
         )
         self.connected.set()
+        with self._lock:
+            self._flowing = True
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued, close the connection and stop the loop thread."""
@@ -135,6 +143,8 @@ class NatsLink:
 
     async def _on_disconnected(self) -> None:
         self.connected.clear()
+        with self._lock:
+            self._flowing = False
         self.log.warning(
             "nats disconnected; publishes are buffered", buffer_bytes=self.pending_size
         )
@@ -144,7 +154,14 @@ class NatsLink:
         self.connected.set()
         self.reconnects += 1
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
-        self.log.info("nats reconnected", server=url, dropped_total=self.dropped)
+        self.log.info(
+            "nats reconnected",
+            server=url,
+            dropped_total=self.dropped,
+            held=len(self._queue),
+            sending_after=self.resume_delay,
+        )
+        self.loop.call_later(self.resume_delay, self._resume)
         self._notify("reconnected")
 
     async def _on_closed(self) -> None:
@@ -159,10 +176,28 @@ class NatsLink:
     # --- publishing ---------------------------------------------------------------------------
 
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
-        """Queue a publish; returns at once. Order is kept across all callers."""
+        """Queue a publish; returns at once. Order is kept across all callers.
+
+        While disconnected (and for `resume_delay` after a reconnect, so that clients who
+        lost the server too have re-subscribed) publishes wait in the queue, up to
+        `pending_size` bytes; beyond that they are dropped, counted and logged.
+        """
         with self._lock:
+            if self._closed:
+                return
+            if not self._flowing and self._queued_bytes + len(data) > self.pending_size:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    self.log.error(
+                        "publish dropped: disconnected and the buffer is full",
+                        subject=subject,
+                        dropped_total=self.dropped,
+                        buffer_bytes=self.pending_size,
+                    )
+                return
             self._queue.append((subject, data, reply))
-            if self._drain_scheduled or self._closed:
+            self._queued_bytes += len(data)
+            if self._drain_scheduled or not self._flowing:
                 return
             self._drain_scheduled = True
         self.loop.call_soon_threadsafe(self._start_drain)
@@ -170,15 +205,27 @@ class NatsLink:
     def _start_drain(self) -> None:
         self.loop.create_task(self._drain_queue())
 
+    def _resume(self) -> None:
+        # On the loop, `resume_delay` after a reconnect: send what waited.
+        with self._lock:
+            if not self.connected.is_set() or self._flowing:
+                return
+            self._flowing = True
+            start = bool(self._queue) and not self._drain_scheduled
+            self._drain_scheduled = self._drain_scheduled or start
+        if start:
+            self._start_drain()
+
     async def _drain_queue(self) -> None:
         nc = self.nc
         while True:
             with self._lock:
-                if not self._queue:
+                if not self._queue or not self._flowing:
                     self._drain_scheduled = False
                     return
                 batch = list(self._queue)
                 self._queue.clear()
+                self._queued_bytes = 0
             for subject, data, reply in batch:
                 if nc is None:
                     self.dropped += 1

@@ -100,3 +100,15 @@ NATS_DROPPED = Gauge(
 )
 NATS_RECONNECTS = Gauge("sgl_node_nats_reconnects", "NATS reconnects", registry=REGISTRY)
 REGISTERED = Gauge("sgl_node_registered", "1 while the instance is in discovery", registry=REGISTRY)
+FAULTS = Counter(
+    "sgl_node_faults_injected",
+    "Faults injected on purpose",
+    ["fault", "outcome"],
+    registry=REGISTRY,
+)
+ADMIN_REQUESTS = Counter(
+    "sgl_node_admin_requests",
+    "Admin requests by op and outcome",
+    ["op", "outcome"],
+    registry=REGISTRY,
+)

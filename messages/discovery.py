@@ -33,6 +33,7 @@ class Subjects(msgspec.Struct, frozen=True):
     kv_events: str
     load_metrics: str
     tree: str
+    admin: str = ""  # only when [admin] is enabled
 
 
 class InstanceRecord(msgspec.Struct, frozen=True):

@@ -36,6 +36,7 @@ ControlOp = Literal[
     "info",
     "probe",
     "stats",
+    "kv_view",  # the block ids each DP rank holds (sim)
     "flush_cache",
     "release_memory",
     "resume_memory",
@@ -135,3 +136,4 @@ class EngineInfo(msgspec.Struct, frozen=True):
     eos_token_ids: list[int] = []
     version: str = ""
     prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any
+    kv_replay_endpoints: list[str] = []  # per DP rank, the publisher's replay ROUTER, if any

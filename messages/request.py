@@ -42,6 +42,7 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "shutdown", "e
 ERROR_CODES: dict[str, bool] = {
     "invalid_request": False,  # the request is malformed or breaks a limit; see `field`
     "overloaded": True,  # the node is at max_inflight; try another node or later
+    "too_many_streams": True,  # this client_id has max_streams_per_client streams open
     "engine_restarting": True,  # the engine died or is (re)starting; in-flight work is lost
     "engine_error": False,  # the engine refused or failed this request
     "deadline_exceeded": False,  # the request's timeout ran out

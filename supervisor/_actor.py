@@ -20,6 +20,7 @@ on message type), `on_shutdown` (graceful stop) and `on_exit` (cleanup on every 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 import pykka
 import structlog
 
+from messages.chaos import ChaosCrash, ChaosHang
 from messages.control import (
     ChildExited,
     ChildReady,
@@ -40,13 +42,24 @@ from messages.control import (
 from supervisor._clock import Clock
 from supervisor._events import EventBus
 
-__all__ = ["ActorCrashed", "ChildContext", "Notify", "SupervisedActor", "crash_reason"]
+__all__ = [
+    "ActorCrashed",
+    "ChildContext",
+    "InjectedFaultError",
+    "Notify",
+    "SupervisedActor",
+    "crash_reason",
+]
 
 Notify = Callable[[ChildReady | ChildExited], None]
 
 
 class ActorCrashed(Exception):
     """Raised to an `ask` caller when the actor died of a `BaseException`."""
+
+
+class InjectedFaultError(RuntimeError):
+    """A crash injected on purpose (fault injection)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,11 @@ class SupervisedActor(pykka.ThreadingActor):
         if isinstance(message, StopRequest):
             return self.on_stop_request(message)
         try:
+            if isinstance(message, ChaosHang):  # fault injection: stop answering for a while
+                time.sleep(message.seconds)
+                return None
+            if isinstance(message, ChaosCrash):  # fault injection: crash right here
+                raise InjectedFaultError(message.detail)
             return self.handle(message)
         except BaseException as exc:
             reason = crash_reason(exc)

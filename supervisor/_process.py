@@ -257,9 +257,11 @@ class ProcessChild:
         )
 
     def terminate(self) -> None:
-        """Graceful stop: SIGTERM to the whole group."""
+        """Graceful stop: SIGTERM to the whole group, then SIGCONT so that a stopped
+        (SIGSTOPped) process wakes up to handle it."""
         self._stop_requested = True
         self._signal(signal.SIGTERM)
+        self._signal(signal.SIGCONT)
 
     def kill(self, detail: str = "did not stop within its shutdown timeout") -> None:
         """SIGKILL the whole group (brutal stop, or the shutdown timeout ran out)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
@@ -66,7 +67,13 @@ class NodeClient:
         self.component = component
         self.endpoint = endpoint
         self.bucket = bucket
-        self.connect_options = connect_options or {}
+        # Reconnect quickly and forever: a node holds what it publishes during an outage
+        # for about a second after it is back (nats.resume_delay), then sends it.
+        self.connect_options: dict[str, Any] = {
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+        }
+        self.connect_options.update(connect_options or {})
         self.nc: Client | None = None
 
     @property
@@ -135,7 +142,8 @@ class NodeClient:
                 if chunk.finish_reason is not None:
                     return
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await sub.unsubscribe()
 
     async def cancel(self, request_id: str) -> None:
         """Cancel an in-flight request, whichever node runs it."""
@@ -182,7 +190,8 @@ class NodeClient:
                 except DecodeError:
                     continue
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def tree(self, instance_id: str, timeout: float = 5.0) -> Any:
         """The supervision tree of one instance (which_children, recursively)."""
@@ -206,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen.add_argument("--instance", help="send to this instance id only")
     gen.add_argument("--timeout", type=float, default=None, help="request deadline, seconds")
     gen.add_argument("--json", action="store_true", help="print each chunk as a JSON line")

@@ -19,12 +19,14 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 
+from messages.chaos import Fault
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "NodeConfig", "cache_dir", "load", "loads"]
+__all__ = ["ConfigError", "NodeConfig", "cache_dir", "load", "loads", "read_secret"]
 
 Pos = Annotated[int, msgspec.Meta(ge=1)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
@@ -64,6 +66,22 @@ class SupervisionSection(_Section, frozen=True):
     engine_start_timeout: Seconds = 900.0
 
 
+class NatsAuthSection(_Section, frozen=True):
+    """How the node authenticates to NATS. Secrets come from an environment variable
+    (`*_env`) or a file (`*_file`), never from this file, and are never logged. The
+    embedded server, when used, is configured with the same user/password or token."""
+
+    user: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    token_env: str = ""
+    token_file: str = ""
+    nkey_seed_file: str = ""  # an NKEY seed (the server knows the public key)
+    tls_ca: str = ""  # CA bundle to verify the server
+    tls_cert: str = ""  # client certificate (mutual TLS)
+    tls_key: str = ""
+
+
 class NatsSection(_Section, frozen=True):
     """The fabric connection, and the embedded server when `embedded` is true."""
 
@@ -75,6 +93,10 @@ class NatsSection(_Section, frozen=True):
     connect_timeout: Seconds = 10.0
     # Bytes buffered while disconnected before publishes are dropped (and counted).
     reconnect_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
+    # After a reconnect, wait this long before sending what was held, so that clients who
+    # lost the server too have re-subscribed to their inboxes.
+    resume_delay: NonNeg = 1.0
+    auth: NatsAuthSection = msgspec.field(default_factory=NatsAuthSection)
 
 
 class SimSection(_Section, frozen=True):
@@ -109,6 +131,9 @@ class EngineSection(_Section, frozen=True):
     dp_size: Pos = 1
     page_size: Pos = 16
     kv_events_port: Port = 5557  # DP rank r publishes on this port + r (as SGLang)
+    # The publishers keep their last batches for replay on port kv_events_port + dp_size + r,
+    # so a relay that sees a gap fills it instead of resyncing.
+    kv_replay: bool = True
     health: HealthSection = msgspec.field(default_factory=HealthSection)
     sim: SimSection = msgspec.field(default_factory=SimSection)
     # Passed through to SGLang's ServerArgs (validated against it when backend = sglang).
@@ -124,6 +149,7 @@ class HandlersSection(_Section, frozen=True):
     max_request_bytes: Pos = 1024 * 1024
     max_prompt_tokens: Pos = 32768
     max_tokens_limit: Pos = 8192
+    max_streams_per_client: Annotated[int, msgspec.Meta(ge=0)] = 0  # per client_id; 0: no limit
 
 
 class EventsSection(_Section, frozen=True):
@@ -161,6 +187,24 @@ class ShutdownSection(_Section, frozen=True):
     drain_timeout: NonNeg = 10.0  # in-flight requests may finish within this
 
 
+class AdminSection(_Section, frozen=True):
+    """The admin subject `{namespace}.{component}.admin.{instance_id}` (off by default).
+    Every request must carry the admin token, read from `token_env` or `token_file`."""
+
+    enabled: bool = False
+    token_env: str = "SGL_NODE_ADMIN_TOKEN"
+    token_file: str = ""
+
+
+class ChaosSection(_Section, frozen=True):
+    """Fault injection (off by default). Faults run from `faults` (a schedule) and, with
+    `[admin]` enabled, from the admin subject."""
+
+    enabled: bool = False
+    seed: int = 0  # the schedule's jitter is drawn from this seed: a run can be replayed
+    faults: list[Fault] = msgspec.field(default_factory=list)
+
+
 class LoggingSection(_Section, frozen=True):
     """Structured logs."""
 
@@ -181,6 +225,8 @@ class NodeConfig(_Section, frozen=True):
     discovery: DiscoverySection = msgspec.field(default_factory=DiscoverySection)
     system: SystemSection = msgspec.field(default_factory=SystemSection)
     shutdown: ShutdownSection = msgspec.field(default_factory=ShutdownSection)
+    admin: AdminSection = msgspec.field(default_factory=AdminSection)
+    chaos: ChaosSection = msgspec.field(default_factory=ChaosSection)
     logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
 
 
@@ -257,12 +303,15 @@ def _literal_choices(path: str) -> list[str]:
     owner: Any = NodeConfig
     annotation: Any = None
     for part in path.split("."):
+        name = part.split("[", 1)[0]
         if not (isinstance(owner, type) and issubclass(owner, msgspec.Struct)):
             return []
         fields = {f.name: f for f in msgspec.structs.fields(owner)}
-        if part not in fields:
+        if name not in fields:
             return []
-        annotation = fields[part].type
+        annotation = fields[name].type
+        if "[" in part and get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
         owner = annotation
     if get_origin(annotation) is Literal:
         return [str(a) for a in get_args(annotation)]
@@ -291,8 +340,11 @@ def _check(config: NodeConfig) -> None:
     if config.engine.backend == "sglang" and not model:
         raise ConfigError("engine.model_path", "required when engine.backend is sglang")
     ports = {"nats.port": config.nats.port if config.nats.embedded else 0}
-    for rank in range(config.engine.dp_size):
+    dp = config.engine.dp_size
+    for rank in range(dp):
         ports[f"engine.kv_events_port (rank {rank})"] = config.engine.kv_events_port + rank
+        if config.engine.kv_replay:
+            ports[f"engine.kv_events_port (replay, rank {rank})"] = config.engine.kv_events_port + dp + rank
     if config.system.enabled:
         ports["system.port"] = config.system.port
     seen: dict[int, str] = {}
@@ -301,8 +353,41 @@ def _check(config: NodeConfig) -> None:
             raise ConfigError(key.split(" ")[0], f"port {port} is also used by {seen[port]}")
         if port:
             seen[port] = key
-    if config.engine.kv_events_port + config.engine.dp_size - 1 > 65535:
+    if config.engine.kv_events_port + 2 * config.engine.dp_size - 1 > 65535:
         raise ConfigError("engine.kv_events_port", "port + dp_size - 1 exceeds 65535")
+
+
+def _check_auth(config: NodeConfig) -> None:
+    auth = config.nats.auth
+    for name in ("password", "token"):
+        env, file = getattr(auth, f"{name}_env"), getattr(auth, f"{name}_file")
+        if env and file:
+            raise ConfigError(f"nats.auth.{name}_env", f"give {name}_env or {name}_file, not both")
+    if auth.user and not (auth.password_env or auth.password_file):
+        raise ConfigError("nats.auth.user", "needs password_env or password_file")
+    if (auth.tls_cert or auth.tls_key) and not (auth.tls_cert and auth.tls_key):
+        raise ConfigError("nats.auth.tls_cert", "tls_cert and tls_key go together")
+    for key in ("password_file", "token_file", "nkey_seed_file", "tls_ca", "tls_cert", "tls_key"):
+        path = getattr(auth, key)
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(f"nats.auth.{key}", f'no such file: "{path}"')
+    if config.admin.token_file and not Path(config.admin.token_file).expanduser().is_file():
+        raise ConfigError("admin.token_file", f'no such file: "{config.admin.token_file}"')
+    for i, fault in enumerate(config.chaos.faults):
+        where = f"chaos.faults[{i}]"
+        for key in ("duration", "delay", "at", "every", "jitter"):
+            if getattr(fault, key) < 0:
+                raise ConfigError(f"{where}.{key}", "must be >= 0")
+        if not 0 <= fault.fraction <= 1:
+            raise ConfigError(f"{where}.fraction", "must be within 0..1")
+    if config.nats.embedded and (auth.nkey_seed_file or auth.tls_ca or auth.tls_cert):
+        raise ConfigError(
+            "nats.auth",
+            "NKEY and TLS need an external server (nats.embedded = false); the embedded one "
+            "takes user/password or a token",
+        )
+    if config.chaos.faults and not config.chaos.enabled:
+        raise ConfigError("chaos.faults", "chaos.enabled is false: set it to inject faults")
 
 
 def loads(text: str) -> NodeConfig:
@@ -316,6 +401,7 @@ def loads(text: str) -> NodeConfig:
     except msgspec.ValidationError as exc:
         raise _translate(exc, raw) from None
     _check(config)
+    _check_auth(config)
     return config
 
 
@@ -337,3 +423,37 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sgl-node"
+
+
+class Secret:
+    """A secret value that never shows in a repr, a log line or an exception message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself (pass it on; never log it)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def read_secret(env: str, file: str, what: str) -> Secret | None:
+    """Read a secret from the environment variable `env` or the file `file` (first line)."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError("", f"{what}: environment variable {env} is not set")
+        return Secret(value)
+    if file:
+        text = Path(file).expanduser().read_text(encoding="utf-8").strip()
+        return Secret(text.splitlines()[0] if text else "")
+    return None

@@ -22,6 +22,8 @@ in flight carry on, instead of the whole core restarting.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import sys
 import sysconfig
@@ -31,6 +33,8 @@ from typing import Any
 
 import msgspec
 
+from actors.admin import AdminActor
+from actors.chaos import ChaosActor
 from actors.engine import EngineActor
 from actors.engine_host.spec import HostSpec
 from actors.fabric import FabricActor
@@ -51,7 +55,7 @@ from supervisor._spec import (
     SupervisorFlags,
 )
 from supervisor._supervisor import Supervisor
-from supervisor.config import NodeConfig, cache_dir
+from supervisor.config import NodeConfig, cache_dir, read_secret
 
 __all__ = ["NodePlan", "build_node_tree", "nats_server_binary", "plan_node"]
 
@@ -101,6 +105,7 @@ def plan_node(config: NodeConfig) -> NodePlan:
         kv_events=f"{base}.kv_events",
         load_metrics=f"{base}.load_metrics",
         tree=f"{base}.tree.{instance_id}",
+        admin=f"{base}.admin.{instance_id}" if config.admin.enabled else "",
     )
     nats = config.nats
     servers = [f"nats://{nats.host}:{nats.port}"] if nats.embedded else list(nats.url)
@@ -113,6 +118,7 @@ def plan_node(config: NodeConfig) -> NodePlan:
         dp_size=engine.dp_size,
         page_size=engine.page_size,
         kv_events_port=engine.kv_events_port,
+        replay_port=engine.kv_events_port + engine.dp_size if engine.kv_replay else None,
         metrics_endpoints=[f"ipc://{run_dir}/metrics-{rank}" for rank in range(engine.dp_size)],
         model_path=engine.model_path,
         served_model_name=engine.served_model_name,
@@ -207,15 +213,52 @@ def _nats_server(config: NodeConfig, plan: NodePlan) -> ChildSpec:
         *("--jetstream", "--store_dir", data_dir),
         *("--server_name", f"sgl-node-{plan.instance_id}"),
     ]
+    auth_conf = _embedded_auth_config(config, plan)
+    if auth_conf:
+        command += ["--config", auth_conf]  # secrets go in a 0600 file, never on a command line
     return ChildSpec(
         "nats_server", ProcessStart(command, ready=ReadyOnPort(nats.port, nats.host)), shutdown=10.0
     )
+
+
+def _embedded_auth_config(config: NodeConfig, plan: NodePlan) -> str:
+    """A nats-server config file with the node's credentials, for the embedded server."""
+    auth = config.nats.auth
+    password = read_secret(auth.password_env, auth.password_file, "nats.auth password")
+    token = read_secret(auth.token_env, auth.token_file, "nats.auth token")
+    if auth.user and password is not None:
+        user, secret = json.dumps(auth.user), json.dumps(password.reveal())
+        block = f"authorization {{ user: {user}, password: {secret} }}"
+    elif token is not None:
+        block = f"authorization {{ token: {json.dumps(token.reveal())} }}"
+    else:
+        return ""
+    path = Path(plan.run_dir) / "nats-auth.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(block + "\n")
+    return str(path)
 
 
 def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[ChildSpec]:
     """fabric, engine, handlers, registrar: each depends on the ones before it."""
     node = config.node
     engine_children = _engine_subtree(config, plan)
+    admin = []
+    if config.admin.enabled:
+        chaos = f"{ROOT_NAME}/chaos" if config.chaos.enabled else None
+        admin.append(
+            _actor(
+                "admin",
+                AdminActor,
+                PATHS["fabric"],
+                plan.subjects.admin,
+                config.admin,
+                ROOT_NAME,
+                PATHS["engine_actor"],
+                chaos,
+            )
+        )
     handler = _actor(
         "handler",
         HandlerActor,
@@ -234,6 +277,9 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
             f"sgl-node-{plan.instance_id}",
             config.nats.connect_timeout,
             config.nats.reconnect_buffer_bytes,
+            config.nats.auth,
+            config.chaos.enabled,
+            config.nats.resume_delay,
         ),
         ChildSpec(
             "engine",
@@ -263,6 +309,7 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
             config.discovery,
             [c.id for c in engine_children],
         ),
+        *admin,
     ]
 
 
@@ -295,4 +342,8 @@ def build_node_tree(
         Supervisor, (_flags(config, "rest_for_one"), _core(config, plan, subtree_timeout))
     )
     children.append(ChildSpec("core", core, start_timeout=subtree_timeout + 60.0))
+    if config.chaos.enabled:
+        children.append(
+            _actor("chaos", ChaosActor, ROOT_NAME, config.chaos.faults, config.chaos.seed)
+        )
     return _flags(config, "one_for_one"), children

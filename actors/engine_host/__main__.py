@@ -156,9 +156,19 @@ def main(argv: list[str]) -> int:
     stop.set()
     backend.close()
     channel.close()
-    log.info("engine host stopped")
+    stuck = [
+        t.name
+        for t in threading.enumerate()
+        if t.is_alive() and t is not threading.current_thread()
+    ]
+    log.info("engine host stopped", threads_left=stuck)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # The engine is closed and its outputs flushed: exit now, whatever thread is still
+    # alive (a stuck backend thread must not keep the host past its shutdown timeout).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

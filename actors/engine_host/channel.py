@@ -25,12 +25,18 @@ class HostChannel:
         self._outputs.bind(output_endpoint)
         self._send_lock = threading.Lock()
         self.undecodable = 0
+        self.unsent = 0
 
     def send(self, output: HostOutput) -> None:
-        """Send one output (thread-safe)."""
+        """Send one output (thread-safe). Never blocks: with no EngineActor connected (it
+        stopped before the host, as it does in an ordered stop) the output is dropped and
+        counted, instead of blocking the engine's threads forever."""
         data = encode_msgpack(output)
         with self._send_lock:
-            self._outputs.send(data, copy=False)
+            try:
+                self._outputs.send(data, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.unsent += 1
 
     def recv(self, timeout: float) -> HostCommand | None:
         """The next command, or None after `timeout` seconds (or for undecodable bytes)."""

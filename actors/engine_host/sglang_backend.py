@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import threading
@@ -112,6 +113,7 @@ class SglangBackend:
             incremental=bool(getattr(tm, compat.STREAMING_FIELD, False)),
         )
         self._requests = Requests(self.engine, self.facts, self._emit, self._tokenizing)
+        self._watch_children()
         self.log.info(
             "sglang engine started",
             seconds=round(time.monotonic() - started, 1),
@@ -119,6 +121,28 @@ class SglangBackend:
             kv_tokens=self.facts.kv_tokens,
             dp_size=spec.dp_size,
         )
+
+    def _watch_children(self) -> None:
+        """End the host within ~0.1 s of an SGLang child's death.
+
+        SGLang's own watchdog notices a dead scheduler only after seconds (then SIGQUITs
+        the host anyway); the node wants in-flight requests failed at once, so the host
+        kills its process group as soon as a child is gone, and the supervisor restarts
+        the engine.
+        """
+        children = multiprocessing.active_children()
+
+        def watch() -> None:
+            while not self._closing.wait(0.1):
+                dead = [p for p in children if not p.is_alive()]
+                if dead and not self._closing.is_set():
+                    names = ", ".join(f"{p.name} (pid {p.pid}, exit {p.exitcode})" for p in dead)
+                    self.log.error(
+                        "an SGLang child process died; ending the engine host", children=names
+                    )
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="sglang-children-watch", daemon=True).start()
 
     def _keep_sigterm(self, loop: asyncio.AbstractEventLoop, previous: Any) -> None:
         """SGLang's first call on the main thread installs its own SIGTERM handler on the
@@ -192,6 +216,11 @@ class SglangBackend:
             eos_token_ids=facts.eos_token_ids,
             version=facts.version,
             prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
+            kv_replay_endpoints=(
+                [f"tcp://127.0.0.1:{spec.replay_port + r}" for r in ranks]
+                if spec.replay_port is not None
+                else []
+            ),
         )
 
     @property

@@ -142,11 +142,32 @@ def test_reset_sequence_restarts_one_rank_at_zero_with_an_empty_buffer() -> None
         finally:
             sub.close()
         assert int.from_bytes(frames[1], "big") == 0
-        [(seq, batch)] = replay_batches(replay_endpoint(info.kv_event_endpoints[1], 2))
-        assert seq == 0
+        [(seq0, snapshot), (seq1, batch)] = replay_batches(replay_endpoint(info.kv_event_endpoints[1], 2))
+        assert (seq0, seq1) == (0, 1)
+        assert snapshot.events == [AllBlocksCleared()]  # a restarted publisher announces its (empty) cache
         assert isinstance(batch.events[0], BlockStored)
         rank0 = replay_batches(replay_endpoint(info.kv_event_endpoints[0], 2))
         assert [s for s, _ in rank0][-1] > 0  # the other rank carries on
+
+
+def test_a_restarted_publisher_announces_every_cached_page_parents_first() -> None:
+    with running_sim() as (engine, out):
+        endpoint = replay_endpoint(engine.info().kv_event_endpoints[0], 1)
+        for rid, prompt in (("a", "p" * 12 + "a" * 8), ("b", "p" * 12 + "b" * 8)):
+            engine.submit(gen(rid, prompt, max_tokens=1))
+            out.wait_done(rid)
+        held = set(engine.control("kv_view", {})[2]["ranks"][0])
+        assert engine.control("reset_sequence", {"dp_rank": 0})[0]
+        [(seq, snapshot)] = replay_batches(endpoint)
+    assert seq == 0
+    assert snapshot.events[0] == AllBlocksCleared()
+    stored = [e for e in snapshot.events[1:] if isinstance(e, BlockStored)]
+    announced = [h for e in stored for h in e.block_hashes]
+    assert set(announced) == held
+    seen: set[int] = set()
+    for event in stored:  # every chain starts at the root or at a page announced before
+        assert event.parent_block_hash is None or event.parent_block_hash in seen
+        seen.update(event.block_hashes)
 
 
 def test_flush_cache_emits_all_blocks_cleared_and_is_refused_while_busy() -> None:

@@ -187,7 +187,7 @@ def start_node(
     """Start a node with free ports and a private NATS store; extra sections override."""
     nats_port = free_ports()
     system_port = free_ports()
-    kv_port = free_ports(dp_size)
+    kv_port = free_ports(2 * dp_size)  # publishers and their replay sockets
     config: dict[str, dict[str, Any]] = {
         "engine": {"backend": backend, "dp_size": dp_size, "kv_events_port": kv_port},
         "nats": {

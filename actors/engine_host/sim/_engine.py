@@ -188,6 +188,7 @@ class SimEngine:
             metrics_endpoints=list(self._metrics_endpoints),
             eos_token_ids=[self.sim.eos_token_id],
             version=SIM_VERSION,
+            kv_replay_endpoints=[e.replace("*", "127.0.0.1") for e in self._replay_endpoints if e],
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -257,6 +258,8 @@ class SimEngine:
                 return True, "", msgspec.to_builtins(self.info())
             case "stats":
                 return True, "", self._stats()
+            case "kv_view":
+                return True, "", {"ranks": [rank.kv_view() for rank in self._ranks]}
             case "flush_cache":
                 return self._flush(release=False)
             case "release_memory":
@@ -272,6 +275,7 @@ class SimEngine:
                 if not isinstance(rank, int) or not 0 <= rank < len(self._publishers):
                     return False, f"reset_sequence: no DP rank {rank!r}", {}
                 self._publishers[rank].reset_sequence()
+                self._ranks[rank].republish()  # a restarted publisher announces its cache
                 return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
             case _:
                 return False, f"unknown op {op!r} for the sim backend", {}

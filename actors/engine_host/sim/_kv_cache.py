@@ -78,6 +78,25 @@ class PagedKvCache:
 
     # -- figures ------------------------------------------------------------------------
 
+    def snapshot(self) -> None:
+        """Queue AllBlocksCleared then a BlockStored for every cached page, parents first:
+        what a subscriber needs to rebuild this cache from nothing."""
+
+        def depth(page: _Page) -> int:
+            n = 0
+            while page.parent is not None:
+                page, n = page.parent, n + 1
+            return n
+
+        self.events.cleared()
+        for page in sorted(self._pages.values(), key=depth):
+            parent = page.parent.block_id if page.parent is not None else None
+            self.events.stored(page.block_id, parent, page.tokens)
+
+    def block_ids(self) -> list[int]:
+        """The published ids of every cached page (what a KV-event subscriber should hold)."""
+        return sorted(page.block_id for page in self._pages.values())
+
     @property
     def cached_pages(self) -> int:
         """Pages in the prefix tree (locked or not)."""

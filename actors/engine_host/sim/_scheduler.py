@@ -130,6 +130,17 @@ class RankScheduler:
             self._publisher.publish(self.cache.events.take())
             return True
 
+    def republish(self) -> None:
+        """After a publisher restart, announce the whole cache again (seq 0 is a snapshot)."""
+        with self._cond:
+            self.cache.snapshot()
+            self._publisher.publish(self.cache.events.take())
+
+    def kv_view(self) -> list[int]:
+        """The block ids this rank's cache holds now."""
+        with self._cond:
+            return self.cache.block_ids()
+
     def stats(self) -> dict[str, Any]:
         """What the `stats` control op reports for this rank."""
         with self._cond:

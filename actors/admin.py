@@ -1,0 +1,157 @@
+"""`AdminActor`: the admin subject, `{namespace}.{component}.admin.{instance_id}`.
+
+Off unless `[admin] enabled`. Every request must carry the admin token (read from the
+environment or a file at start, compared in constant time, never logged); a request
+without it is refused with `unauthorized` and logged. Ops: `chaos` (only with
+`[chaos] enabled`), `tree`, and the engine's `stats`, `flush_cache`, `release_memory`,
+`resume_memory`, `update_weights`, `start_profile`, `stop_profile`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import msgspec
+
+from actors import node_metrics
+from actors.nats_link import NatsLink
+from messages.chaos import AdminReply, AdminRequest, Fault, InjectFault
+from messages.codec import DecodeError, decode_json, encode_json
+from messages.control import ExitReason, WhichChildren
+from messages.engine import HostControlReply
+from messages.node import EngineControl, GetLink, IncomingRequest
+from supervisor import ChildContext, SupervisedActor, ask
+from supervisor.config import AdminSection, ConfigError, read_secret
+
+__all__ = ["AdminActor"]
+
+_ENGINE_OPS = (
+    "stats",
+    "kv_view",
+    "flush_cache",
+    "release_memory",
+    "resume_memory",
+    "update_weights",
+    "start_profile",
+    "stop_profile",
+)
+
+
+class AdminActor(SupervisedActor):
+    """Serves the admin subject; see the module docstring."""
+
+    def __init__(
+        self,
+        context: ChildContext,
+        fabric_path: str,
+        subject: str,
+        admin: AdminSection,
+        root_path: str,
+        engine_path: str,
+        chaos_path: str | None,
+    ) -> None:
+        super().__init__(context)
+        self.fabric_path = fabric_path
+        self.subject = subject
+        self.admin = admin
+        self.root_path = root_path
+        self.engine_path = engine_path
+        self.chaos_path = chaos_path
+        self.link: NatsLink | None = None
+        self._token = b""
+        self._subscription: Any = None
+
+    def on_start_up(self) -> None:
+        secret = read_secret(self.admin.token_env, self.admin.token_file, "admin token")
+        if not secret:
+            where = self.admin.token_file or f"environment variable {self.admin.token_env}"
+            raise ConfigError("admin", f"admin.enabled needs a non-empty token in {where}")
+        self._token = secret.reveal().encode()
+        self.link = ask(self.fabric_path, GetLink(), timeout=10)
+        ref, clock = self.actor_ref, self.context.clock
+        assert self.link is not None
+        self._subscription = self.link.subscribe(
+            self.subject, lambda s, r, d: ref.tell(IncomingRequest(s, r, d, clock.now()))
+        )
+        self.log.info("admin subject open", subject=self.subject, chaos=self.chaos_path is not None)
+
+    def on_exit(self, reason: ExitReason) -> None:
+        if self.link is not None and self._subscription is not None:
+            self.link.unsubscribe(self._subscription)
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, IncomingRequest):
+            if message.reply:
+                self._serve(message.reply, message.data)
+            return None
+        return super().handle(message)
+
+    def _serve(self, reply: str, data: bytes) -> None:
+        try:
+            request = decode_json(data, AdminRequest)
+        except DecodeError as exc:
+            self._answer(reply, "?", AdminReply(ok=False, error="invalid", message=str(exc)))
+            return
+        if not hmac.compare_digest(request.token.encode(), self._token):
+            self.log.warning("admin request refused: bad or missing token", op=request.op)
+            self._answer(
+                reply,
+                request.op,
+                AdminReply(ok=False, error="unauthorized", message="bad or missing admin token"),
+            )
+            return
+        if request.op == "chaos":
+            self._chaos(reply, request.args)
+        elif request.op == "tree":
+            rows = ask(self.root_path, WhichChildren(recursive=True), timeout=5)
+            self._answer(
+                reply, "tree", AdminReply(ok=True, data={"children": msgspec.to_builtins(rows)})
+            )
+        elif request.op in _ENGINE_OPS:
+            future: Future[HostControlReply] = ask(
+                self.engine_path, EngineControl(request.op, request.args), 5
+            )
+            threading.Thread(
+                target=self._await_engine, args=(reply, request.op, future), daemon=True
+            ).start()
+
+    def _chaos(self, reply: str, args: dict[str, Any]) -> None:
+        if self.chaos_path is None:
+            self._answer(
+                reply,
+                "chaos",
+                AdminReply(
+                    ok=False,
+                    error="disabled",
+                    message="fault injection is off ([chaos] enabled = false)",
+                ),
+            )
+            return
+        try:
+            fault = msgspec.convert(args, Fault)
+        except msgspec.ValidationError as exc:
+            self._answer(reply, "chaos", AdminReply(ok=False, error="invalid", message=str(exc)))
+            return
+        ok, what = ask(self.chaos_path, InjectFault(fault), timeout=15)
+        self._answer(reply, "chaos", AdminReply(ok=ok, message=what, error="" if ok else "failed"))
+
+    def _await_engine(self, reply: str, op: str, future: Future[HostControlReply]) -> None:
+        try:
+            result = future.result(timeout=300)
+            answer = AdminReply(
+                ok=result.ok,
+                message=result.message,
+                data=result.data,
+                error="" if result.ok else "failed",
+            )
+        except Exception as exc:  # noqa: BLE001 - the engine restarted or timed out
+            answer = AdminReply(ok=False, error="failed", message=f"{type(exc).__name__}: {exc}")
+        self._answer(reply, op, answer)
+
+    def _answer(self, reply: str, op: str, answer: AdminReply) -> None:
+        node_metrics.ADMIN_REQUESTS.labels(op, answer.error or "ok").inc()
+        assert self.link is not None
+        self.link.publish(reply, encode_json(answer))

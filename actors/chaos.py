@@ -1,0 +1,217 @@
+"""`ChaosActor`: fault injection on purpose (only in the tree with `[chaos] enabled`).
+
+It runs the configured schedule (each fault at `at` s after the node is ready, then every
+`every` ± `jitter` s, the jitter drawn from `seed` so a run can be replayed) and injects
+faults asked for at run time through the admin subject. Each fault goes to the part it
+breaks: an actor by tree path, the engine host or SGLang's scheduler by pid, a relay's
+or the metrics' ZMQ socket, the NATS connection or the embedded NATS server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+from actors import node_metrics
+from messages.chaos import (
+    ChaosCrash,
+    ChaosCutNats,
+    ChaosFailProbes,
+    ChaosHang,
+    ChaosZmq,
+    Fault,
+    InjectFault,
+)
+from messages.control import ChildInfo, WhichChildren
+from messages.engine import HostControlReply
+from messages.node import EngineControl, Tick
+from supervisor import ChildContext, SupervisedActor, ask, whereis
+
+__all__ = ["ChaosActor", "scheduler_pids"]
+
+_ASK = 10.0
+_NETWORK_FAULT_DELAY = 0.2
+
+
+def scheduler_pids(host_pid: int) -> list[int]:
+    """SGLang's scheduler processes under the engine host (their title names them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if "scheduler" in cmdline.lower() and (ppid == host_pid or _descends(ppid, host_pid)):
+            found.append(int(entry.name))
+    return found
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        if pid in (ancestor, 0, 1):
+            return pid == ancestor
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+class ChaosActor(SupervisedActor):
+    """Injects faults; see the module docstring."""
+
+    def __init__(self, context: ChildContext, root: str, faults: list[Fault], seed: int) -> None:
+        super().__init__(context)
+        self.root = root
+        self.engine = f"{root}/core/engine"
+        self.faults = faults
+        self.random = random.Random(seed)
+
+    def on_start_up(self) -> None:
+        for index, fault in enumerate(self.faults):
+            self._schedule(index, fault.at)
+        if self.faults:
+            self.log.warning("fault injection schedule armed", faults=len(self.faults))
+
+    def _schedule(self, index: int, delay: float) -> None:
+        ref = self.actor_ref
+
+        def fire() -> None:
+            if ref.is_alive():
+                ref.tell(Tick(f"fault:{index}"))
+
+        self.context.clock.call_later(delay, fire)
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case InjectFault(fault=fault):
+                return self.inject(fault)
+            case Tick(kind=kind) if kind.startswith("fault:"):
+                index = int(kind.split(":", 1)[1])
+                fault = self.faults[index]
+                self.inject(fault)
+                if fault.every > 0:
+                    jitter = self.random.uniform(-fault.jitter, fault.jitter)
+                    self._schedule(index, max(0.0, fault.every + jitter))
+                return None
+            case Tick(kind=kind) if kind.startswith("sigcont:"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(kind.split(":", 1)[1]), signal.SIGCONT)
+                return None
+            case Tick(kind=kind) if kind.startswith("network:"):
+                self._network_fault(*kind.split(":")[1:])
+                return None
+            case Tick(kind="unslow"):
+                self._engine_control("slow", {"factor": 1.0})
+                return None
+        return super().handle(message)
+
+    def inject(self, fault: Fault) -> tuple[bool, str]:
+        """Inject one fault now; (ok, what happened)."""
+        try:
+            ok, what = self._inject(fault)
+        except Exception as exc:  # noqa: BLE001 - a fault that cannot be injected is reported
+            ok, what = False, f"{type(exc).__name__}: {exc}"
+        node_metrics.FAULTS.labels(fault.fault, "injected" if ok else "failed").inc()
+        level = "warning" if ok else "error"
+        getattr(self.log, level)(
+            "fault injected" if ok else "fault not injected", fault=fault.fault, detail=what
+        )
+        return ok, what
+
+    def _inject(self, fault: Fault) -> tuple[bool, str]:
+        kind = fault.fault
+        if kind in ("crash_actor", "hang_actor"):
+            path = self._path(fault.target)
+            ref = whereis(path)
+            if ref is None:
+                return False, f"no actor is running at {path}"
+            ref.tell(
+                ChaosCrash(f"injected crash of {path}")
+                if kind == "crash_actor"
+                else ChaosHang(fault.duration)
+            )
+            return True, f"{kind} {path}"
+        if kind in ("kill_engine_host", "stop_engine_host", "kill_scheduler"):
+            return self._signal_engine(fault)
+        if kind in ("drop_zmq", "delay_zmq"):
+            target = f"{self.engine}/{fault.target or 'kv_relay_0'}"
+            drop, delayed = (fault.fraction, 0.0) if kind == "drop_zmq" else (0.0, fault.fraction)
+            rule = ChaosZmq(drop, delayed, fault.delay, self.context.clock.now() + fault.duration)
+            result: tuple[bool, str] = ask(target, rule, _ASK)
+            return result
+        if kind == "reset_sequence":
+            return self._engine_control("reset_sequence", {"dp_rank": fault.rank})
+        if kind in ("cut_nats", "restart_nats"):
+            # After a moment, so the answer to the admin request still gets out.
+            self._later(_NETWORK_FAULT_DELAY, Tick(f"network:{kind}:{fault.duration}"))
+            return True, f"{kind} in {_NETWORK_FAULT_DELAY:g}s"
+        if kind == "fail_probes":
+            probes: tuple[bool, str] = ask(
+                f"{self.engine}/engine_actor", ChaosFailProbes(fault.count), _ASK
+            )
+            return probes
+        if kind == "slow_engine":
+            ok, what = self._engine_control("slow", {"factor": fault.factor})
+            if ok and fault.duration > 0:
+                self._later(fault.duration, Tick("unslow"))
+            return ok, what
+        return False, f"unknown fault {kind}"
+
+    def _network_fault(self, what: str, duration: str) -> None:
+        try:
+            if what == "cut_nats":
+                cut = ChaosCutNats(float(duration))
+                ok, detail = ask(f"{self.root}/core/fabric", cut, _ASK)
+            else:
+                pid = self._pid(self.root, "nats_server")
+                os.kill(pid, signal.SIGKILL)
+                ok, detail = True, f"killed the embedded nats-server (pid {pid}); it restarts"
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal to the chaos actor
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        level = "warning" if ok else "error"
+        getattr(self.log, level)("network fault", fault=what, detail=detail)
+
+    def _signal_engine(self, fault: Fault) -> tuple[bool, str]:
+        pid = self._pid(self.engine, "engine_host")
+        if fault.fault == "kill_engine_host":
+            os.kill(pid, signal.SIGKILL)
+            return True, f"kill -9 of the engine host (pid {pid})"
+        if fault.fault == "stop_engine_host":
+            os.kill(pid, signal.SIGSTOP)
+            self._later(fault.duration, Tick(f"sigcont:{pid}"))
+            return True, f"SIGSTOP of the engine host (pid {pid}) for {fault.duration:g}s"
+        pids = scheduler_pids(pid)
+        if not pids:
+            return False, "no SGLang scheduler process under the engine host (is the backend sim?)"
+        for scheduler in pids:
+            os.kill(scheduler, signal.SIGKILL)
+        return True, f"kill -9 of SGLang's scheduler process(es) {pids}"
+
+    def _engine_control(self, op: str, args: dict[str, Any]) -> tuple[bool, str]:
+        future = ask(f"{self.engine}/engine_actor", EngineControl(op, args), _ASK)
+        reply: HostControlReply = future.result(timeout=_ASK)
+        return reply.ok, reply.message or op
+
+    def _pid(self, supervisor: str, child: str) -> int:
+        rows: tuple[ChildInfo, ...] = ask(supervisor, WhichChildren(), _ASK)
+        for row in rows:
+            if row.id == child and row.pid is not None:
+                return row.pid
+        msg = f"{supervisor}/{child} is not running"
+        raise LookupError(msg)
+
+    def _path(self, target: str) -> str:
+        return target if target.startswith(f"{self.root}/") else f"{self.root}/{target}"
+
+    def _later(self, delay: float, tick: Tick) -> None:
+        ref = self.actor_ref
+        self.context.clock.call_later(delay, lambda: ref.tell(tick) if ref.is_alive() else None)

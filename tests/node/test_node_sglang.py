@@ -1,0 +1,274 @@
+"""The node with the real SGLang engine on the CPU and the built-in SmolLM2 model.
+
+One node serves the module (an engine start costs ~25 s); the kill tests restart its
+engine subtree, and the last test stops it with SIGTERM. A second node runs dp_size 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.chaos import scheduler_pids
+from messages.kv import BlockStored, KvEventBatch, block_hashes
+from messages.metrics import LoadMetrics
+from messages.request import ChatMessage, GenerateRequest, SamplingOptions, StopConditions, StreamChunk
+from supervisor.client import NodeClient
+from tests.node.harness import ROOT, NodeProcess, descendants, start_node
+from tests.supervision.children import pid_alive, wait_until
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = start_node(tmp_path_factory.mktemp("sglang"), backend="sglang", engine__health={"stall_timeout": 120.0})
+    try:
+        proc.wait_ready(600)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def chat(max_tokens: int = 32, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        messages=[ChatMessage(role="user", content=QUESTION)],
+        sampling=SamplingOptions(temperature=0.0),
+        stop=StopConditions(max_tokens=max_tokens),
+        **kw,
+    )
+
+
+async def collect(client: NodeClient, request: GenerateRequest) -> list[tuple[float, StreamChunk]]:
+    return [(time.monotonic(), chunk) async for chunk in client.generate(request, idle_timeout=120)]
+
+
+def test_the_cli_in_its_own_process_answers_paris(node: NodeProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.client", "--nats", node.url, "generate", QUESTION],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chunks_arrive_incrementally(node: NodeProcess) -> None:
+    async def go() -> list[tuple[float, StreamChunk]]:
+        async with NodeClient(node.url) as client:
+            return await collect(client, chat(max_tokens=24))
+
+    timed = asyncio.run(go())
+    chunks = [c for _, c in timed]
+    assert "Paris" in "".join(c.text for c in chunks)
+    with_tokens = [t for t, c in timed if c.token_ids]
+    assert len(with_tokens) >= 5  # one chunk per token or so, not one blob
+    assert with_tokens[-1] - with_tokens[0] > 0.05  # spread over time as generated
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].usage is not None
+
+
+def test_cancel_mid_stream_ends_cancelled_and_sglang_counts_the_abort(node: NodeProcess) -> None:
+    def aborted() -> float:
+        _, body = node.http("/metrics")
+        lines = [line for line in body.decode().splitlines() if line.startswith("sglang:num_aborted_requests_total")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = aborted()
+
+    async def go() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            request = GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                prompt="Write a very long story about a lighthouse keeper.",
+                stop=StopConditions(max_tokens=2000, ignore_eos=True),
+            )
+            chunks = []
+            async for chunk in client.generate(request, idle_timeout=60):
+                chunks.append(chunk)
+                if len(chunks) == 4:
+                    await client.cancel(request.request_id)
+            return chunks
+
+    chunks = asyncio.run(go())
+    assert chunks[-1].finish_reason == "cancelled"
+    assert len(chunks) < 200
+    assert wait_until(lambda: aborted() > before, timeout=10)
+
+
+def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(node: NodeProcess) -> None:
+    prompt_ids = list(range(1000, 1064))  # 4 full pages of 16 tokens
+    pages = [h for h, _ in block_hashes(prompt_ids, 16)]
+
+    async def go() -> tuple[list[StreamChunk], list[KvEventBatch]]:
+        async with NodeClient(node.url) as client:
+            events: list[KvEventBatch] = []
+
+            async def watch() -> None:
+                async for item in client.watch("kv-events"):
+                    assert isinstance(item, KvEventBatch)
+                    events.append(item)
+
+            task = asyncio.create_task(watch())
+            await asyncio.sleep(0.3)
+            finals = []
+            for _ in range(2):
+                request = GenerateRequest(request_id=uuid.uuid4().hex, token_ids=prompt_ids, stop=StopConditions(max_tokens=4))
+                finals.append([c async for c in client.generate(request)][-1])
+            await asyncio.sleep(1.0)
+            task.cancel()
+            return finals, events
+
+    finals, events = asyncio.run(go())
+    assert finals[0].usage is not None and finals[1].usage is not None
+    assert finals[1].usage.cached_tokens >= 48  # SGLang never counts the last prompt page's last token
+    stored = [e for b in events for e in b.events if isinstance(e, BlockStored)]
+    hashes = [h for e in stored for h in e.block_hashes]
+    assert hashes[: len(pages) - 1] == pages[: len(pages) - 1] or set(pages[:3]) <= set(hashes)
+    first = next(e for e in stored if e.block_hashes[0] == pages[0])
+    assert first.parent_block_hash is None
+    assert first.token_ids[:16] == prompt_ids[:16]
+    assert all(b.instance_id == node.instance_id and b.dp_rank == 0 for b in events)
+
+
+def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(node: NodeProcess) -> None:
+    async def go() -> list[LoadMetrics]:
+        async with NodeClient(node.url) as client:
+            samples: list[LoadMetrics] = []
+
+            async def watch() -> None:
+                async for item in client.watch("metrics"):
+                    assert isinstance(item, LoadMetrics)
+                    samples.append(item)
+
+            task = asyncio.create_task(watch())
+            await asyncio.sleep(0.2)
+            [c async for c in client.generate(chat(max_tokens=8))]
+            await asyncio.sleep(2.5)
+            task.cancel()
+            return samples
+
+    samples = asyncio.run(go())
+    fresh = [s for s in samples if not s.stale]
+    assert fresh, samples
+    assert fresh[0].kv_total_blocks == 512  # 8192 tokens / 16
+    assert fresh[0].request_total_slots > 0
+    _, body = node.http("/metrics")
+    text = body.decode()
+    for name in ("sglang:prompt_tokens_total", "sglang:time_to_first_token_seconds_bucket", "sgl_node_scheduler_metrics_samples_total", "sgl_node_kv_total_blocks"):
+        assert name in text, name
+
+
+def _recovers(node: NodeProcess, kill: Any) -> float:
+    """Start streams, run `kill`, check they end with an error fast, then wait for recovery."""
+    registrations = len(node.wait_log(lambda r: r.get("event") == "registered"))
+
+    async def go() -> tuple[list[StreamChunk], float]:
+        async with NodeClient(node.url) as client:
+            request = GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                prompt="Count from one to one thousand.",
+                stop=StopConditions(max_tokens=2000, ignore_eos=True),
+            )
+            chunks: list[StreamChunk] = []
+            killed_at = 0.0
+            async for chunk in client.generate(request, idle_timeout=60):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    killed_at = time.monotonic()
+                    kill()
+            return chunks, time.monotonic() - killed_at
+
+    chunks, took = asyncio.run(go())
+    last = chunks[-1]
+    assert last.finish_reason == "error"
+    assert last.error is not None
+    assert last.error.code == "engine_restarting"
+    node.wait_log(lambda r: r.get("event") == "registered", count=registrations + 1, timeout=300)
+    node.wait_ready(300)
+
+    async def again() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            return [c async for c in client.generate(chat(max_tokens=16))]
+
+    assert "Paris" in "".join(c.text for c in asyncio.run(again()))
+    return took
+
+
+def _host_pid(node: NodeProcess) -> int:
+    _, body = node.http("/tree")
+    core = {r["id"]: r for r in json.loads(body)["children"]}["core"]
+    engine = {r["id"]: r for r in core["children"]}["engine"]
+    return int({r["id"]: r for r in engine["children"]}["engine_host"]["pid"])
+
+
+def test_kill_9_of_the_engine_host_errors_in_flight_fast_and_the_node_recovers(node: NodeProcess) -> None:
+    pid = _host_pid(node)
+    took = _recovers(node, lambda: os.kill(pid, signal.SIGKILL))
+    assert took < 1.0
+    assert _host_pid(node) != pid
+
+
+def test_kill_9_of_sglangs_scheduler_errors_in_flight_fast_and_the_node_recovers(node: NodeProcess) -> None:
+    pids = scheduler_pids(_host_pid(node))
+    assert pids, "no SGLang scheduler process found under the engine host"
+    took = _recovers(node, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
+    assert took < 1.0
+
+
+def test_sigterm_stops_in_order_exit_0_and_no_sglang_process_survives(node: NodeProcess) -> None:
+    pids = descendants(node.proc.pid)
+    assert len(pids) >= 4  # nats-server, engine host, scheduler, detokenizer
+    assert node.stop() == 0
+    deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[-1]
+    host_exit = node.wait_log(lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host")[-1]
+    assert deregistered["timestamp"] <= host_exit["timestamp"]
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
+
+
+def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path) -> None:
+    node = start_node(tmp_path, backend="sglang", dp_size=2, name="dp2")
+    try:
+        node.wait_ready(600)
+
+        async def go() -> list[KvEventBatch]:
+            async with NodeClient(node.url) as client:
+                events: list[KvEventBatch] = []
+
+                async def watch() -> None:
+                    async for item in client.watch("kv-events"):
+                        assert isinstance(item, KvEventBatch)
+                        events.append(item)
+
+                task = asyncio.create_task(watch())
+                await asyncio.sleep(0.3)
+                for rank in (0, 1):
+                    request = GenerateRequest(
+                        request_id=uuid.uuid4().hex, token_ids=list(range(2000 + rank * 100, 2048 + rank * 100)), stop=StopConditions(max_tokens=2), dp_rank=rank
+                    )
+                    [c async for c in client.generate(request)]
+                await asyncio.sleep(1.0)
+                task.cancel()
+                return events
+
+        events = asyncio.run(go())
+        stored = {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
+        assert stored == {0, 1}
+        assert node.stop() == 0
+    finally:
+        node.kill()
