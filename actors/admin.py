@@ -65,7 +65,8 @@ class AdminActor(SupervisedActor):
         self._subscription: Any = None
 
     def on_start_up(self) -> None:
-        secret = read_secret(self.admin.token_env, self.admin.token_file, "admin token")
+        env = "" if self.admin.token_file else self.admin.token_env  # a file wins
+        secret = read_secret(env, self.admin.token_file, "admin token")
         if not secret:
             where = self.admin.token_file or f"environment variable {self.admin.token_env}"
             raise ConfigError("admin", f"admin.enabled needs a non-empty token in {where}")

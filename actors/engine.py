@@ -59,6 +59,7 @@ class _Inflight:
     reply_path: str
     submitted: float
     last_progress: float
+    client_id: str = ""
 
 
 class EngineActor(SupervisedActor):
@@ -71,8 +72,11 @@ class EngineActor(SupervisedActor):
         output_endpoint: str,
         health: HealthSection,
         max_inflight: int,
+        max_streams_per_client: int = 0,
     ) -> None:
         super().__init__(context)
+        self.max_streams_per_client = max_streams_per_client
+        self._per_client: dict[str, int] = {}
         self.command_endpoint = command_endpoint
         self.output_endpoint = output_endpoint
         self.health = health
@@ -123,6 +127,7 @@ class EngineActor(SupervisedActor):
         self._halt.set()
         with self._lock:
             inflight, self._inflight = self._inflight, {}
+            self._per_client.clear()
         why = f"the engine stopped ({reason.describe()}); it restarts by policy, retry"
         for request_id, entry in inflight.items():
             self._deliver(
@@ -184,25 +189,21 @@ class EngineActor(SupervisedActor):
     def _submit(self, message: SubmitGenerate) -> None:
         request = message.request
         now = time.monotonic()
+        client = request.client_id
         with self._lock:
-            duplicate = request.request_id in self._inflight
-            full = len(self._inflight) >= self.max_inflight
-            if not duplicate and not full:
-                self._inflight[request.request_id] = _Inflight(message.reply_path, now, now)
+            refusal = self._refusal(request.request_id, client)
+            if refusal is None:
+                entry = _Inflight(message.reply_path, now, now, client)
+                self._inflight[request.request_id] = entry
+                if client:
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
                 node_metrics.INFLIGHT.set(len(self._inflight))
-        if duplicate or full:
-            code = "invalid_request" if duplicate else "overloaded"
-            text = (
-                f"request_id {request.request_id!r} is already in flight"
-                if duplicate
-                else f"the node has {self.max_inflight} requests in flight (handlers.max_inflight)"
+        if refusal is not None:
+            code, text = refusal
+            chunk = HostChunk(
+                request.request_id, finish_reason="error", error_code=code, error_message=text
             )
-            self._deliver(
-                message.reply_path,
-                HostChunk(
-                    request.request_id, finish_reason="error", error_code=code, error_message=text
-                ),
-            )
+            self._deliver(message.reply_path, chunk)
             return
         self._last_activity = now
         self._send(
@@ -219,6 +220,34 @@ class EngineActor(SupervisedActor):
                 max_prompt_tokens=message.max_prompt_tokens,
             )
         )
+
+    def _refusal(self, request_id: str, client: str) -> tuple[str, str] | None:
+        """Why a request cannot be admitted now (code, message), or None. Under the lock."""
+        if request_id in self._inflight:
+            return "invalid_request", f"request_id {request_id!r} is already in flight"
+        if len(self._inflight) >= self.max_inflight:
+            return (
+                "overloaded",
+                f"the node has {self.max_inflight} requests in flight (handlers.max_inflight)",
+            )
+        limit = self.max_streams_per_client
+        if client and limit and self._per_client.get(client, 0) >= limit:
+            return "too_many_streams", (
+                f"client {client!r} has {limit} streams open (handlers.max_streams_per_client)"
+            )
+        return None
+
+    def _forget(self, request_id: str) -> _Inflight | None:
+        """Drop a finished request from the table. Under the lock."""
+        entry = self._inflight.pop(request_id, None)
+        if entry is not None and entry.client_id:
+            left = self._per_client.get(entry.client_id, 1) - 1
+            if left > 0:
+                self._per_client[entry.client_id] = left
+            else:
+                self._per_client.pop(entry.client_id, None)
+        node_metrics.INFLIGHT.set(len(self._inflight))
+        return entry
 
     # --- the channel ----------------------------------------------------------------------
 
@@ -266,8 +295,7 @@ class EngineActor(SupervisedActor):
                 return  # already failed (engine restart) or unknown
             entry.last_progress = now
             if chunk.finish_reason is not None:
-                del self._inflight[chunk.request_id]
-                node_metrics.INFLIGHT.set(len(self._inflight))
+                self._forget(chunk.request_id)
         self._deliver(entry.reply_path, chunk)
 
     def _deliver(self, reply_path: str, chunk: HostChunk) -> None:

@@ -344,7 +344,9 @@ def _check(config: NodeConfig) -> None:
     for rank in range(dp):
         ports[f"engine.kv_events_port (rank {rank})"] = config.engine.kv_events_port + rank
         if config.engine.kv_replay:
-            ports[f"engine.kv_events_port (replay, rank {rank})"] = config.engine.kv_events_port + dp + rank
+            ports[f"engine.kv_events_port (replay, rank {rank})"] = (
+                config.engine.kv_events_port + dp + rank
+            )
     if config.system.enabled:
         ports["system.port"] = config.system.port
     seen: dict[int, str] = {}
@@ -371,8 +373,14 @@ def _check_auth(config: NodeConfig) -> None:
         path = getattr(auth, key)
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(f"nats.auth.{key}", f'no such file: "{path}"')
-    if config.admin.token_file and not Path(config.admin.token_file).expanduser().is_file():
-        raise ConfigError("admin.token_file", f'no such file: "{config.admin.token_file}"')
+    admin = config.admin
+    if admin.token_file and not Path(admin.token_file).expanduser().is_file():
+        raise ConfigError("admin.token_file", f'no such file: "{admin.token_file}"')
+    if admin.enabled and not admin.token_file and not os.environ.get(admin.token_env):
+        raise ConfigError(
+            "admin.token_env",
+            f"admin.enabled needs the admin token: set {admin.token_env} or admin.token_file",
+        )
     for i, fault in enumerate(config.chaos.faults):
         where = f"chaos.faults[{i}]"
         for key in ("duration", "delay", "at", "every", "jitter"):

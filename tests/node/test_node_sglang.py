@@ -23,7 +23,13 @@ import pytest
 from actors.chaos import scheduler_pids
 from messages.kv import BlockStored, KvEventBatch, block_hashes
 from messages.metrics import LoadMetrics
-from messages.request import ChatMessage, GenerateRequest, SamplingOptions, StopConditions, StreamChunk
+from messages.request import (
+    ChatMessage,
+    GenerateRequest,
+    SamplingOptions,
+    StopConditions,
+    StreamChunk,
+)
 from supervisor.client import NodeClient
 from tests.node.harness import ROOT, NodeProcess, descendants, start_node
 from tests.supervision.children import pid_alive, wait_until
@@ -33,7 +39,9 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = start_node(tmp_path_factory.mktemp("sglang"), backend="sglang", engine__health={"stall_timeout": 120.0})
+    proc = start_node(
+        tmp_path_factory.mktemp("sglang"), backend="sglang", engine__health={"stall_timeout": 120.0}
+    )
     try:
         proc.wait_ready(600)
         yield proc
@@ -86,7 +94,11 @@ def test_chunks_arrive_incrementally(node: NodeProcess) -> None:
 def test_cancel_mid_stream_ends_cancelled_and_sglang_counts_the_abort(node: NodeProcess) -> None:
     def aborted() -> float:
         _, body = node.http("/metrics")
-        lines = [line for line in body.decode().splitlines() if line.startswith("sglang:num_aborted_requests_total")]
+        lines = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith("sglang:num_aborted_requests_total")
+        ]
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
     before = aborted()
@@ -111,7 +123,9 @@ def test_cancel_mid_stream_ends_cancelled_and_sglang_counts_the_abort(node: Node
     assert wait_until(lambda: aborted() > before, timeout=10)
 
 
-def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(node: NodeProcess) -> None:
+def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(
+    node: NodeProcess,
+) -> None:
     prompt_ids = list(range(1000, 1064))  # 4 full pages of 16 tokens
     pages = [h for h, _ in block_hashes(prompt_ids, 16)]
 
@@ -128,7 +142,11 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(n
             await asyncio.sleep(0.3)
             finals = []
             for _ in range(2):
-                request = GenerateRequest(request_id=uuid.uuid4().hex, token_ids=prompt_ids, stop=StopConditions(max_tokens=4))
+                request = GenerateRequest(
+                    request_id=uuid.uuid4().hex,
+                    token_ids=prompt_ids,
+                    stop=StopConditions(max_tokens=4),
+                )
                 finals.append([c async for c in client.generate(request)][-1])
             await asyncio.sleep(1.0)
             task.cancel()
@@ -136,7 +154,9 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(n
 
     finals, events = asyncio.run(go())
     assert finals[0].usage is not None and finals[1].usage is not None
-    assert finals[1].usage.cached_tokens >= 48  # SGLang never counts the last prompt page's last token
+    assert (
+        finals[1].usage.cached_tokens >= 48
+    )  # SGLang never counts the last prompt page's last token
     stored = [e for b in events for e in b.events if isinstance(e, BlockStored)]
     hashes = [h for e in stored for h in e.block_hashes]
     assert hashes[: len(pages) - 1] == pages[: len(pages) - 1] or set(pages[:3]) <= set(hashes)
@@ -146,7 +166,9 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(n
     assert all(b.instance_id == node.instance_id and b.dp_rank == 0 for b in events)
 
 
-def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(node: NodeProcess) -> None:
+def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(
+    node: NodeProcess,
+) -> None:
     async def go() -> list[LoadMetrics]:
         async with NodeClient(node.url) as client:
             samples: list[LoadMetrics] = []
@@ -170,7 +192,12 @@ def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(nod
     assert fresh[0].request_total_slots > 0
     _, body = node.http("/metrics")
     text = body.decode()
-    for name in ("sglang:prompt_tokens_total", "sglang:time_to_first_token_seconds_bucket", "sgl_node_scheduler_metrics_samples_total", "sgl_node_kv_total_blocks"):
+    for name in (
+        "sglang:prompt_tokens_total",
+        "sglang:time_to_first_token_seconds_bucket",
+        "sgl_node_scheduler_metrics_samples_total",
+        "sgl_node_kv_total_blocks",
+    ):
         assert name in text, name
 
 
@@ -217,14 +244,18 @@ def _host_pid(node: NodeProcess) -> int:
     return int({r["id"]: r for r in engine["children"]}["engine_host"]["pid"])
 
 
-def test_kill_9_of_the_engine_host_errors_in_flight_fast_and_the_node_recovers(node: NodeProcess) -> None:
+def test_kill_9_of_the_engine_host_errors_in_flight_fast_and_the_node_recovers(
+    node: NodeProcess,
+) -> None:
     pid = _host_pid(node)
     took = _recovers(node, lambda: os.kill(pid, signal.SIGKILL))
     assert took < 1.0
     assert _host_pid(node) != pid
 
 
-def test_kill_9_of_sglangs_scheduler_errors_in_flight_fast_and_the_node_recovers(node: NodeProcess) -> None:
+def test_kill_9_of_sglangs_scheduler_errors_in_flight_fast_and_the_node_recovers(
+    node: NodeProcess,
+) -> None:
     pids = scheduler_pids(_host_pid(node))
     assert pids, "no SGLang scheduler process found under the engine host"
     took = _recovers(node, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
@@ -236,7 +267,9 @@ def test_sigterm_stops_in_order_exit_0_and_no_sglang_process_survives(node: Node
     assert len(pids) >= 4  # nats-server, engine host, scheduler, detokenizer
     assert node.stop() == 0
     deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[-1]
-    host_exit = node.wait_log(lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host")[-1]
+    host_exit = node.wait_log(
+        lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
+    )[-1]
     assert deregistered["timestamp"] <= host_exit["timestamp"]
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
 
@@ -259,7 +292,10 @@ def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path
                 await asyncio.sleep(0.3)
                 for rank in (0, 1):
                     request = GenerateRequest(
-                        request_id=uuid.uuid4().hex, token_ids=list(range(2000 + rank * 100, 2048 + rank * 100)), stop=StopConditions(max_tokens=2), dp_rank=rank
+                        request_id=uuid.uuid4().hex,
+                        token_ids=list(range(2000 + rank * 100, 2048 + rank * 100)),
+                        stop=StopConditions(max_tokens=2),
+                        dp_rank=rank,
                     )
                     [c async for c in client.generate(request)]
                 await asyncio.sleep(1.0)
