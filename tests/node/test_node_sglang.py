@@ -153,7 +153,8 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(
             return finals, events
 
     finals, events = asyncio.run(go())
-    assert finals[0].usage is not None and finals[1].usage is not None
+    assert finals[0].usage is not None
+    assert finals[1].usage is not None
     assert (
         finals[1].usage.cached_tokens >= 48
     )  # SGLang never counts the last prompt page's last token

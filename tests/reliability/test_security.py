@@ -19,7 +19,7 @@ from messages.chaos import AdminReply, AdminRequest
 from messages.codec import decode_json, encode_json
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient, NoRespondersError
-from tests.node.harness import NatsServer, NodeProcess, free_ports, start_node
+from tests.node.harness import NatsServer, NodeProcess, start_node
 
 SECRET = "hunter2-" + uuid.uuid4().hex
 
@@ -112,7 +112,7 @@ def test_a_token_from_a_file_also_configures_the_embedded_server(tmp_path: Path)
                 node.url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False
             )
 
-        with pytest.raises(Exception, match="[Aa]uthorization"):
+        with pytest.raises(Exception, match=r"[Aa]uthorization"):
             asyncio.run(anonymous())
         assert node.stop() == 0
         assert SECRET not in _all_logs(node)
