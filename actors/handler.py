@@ -391,7 +391,7 @@ def _request_id_of(data: bytes) -> str:
     """Best effort: the request_id of a request that did not decode, to label the error."""
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # malformed, invalid UTF-8, absurdly deep
         return ""
     rid = value.get("request_id") if isinstance(value, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 128 else ""

@@ -73,6 +73,9 @@ def decode_json(data: bytes | str, type_: type[T]) -> T:
         raise DecodeError(
             name, "", f"malformed payload: invalid UTF-8 at byte {exc.start}"
         ) from None
+    except RecursionError:  # nesting deeper than the interpreter can follow
+        name = getattr(type_, "__name__", str(type_))
+        raise DecodeError(name, "", "malformed payload: nested too deeply") from None
 
 
 def encode_msgpack(obj: Any) -> bytes:

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bump when the way the environment is built changes (forces a rebuild).
 LAYOUT_VERSION = "1"
 READY_MARKER = ".sgl-node-complete"
+LAST_USED = ".sgl-node-last-used"
+STALE_AFTER = 3600.0  # seconds without use before an outdated environment is removed
 
 
 def _home() -> Path:
@@ -145,9 +147,9 @@ def ensure_env() -> Path:
     with (envs / ".lock").open("w") as lock:
         # Concurrent runs (two terminals, CI and a developer) build once.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (env / READY_MARKER).exists():
-            return env
-        _build(env, reqs, no_deps)
+        if not (env / READY_MARKER).exists():
+            _build(env, reqs, no_deps)
+        (env / LAST_USED).touch()
         _remove_stale(envs, keep=env)
     return env
 
@@ -172,10 +174,15 @@ def _build(env: Path, reqs: list[str], no_deps: list[str]) -> None:
 
 
 def _remove_stale(envs: Path, keep: Path) -> None:
+    """Remove environments built for other inputs, once nothing has used them for a while
+    (a run that started on an older checkout keeps its environment until it is done)."""
+    now = time.time()
     for other in envs.iterdir():
         if other == keep or other.name.startswith(".") or other.name.endswith(".log"):
             continue
-        if other.is_dir():
+        marker = other / LAST_USED
+        last_used = marker.stat().st_mtime if marker.exists() else other.stat().st_mtime
+        if other.is_dir() and now - last_used > STALE_AFTER:
             _say(f"removing the outdated environment {other}")
             shutil.rmtree(other, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):

@@ -182,6 +182,7 @@ def start_node(
     nats_url: str = "",
     dp_size: int = 1,
     name: str = "node",
+    extra_toml: str = "",
     **sections: dict[str, Any],
 ) -> NodeProcess:
     """Start a node with free ports and a private NATS store; extra sections override."""
@@ -206,6 +207,8 @@ def start_node(
         key = section.replace("__", ".")
         config.setdefault(key, {}).update(values)
     path = write_config(tmp_path / f"{name}.toml", config)
+    if extra_toml:
+        path.write_text(path.read_text() + "\n" + extra_toml)
     return NodeProcess(path, nats_port, system_port, kv_port, tmp_path / f"{name}.log")
 
 

@@ -4,6 +4,7 @@ sequence gaps and publisher restarts produce a resync; garbage is counted, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -91,8 +92,9 @@ class Collector:
             return list(self.batches)
 
 
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]:
+@contextlib.contextmanager
+def relay_tree(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]:
+    """A KvRelayActor fed by a test PUB in SGLang's format, relaying to a real NATS."""
     server = NatsServer(tmp_path)
     port = free_ports()
     context = zmq.Context()
@@ -137,6 +139,12 @@ def relay(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]
         pub.close(0)
         context.term()
         server.stop()
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]:
+    with relay_tree(tmp_path) as parts:
+        yield parts
 
 
 def send(pub: zmq.Socket[bytes], seq: int, events: list[Any], rank: int = 0) -> None:

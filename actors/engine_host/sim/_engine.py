@@ -146,7 +146,10 @@ class SimEngine:
     def serve(self) -> None:
         """Block until `close` (the host's main thread waits here; the sim's work runs on
         its own threads)."""
-        self._closed.wait()
+        # Never an unbounded wait on the main thread: a signal delivered to another
+        # thread would not wake it, and the host's SIGTERM handler would never run.
+        while not self._closed.wait(0.2):
+            pass
 
     def close(self) -> None:
         """Stop every thread and close every socket; in-flight requests end with an

@@ -1,0 +1,85 @@
+"""The fault matrix: each fault injected under load by the chaos runner, on a real node.
+
+Every accepted request must end with tokens or an error (lost = 0), the tree must come
+back to all-running and registered, and a KV-event subscriber's view must equal the
+engine's at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import tomllib
+
+from supervisor.chaos import Scenario, Verdict, run_scenario
+from tests.node.harness import ROOT, descendants, start_node
+from tests.supervision.children import pid_alive, wait_until
+
+
+def _scenario(name: str) -> Scenario:
+    return msgspec.convert(
+        tomllib.loads((ROOT / "configs" / "chaos" / f"{name}.toml").read_text()), Scenario
+    )
+
+
+def _check(verdict: Verdict, expected_faults: int) -> None:
+    report = msgspec.json.encode(verdict).decode()
+    print(report)  # the figures, for the README's reliability table
+    assert verdict.lost == 0, report
+    assert verdict.recovered, report
+    assert len(verdict.faults) == expected_faults
+    for fault in verdict.faults:
+        assert fault["ok"], fault
+        assert fault["recovered_after"] is not None, fault
+    assert verdict.completed > 0
+
+
+def test_every_fault_under_load_with_the_sim_engine(tmp_path: Path) -> None:
+    scenario = _scenario("everything")
+    verdict = run_scenario(scenario, tmp_path)
+    _check(verdict, len(scenario.faults))
+    assert verdict.kv_view_equal is True, verdict.kv_detail
+    assert verdict.restarts.get("core/engine/engine_host") == 3  # kill, stop (stall), probes
+
+
+def test_a_stuck_engine_and_a_nats_restart_with_the_real_engine(tmp_path: Path) -> None:
+    scenario = _scenario("sglang-faults")
+    verdict = run_scenario(scenario, tmp_path)
+    _check(verdict, len(scenario.faults))
+    assert verdict.restarts.get("core/engine/engine_host") == 1  # the stall restarted it
+    assert verdict.restarts.get("nats_server") == 1
+
+
+CRASH_LOOP = """
+[[chaos.faults]]
+fault = "crash_actor"
+target = "core/engine/engine_actor"
+at = 0.5
+every = 0.3
+"""
+
+
+def test_a_crash_loop_exceeds_the_intensity_stops_in_order_and_exits_non_zero(
+    tmp_path: Path,
+) -> None:
+    node = start_node(
+        tmp_path,
+        supervision={"intensity": 2, "period": 60.0, "backoff_initial": 0.05, "backoff_max": 0.2},
+        chaos={"enabled": True, "seed": 7},
+        extra_toml=CRASH_LOOP,
+    )
+    try:
+        node.wait_ready(60)
+        pids = descendants(node.proc.pid)
+        assert node.proc.wait(60) == 1  # never spins: the escalation reaches the root, it exits
+        text = node.log_path.read_text()
+        summary = [line for line in text.splitlines() if line.startswith("sgl-node:")]
+        assert len(summary) == 1
+        assert "restart_intensity_exceeded in node" in summary[0]
+        events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+        assert "deregistered" in events
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
+    finally:
+        node.kill()
