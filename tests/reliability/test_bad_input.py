@@ -205,7 +205,8 @@ def test_after_the_garbage_the_relay_still_relays_and_never_restarted(
     dropped = node_metrics.REGISTRY.get_sample_value(
         "sgl_node_zmq_messages_dropped_total", {"socket": "kv_events_0"}
     )
-    assert dropped is not None and dropped > 0
+    assert dropped is not None
+    assert dropped > 0
     before = len(collector.batches)
     payload = encode_sglang_batch(SglangEventBatch(ts=1.0, events=[AllBlocksCleared()], dp_rank=0))
     pub.send_multipart([b"kv-events", (10**6).to_bytes(8, "big"), payload])
@@ -309,7 +310,7 @@ def test_random_values_anywhere_are_accepted_or_refused_naming_the_key(
     try:
         loads(_toml(_nested(path, value)))
     except ConfigError as exc:
-        assert exc.key.startswith(path.split(".")[0]), (exc.key, path)
+        assert exc.key.startswith(path.split(".")[0]), (exc.key, path)  # noqa: PT017
 
 
 @pytest.mark.parametrize(
