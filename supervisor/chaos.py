@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -385,11 +386,17 @@ def print_verdict(verdict: Verdict) -> None:
         print(f"{name.ljust(width)}  {value}")
 
 
-def run_scenario(scenario: Scenario, workdir: Path | None = None) -> Verdict:
-    """Start a node, run the scenario against it, stop the node; return the verdict."""
+def run_scenario(
+    scenario: Scenario,
+    workdir: Path | None = None,
+    on_ready: Callable[[NodeUnderTest], None] | None = None,
+) -> Verdict:
+    """Start a node, run the scenario against it, stop the node; return the verdict.
+    `on_ready` is called with the node once it is ready (e.g. to watch its resources)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sgl-chaos-"))
     token = secrets.token_hex(16)
     node = NodeUnderTest(scenario, workdir, token)
+    verdict = Verdict(scenario=scenario.name, errors={}, recovered=False)
     try:
         deadline = time.monotonic() + 600
         while node.http("/ready")[0] != 200:
@@ -397,6 +404,8 @@ def run_scenario(scenario: Scenario, workdir: Path | None = None) -> Verdict:
                 msg = f"the node did not start; see {workdir / 'node.log'}"
                 raise RuntimeError(msg)
             time.sleep(0.2)
+        if on_ready is not None:
+            on_ready(node)
         verdict = asyncio.run(Runner(scenario, node, token).run())
     finally:
         code = node.stop()

@@ -363,3 +363,50 @@ def test_a_text_prompt_over_the_token_limit_is_refused_naming_the_limit(
 async def _nobody(node: NodeProcess) -> None:
     async with NodeClient(node.url, component="nobody") as client:
         [c async for c in client.generate(_request())]
+
+
+def _user_nkey(tmp_path: Path) -> tuple[Path, str]:
+    """A fresh user NKEY: (seed file, public key)."""
+    import os as _os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(_os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    path = tmp_path / "user.nk"
+    path.write_bytes(seed)
+    return path, public
+
+
+class ConfiguredServer(NatsServer):
+    """A nats-server started from a config file (for NKEY users)."""
+
+    def __init__(self, tmp_path: Path, conf: str) -> None:
+        self.conf = tmp_path / "server.conf"
+        self.conf.write_text(conf)
+        super().__init__(tmp_path)
+
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--config", str(self.conf)]
+
+
+def test_an_nkey_seed_file_authenticates_and_a_stranger_is_refused(tmp_path: Path) -> None:
+    seed, public = _user_nkey(tmp_path)
+    server = ConfiguredServer(tmp_path, f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n')
+    node = start_node(
+        tmp_path, embedded_nats=False, nats_url=server.url, nats__auth={"nkey_seed_file": str(seed)}
+    )
+    try:
+        node.wait_ready(60)
+        assert _serves(server.url, nkeys_seed=str(seed)).finish_reason == "length"
+
+        async def stranger() -> None:
+            await nats.connect(server.url, connect_timeout=2, allow_reconnect=False)
+
+        with pytest.raises(Exception, match=r"[Aa]uthorization"):
+            asyncio.run(stranger())
+        assert node.stop() == 0
+        assert seed.read_text() not in _all_logs(node)
+    finally:
+        node.kill()
+        server.stop()

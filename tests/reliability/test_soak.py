@@ -1,0 +1,103 @@
+"""The soak: 10 minutes of random faults under load (`pytest -m soak`, not in the default run).
+
+Lost must be 0; the node's memory must stay flat (within 10% of its size after a minute
+of warm-up), and it must not leak processes, file descriptors or threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from messages.chaos import Fault
+from supervisor.chaos import Load, NodeUnderTest, Scenario, run_scenario
+from tests.node.harness import descendants
+
+SOAK_SECONDS = float(os.environ.get("SGL_NODE_SOAK_SECONDS", "600"))
+WARM_UP = 60.0
+KINDS = [
+    Fault(fault="kill_engine_host"),
+    Fault(fault="crash_actor", target="core/handlers/handler-1"),
+    Fault(fault="crash_actor", target="core/engine/kv_relay_0"),
+    Fault(fault="hang_actor", target="core/engine/metrics", duration=1.0),
+    Fault(fault="stop_engine_host", duration=5.0),
+    Fault(fault="drop_zmq", target="kv_relay_1", fraction=0.3, duration=3.0),
+    Fault(fault="delay_zmq", target="metrics", fraction=0.5, delay=0.05, duration=3.0),
+    Fault(fault="reset_sequence", rank=0),
+    Fault(fault="cut_nats", duration=2.0),
+    Fault(fault="restart_nats"),
+    Fault(fault="fail_probes", count=2),
+    Fault(fault="slow_engine", factor=2.0, duration=3.0),
+]
+
+
+def _sample(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        "rss_kb": int(fields["VmRSS"].split()[0]),
+        "threads": int(fields["Threads"]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "processes": len(descendants(pid)),
+    }
+
+
+@pytest.mark.soak
+def test_ten_minutes_of_random_faults_under_load(tmp_path: Path) -> None:
+    rng = random.Random(2026)
+    faults, at = [], 10.0
+    while at < SOAK_SECONDS - 20:
+        faults.append(msgspec.structs.replace(rng.choice(KINDS), at=round(at, 1)))
+        at += rng.uniform(4.0, 10.0)
+    scenario = Scenario(
+        name="soak",
+        duration=SOAK_SECONDS,
+        config="configs/chaos/sim-node.toml",
+        load=Load(clients=8, max_tokens=40, deadline=15.0),
+        faults=faults,
+        recovery_timeout=60.0,
+    )
+    samples: list[tuple[float, dict[str, int]]] = []
+    done = threading.Event()
+
+    def watch(node: NodeUnderTest) -> None:
+        started = time.monotonic()
+
+        def loop() -> None:
+            while not done.wait(5.0):
+                samples.append((time.monotonic() - started, _sample(node.proc.pid)))
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    verdict = run_scenario(scenario, tmp_path, on_ready=watch)
+    done.set()
+    warm = [s for t, s in samples if t >= WARM_UP]
+    report = {
+        "faults": len(faults),
+        "sent": verdict.sent,
+        "completed": verdict.completed,
+        "errors": verdict.errors,
+        "lost": verdict.lost,
+        "rss_kb_after_warm_up": warm[0]["rss_kb"],
+        "rss_kb_max": max(s["rss_kb"] for s in warm),
+        "rss_kb_end": warm[-1]["rss_kb"],
+        "threads": (warm[0]["threads"], warm[-1]["threads"]),
+        "fds": (warm[0]["fds"], warm[-1]["fds"]),
+        "processes": (warm[0]["processes"], warm[-1]["processes"]),
+        "restarts": verdict.restarts,
+    }
+    (Path(__file__).parent / "soak-result.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    assert verdict.lost == 0
+    assert verdict.recovered
+    assert report["rss_kb_max"] <= warm[0]["rss_kb"] * 1.10
+    assert warm[-1]["threads"] <= warm[0]["threads"] + 2
+    assert warm[-1]["fds"] <= warm[0]["fds"] + 5
+    assert warm[-1]["processes"] == warm[0]["processes"]
