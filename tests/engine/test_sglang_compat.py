@@ -3,7 +3,6 @@ and validated, the children's metrics endpoints. No engine is started."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from actors.engine_host.sglang_args import (
 from actors.engine_host.sglang_compat import Finish, StreamDeltas, finish_of
 from actors.engine_host.spec import HostSpec
 from messages.request import OutputOptions, SamplingOptions, StopConditions, TokenLogprob
-
-needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang")
 
 
 def spec(**fields: Any) -> HostSpec:
@@ -83,7 +80,6 @@ def test_sampling_params_map_every_option_and_leave_unset_ones_to_sglang() -> No
     }
 
 
-@needs_sglang
 def test_sampling_params_are_all_fields_of_sglangs_sampling_params() -> None:
     from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -189,7 +185,6 @@ def test_plain_makes_numpy_scalars_encodable() -> None:
 # --- ServerArgs ----------------------------------------------------------------------------------
 
 
-@needs_sglang
 def test_validation_names_each_unknown_or_node_owned_key() -> None:
     assert validate_sglang_args({"mem_fraction_static": 0.5, "device": "cpu"}) == []
     assert validate_sglang_args({"bogus": 1, "attention_backnd": "x", "dp_size": 2}) == [
@@ -200,7 +195,6 @@ def test_validation_names_each_unknown_or_node_owned_key() -> None:
     ]
 
 
-@needs_sglang
 def test_engine_kwargs_put_the_users_table_over_the_cpu_defaults() -> None:
     kwargs = engine_kwargs(
         spec(sglang={"mem_fraction_static": 0.5}, replay_port=6000),
@@ -224,7 +218,6 @@ def test_engine_kwargs_put_the_users_table_over_the_cpu_defaults() -> None:
     )
 
 
-@needs_sglang
 def test_a_gpu_device_gets_sglangs_own_defaults() -> None:
     kwargs = engine_kwargs(spec(sglang={"device": "cuda"}), Path("/m"), "m")
     assert kwargs["device"] == "cuda"
@@ -232,7 +225,6 @@ def test_a_gpu_device_gets_sglangs_own_defaults() -> None:
     assert "max_total_tokens" not in kwargs
 
 
-@needs_sglang
 def test_engine_kwargs_refuse_bad_tables_and_missing_endpoints() -> None:
     with pytest.raises(SglangArgsError, match=r"engine\.sglang\.bogus: not a field"):
         engine_kwargs(spec(sglang={"bogus": 1}), Path("/m"), "m")

@@ -280,16 +280,23 @@ def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path
     try:
         node.wait_ready(600)
 
-        async def go() -> list[KvEventBatch]:
+        async def go() -> tuple[list[KvEventBatch], list[LoadMetrics]]:
             async with NodeClient(node.url) as client:
                 events: list[KvEventBatch] = []
+                metrics: list[LoadMetrics] = []
 
                 async def watch() -> None:
                     async for item in client.watch("kv-events"):
                         assert isinstance(item, KvEventBatch)
                         events.append(item)
 
+                async def watch_metrics() -> None:
+                    async for item in client.watch("metrics"):
+                        assert isinstance(item, LoadMetrics)
+                        metrics.append(item)
+
                 task = asyncio.create_task(watch())
+                metrics_task = asyncio.create_task(watch_metrics())
                 await asyncio.sleep(0.3)
                 for rank in (0, 1):
                     request = GenerateRequest(
@@ -299,13 +306,16 @@ def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path
                         dp_rank=rank,
                     )
                     [c async for c in client.generate(request)]
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(2.5)
                 task.cancel()
-                return events
+                metrics_task.cancel()
+                return events, metrics
 
-        events = asyncio.run(go())
+        events, metrics = asyncio.run(go())
         stored = {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
         assert stored == {0, 1}
+        fresh = {m.dp_rank for m in metrics if not m.stale}
+        assert fresh == {0, 1}  # each rank's scheduler metrics reach its own socket
         assert node.stop() == 0
     finally:
         node.kill()
