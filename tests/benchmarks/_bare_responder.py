@@ -1,0 +1,45 @@
+"""The ceiling for the request plane: a bare nats-py responder that answers each request
+with the same number of chunks, of the same size, as a node streaming `max_tokens` tokens.
+
+    python -m tests.benchmarks._bare_responder URL SUBJECT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import nats
+
+from messages.codec import decode_json, encode_json
+from messages.request import GenerateRequest, StreamChunk, Usage
+
+
+async def main(url: str, subject: str) -> None:
+    nc = await nats.connect(url)
+
+    async def on(msg: nats.aio.msg.Msg) -> None:
+        request = decode_json(msg.data, GenerateRequest)
+        n = request.stop.max_tokens
+        for i in range(n):
+            chunk = StreamChunk(
+                request_id=request.request_id, index=i, token_ids=[100 + i % 26], text="a"
+            )
+            await nc.publish(msg.reply, encode_json(chunk))
+        end = StreamChunk(
+            request_id=request.request_id,
+            index=n,
+            finish_reason="length",
+            usage=Usage(prompt_tokens=9, completion_tokens=n),
+        )
+        await nc.publish(msg.reply, encode_json(end))
+
+    await nc.subscribe(subject, queue=subject, cb=on)
+    await nc.flush()
+    print("ready", flush=True)
+    while True:
+        await asyncio.sleep(3600)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,48 @@
+"""One workload for the three request-path contenders: C workers, each sending R requests
+one after another; each request streams MAX_TOKENS tokens (EOS ignored, greedy)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+PROMPT = "Write a short story about a lighthouse keeper and a cat."
+MAX_TOKENS = 32
+REQUESTS_PER_WORKER = 2
+
+# A stream yields (tokens in this chunk) per chunk.
+Stream = Callable[[], AsyncIterator[int]]
+
+
+async def run(stream: Stream, concurrency: int) -> dict[str, Any]:
+    """Drive `concurrency` workers; output tokens/s, TTFTs and inter-token gaps."""
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        for _ in range(REQUESTS_PER_WORKER):
+            sent = time.monotonic()
+            last = None
+            async for n in stream():
+                if n <= 0:
+                    continue
+                now = time.monotonic()
+                if last is None:
+                    ttft.append(now - sent)
+                else:
+                    itl.append((now - last) / n)
+                last = now
+                tokens += n
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "tps": tokens / (time.monotonic() - started),
+        "ttft": ttft,
+        "itl": itl,
+        "tokens": tokens,
+    }

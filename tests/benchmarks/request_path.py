@@ -1,0 +1,254 @@
+"""The request path with the real engine: output tokens/s, TTFT and inter-token latency at
+concurrency 1, 4 and 16 for (a) `sgl.Engine.async_generate` in-process, (b) SGLang's own
+HTTP server (streaming `/generate`), (c) the node over NATS through the client library.
+Same model (SmolLM2-135M-Instruct), same engine settings, same workload; 5 runs each,
+alternating a b c. Targets: (c)/(a) throughput ≥ 0.97; (c) ≥ (b); TTFT added ≤ 2 ms at p50.
+
+    python3 supervisor/bootstrap.py exec python -m tests.benchmarks.request_path
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from actors.engine_host.builtin_model import resolve_model_path
+from actors.engine_host.sglang_args import CPU_DEFAULTS
+from messages.request import GenerateRequest, SamplingOptions, StopConditions
+from supervisor.client import NodeClient
+from tests.benchmarks import _workload
+from tests.benchmarks._common import ROOT, median, percentile, python, table, write_section
+from tests.node.harness import free_ports, start_node
+
+RUNS = int(os.environ.get("SGL_NODE_BENCH_RUNS", "5"))
+CONCURRENCY = (1, 4, 16)
+
+
+class Direct:
+    def __init__(self, model_dir: Path) -> None:
+        self.proc = python(
+            "-m",
+            "tests.benchmarks._engine_direct",
+            str(model_dir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        while self.proc.stdout.readline().strip() != b"ready":
+            pass
+
+    def run(self, concurrency: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(f"run {concurrency}\n".encode())
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.kill()
+
+
+class Http:
+    def __init__(self, model_dir: Path) -> None:
+        self.port = free_ports()
+        site = str(Path(__file__).with_name("_site"))
+        args = {
+            **CPU_DEFAULTS,
+            "page_size": 16,
+            "enable_metrics": True,
+            "incremental_streaming_output": True,
+            "log_level": "warning",
+        }
+        cli = ["--model-path", str(model_dir), "--port", str(self.port), "--host", "127.0.0.1"]
+        for key, value in args.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                cli.append(flag)
+            else:
+                cli += [flag, str(value)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sglang.launch_server", *cli],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": f"{site}:{ROOT}",
+                "SGL_NODE_SGLANG_CPU": "1",
+                "SGLANG_USE_CPU_ENGINE": "1",
+            },
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        msg = "sglang.launch_server did not come up"
+        raise RuntimeError(msg)
+
+    def run(self, concurrency: int) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+
+                async def stream() -> AsyncIterator[int]:
+                    body = {
+                        "text": _workload.PROMPT,
+                        "stream": True,
+                        "sampling_params": {
+                            "max_new_tokens": _workload.MAX_TOKENS,
+                            "ignore_eos": True,
+                            "temperature": 0.0,
+                        },
+                    }
+                    async with session.post(
+                        f"http://127.0.0.1:{self.port}/generate", json=body
+                    ) as response:
+                        async for raw in response.content:
+                            line = raw.strip()
+                            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                                continue
+                            item = json.loads(line[5:])
+                            yield len(item.get("output_ids") or [])
+
+                return await _workload.run(stream, concurrency)
+
+        return asyncio.run(go())
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, 9)
+
+
+class Node:
+    def __init__(self, tmp: Path) -> None:
+        self.node = start_node(tmp, backend="sglang", logging={"level": "warning"})
+        self.node.wait_ready(600)
+
+    def run(self, concurrency: int) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            async with NodeClient(self.node.url) as client:
+
+                async def stream() -> AsyncIterator[int]:
+                    request = GenerateRequest(
+                        request_id=uuid.uuid4().hex,
+                        prompt=_workload.PROMPT,
+                        sampling=SamplingOptions(temperature=0.0),
+                        stop=StopConditions(max_tokens=_workload.MAX_TOKENS, ignore_eos=True),
+                    )
+                    async for chunk in client.generate(request):
+                        yield len(chunk.token_ids)
+
+                return await _workload.run(stream, concurrency)
+
+        return asyncio.run(go())
+
+    def stop(self) -> None:
+        self.node.kill()
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-path-"))
+    model_dir = resolve_model_path("builtin:smollm2-135m-instruct")
+    contenders: dict[str, Any] = {}
+    try:
+        contenders["a: engine in-process"] = Direct(model_dir)
+        contenders["b: sglang HTTP server"] = Http(model_dir)
+        contenders["c: node over NATS"] = Node(tmp)
+        for contender in contenders.values():  # warm up each once
+            contender.run(1)
+        results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for _ in range(RUNS):
+            for concurrency in CONCURRENCY:
+                for name, contender in contenders.items():
+                    results.setdefault((name, concurrency), []).append(contender.run(concurrency))
+        rows = []
+        summary: dict[tuple[str, int], dict[str, float]] = {}
+        for concurrency in CONCURRENCY:
+            for name in contenders:
+                runs = results[(name, concurrency)]
+                ttft = [t for r in runs for t in r["ttft"]]
+                itl = [t for r in runs for t in r["itl"]]
+                stats = {
+                    "tps": median([r["tps"] for r in runs]),
+                    "ttft50": percentile(ttft, 50) * 1000,
+                    "ttft99": percentile(ttft, 99) * 1000,
+                    "itl50": percentile(itl, 50) * 1000,
+                    "itl99": percentile(itl, 99) * 1000,
+                }
+                summary[(name, concurrency)] = stats
+                rows.append(
+                    (
+                        concurrency,
+                        name,
+                        stats["tps"],
+                        stats["ttft50"],
+                        stats["ttft99"],
+                        stats["itl50"],
+                        stats["itl99"],
+                    )
+                )
+        names = list(contenders)
+        checks = []
+        for concurrency in CONCURRENCY:
+            a, b, c = (summary[(n, concurrency)] for n in names)
+            checks.append(
+                (concurrency, c["tps"] / a["tps"], c["tps"] / b["tps"], c["ttft50"] - a["ttft50"])
+            )
+        body = (
+            f"SmolLM2-135M-Instruct, SGLang {_version()} on the CPU with the node's engine settings ({CPU_DEFAULTS}, page 16, "
+            f"metrics on); prompt of {len(_workload.PROMPT)} characters, {_workload.MAX_TOKENS} output tokens (EOS ignored, greedy), "
+            f"{_workload.REQUESTS_PER_WORKER} requests per worker; {RUNS} runs per cell, contenders alternating; throughput is the "
+            "median over runs, latencies are percentiles over all requests of all runs.\n\n"
+            + table(
+                [
+                    "concurrency",
+                    "contender",
+                    "output tok/s",
+                    "TTFT p50 ms",
+                    "TTFT p99 ms",
+                    "ITL p50 ms",
+                    "ITL p99 ms",
+                ],
+                rows,
+            )
+            + "\n\nTargets: (c)/(a) throughput ≥ 0.97; (c)/(b) ≥ 1; TTFT added by (c) over (a) ≤ 2 ms at p50.\n\n"
+            + table(
+                [
+                    "concurrency",
+                    "(c)/(a) tok/s",
+                    "(c)/(b) tok/s",
+                    "TTFT p50 added by (c) over (a), ms",
+                ],
+                checks,
+            )
+        )
+        write_section("request_path", "Request path, real engine", body)
+    finally:
+        for contender in contenders.values():
+            contender.stop()
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("sglang")
+
+
+if __name__ == "__main__":
+    main()

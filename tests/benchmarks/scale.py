@@ -1,0 +1,116 @@
+"""Scale: 1, 8 and 32 sim nodes on this machine against one NATS server — time until all
+are registered, discovery exact, aggregate throughput, memory per node.
+
+    python3 supervisor/bootstrap.py exec python -m tests.benchmarks.scale
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from supervisor.client import NodeClient
+from tests.benchmarks._common import python, table, write_section
+from tests.node.harness import NatsServer, NodeProcess, descendants, start_node
+
+SIZES = (1, 8, 32)
+LOAD_SECONDS = 5.0
+
+
+def _rss_kb(pid: int) -> int:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+async def _instances(url: str) -> set[str]:
+    async with NodeClient(url) as client:
+        return {r.instance_id for r in await client.instances()}
+
+
+def run(size: int, tmp: Path) -> tuple[int, float, bool, float, float, float]:
+    server = NatsServer(tmp, store=f"nats-{size}")
+    nodes: list[NodeProcess] = []
+    try:
+        started = time.monotonic()
+        for i in range(size):
+            nodes.append(
+                start_node(
+                    tmp,
+                    embedded_nats=False,
+                    nats_url=server.url,
+                    name=f"n{size}-{i}",
+                    engine__sim={"decode_time_per_step": 0.0},
+                    logging={"level": "warning"},
+                    system={"enabled": False},
+                    metrics={"interval": 5.0},
+                )
+            )
+        expected = {n.instance_id for n in nodes}
+        while True:
+            found = asyncio.run(_instances(server.url))
+            if found >= expected:
+                break
+            if time.monotonic() - started > 600:
+                break
+            time.sleep(0.2)
+        registered = time.monotonic() - started
+        exact = found == expected
+        proc = python(
+            "-m",
+            "tests.benchmarks._load",
+            server.url,
+            "dynamo.backend.generate",
+            "32",
+            str(LOAD_SECONDS),
+            "16",
+            stdout=subprocess.PIPE,
+        )
+        out, _ = proc.communicate(timeout=120)
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        rps = result["requests"] / result["seconds"]
+        cps = result["chunks"] / result["seconds"]
+        memory = sum(_rss_kb(n.proc.pid) for n in nodes) / size / 1024
+        return size, registered, exact, rps, cps, memory
+    finally:
+        for node in nodes:
+            node.kill()
+        server.stop()
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    rows = [run(size, tmp) for size in SIZES]
+    body = (
+        "N node processes (sim engine at zero cost, each with its engine host) on one nats-server; nodes are started "
+        "one after another. *Registered* is the time from the first start until discovery lists all N; *exact* means "
+        f"it lists exactly those N. Throughput: 32 concurrent 16-token streams over the queue group for {LOAD_SECONDS:g} s. "
+        "Memory: RSS of a node and its engine host, averaged over the nodes.\n\n"
+        + table(
+            [
+                "nodes",
+                "all registered after s",
+                "discovery exact",
+                "requests/s",
+                "chunks/s",
+                "MiB per node",
+            ],
+            rows,
+        )
+    )
+    write_section("scale", "Scale (sim nodes on one NATS)", body)
+
+
+if __name__ == "__main__":
+    main()
