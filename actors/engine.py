@@ -26,6 +26,7 @@ from messages.engine import (
     EngineInfo,
     HostAbort,
     HostChunk,
+    HostChunks,
     HostControl,
     HostControlReply,
     HostGenerate,
@@ -35,6 +36,7 @@ from messages.node import (
     AbortGenerate,
     EngineControl,
     EngineOutput,
+    EngineOutputs,
     EngineStatus,
     GetEngineInfo,
     GetEngineStatus,
@@ -48,6 +50,7 @@ from supervisor.config import HealthSection
 __all__ = ["EngineActor", "EngineUnhealthyError"]
 
 _CANARY_PREFIX = "canary-"
+_DRAIN_MAX = 256  # host messages taken per wake-up of the reader
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -267,41 +270,54 @@ class EngineActor(SupervisedActor):
         while not self._halt.is_set():
             if not poller.poll(100):
                 continue
-            try:
-                data = self._outputs.recv(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                continue
-            try:
-                output: HostOutput = decode_msgpack(data, HostOutput)
-            except DecodeError as exc:
-                self.log.error("undecodable engine output", error=str(exc))
-                continue
-            if isinstance(output, HostControlReply):
-                future = self._pending.pop(output.op_id, None)
-                if future is not None and not future.done():
-                    future.set_result(output)
-            else:
-                self._route(output)
+            chunks: list[HostChunk] = []
+            for _ in range(_DRAIN_MAX):  # take what is there, route it in one go
+                try:
+                    data = self._outputs.recv(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                try:
+                    output: HostOutput = decode_msgpack(data, HostOutput)
+                except DecodeError as exc:
+                    self.log.error("undecodable engine output", error=str(exc))
+                    continue
+                if isinstance(output, HostControlReply):
+                    future = self._pending.pop(output.op_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(output)
+                elif isinstance(output, HostChunks):
+                    chunks.extend(output.chunks)
+                else:
+                    chunks.append(output)
+            if chunks:
+                self._route(chunks)
 
-    def _route(self, chunk: HostChunk) -> None:
+    def _route(self, chunks: list[HostChunk]) -> None:
+        """Hand chunks to the handlers that asked for them: one message per handler."""
         now = time.monotonic()
         self._last_activity = now
-        if chunk.request_id.startswith(_CANARY_PREFIX):
-            self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
-            return
+        by_handler: dict[str, list[HostChunk]] = {}
         with self._lock:
-            entry = self._inflight.get(chunk.request_id)
-            if entry is None:
-                return  # already failed (engine restart) or unknown
-            entry.last_progress = now
-            if chunk.finish_reason is not None:
-                self._forget(chunk.request_id)
-        self._deliver(entry.reply_path, chunk)
+            for chunk in chunks:
+                if chunk.request_id.startswith(_CANARY_PREFIX):
+                    self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
+                    continue
+                entry = self._inflight.get(chunk.request_id)
+                if entry is None:
+                    continue  # already failed (engine restart) or unknown
+                entry.last_progress = now
+                if chunk.finish_reason is not None:
+                    self._forget(chunk.request_id)
+                by_handler.setdefault(entry.reply_path, []).append(chunk)
+        for reply_path, batch in by_handler.items():
+            handler = whereis(reply_path)
+            if handler is not None:
+                handler.tell(EngineOutputs(batch))
 
     def _deliver(self, reply_path: str, chunk: HostChunk) -> None:
         handler = whereis(reply_path)
         if handler is not None:
-            handler.tell(EngineOutput(chunk))
+            handler.tell(EngineOutputs([chunk]))
 
     # --- health ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from messages.discovery import Subjects
 from messages.engine import HostChunk
 from messages.node import (
     AbortGenerate,
-    EngineOutput,
+    EngineOutputs,
     GetLink,
     IncomingCancel,
     IncomingRequest,
@@ -79,6 +79,7 @@ class HandlerActor(SupervisedActor):
         self.link: NatsLink | None = None
         self._subscriptions: list[Any] = []
         self._streams: dict[str, _Stream] = {}
+        self._outbox: list[tuple[str, bytes, str]] | None = None
         self._draining = False
 
     # --- start and stop ------------------------------------------------------------------
@@ -155,8 +156,15 @@ class HandlerActor(SupervisedActor):
                         why = f"{type(exc).__name__}: {exc}"
                         self._reject(message.reply, _request_id_of(message.data), "internal", why)
                     raise
-            case EngineOutput(chunk=chunk):
-                self._on_output(chunk)
+            case EngineOutputs(chunks=chunks):
+                self._outbox = []  # the batch's publishes go out together
+                try:
+                    for chunk in chunks:
+                        self._on_output(chunk)
+                finally:
+                    outbox, self._outbox = self._outbox, None
+                    if outbox and self.link is not None:
+                        self.link.publish_many(outbox)
             case IncomingCancel(data=data):
                 self._on_cancel(data)
             case Tick(kind=kind) if kind.startswith("deadline:"):
@@ -322,7 +330,11 @@ class HandlerActor(SupervisedActor):
 
     def _publish(self, stream: _Stream, chunk: StreamChunk) -> None:
         assert self.link is not None
-        self.link.publish(stream.reply, encode_json(chunk))
+        data = encode_json(chunk)
+        if self._outbox is not None:
+            self._outbox.append((stream.reply, data, ""))
+        else:
+            self.link.publish(stream.reply, data)
         stream.index += 1
 
     def _end_stream(self, request_id: str, chunk: StreamChunk) -> None:

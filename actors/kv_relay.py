@@ -35,6 +35,7 @@ from supervisor import ChildContext, SupervisedActor, ask
 __all__ = ["KvRelayActor", "stream_name"]
 
 _RECENT = 10_000  # sequence numbers remembered to skip batches already published
+_DRAIN_MAX = 256  # ZMQ messages taken per wake-up of the reader
 
 
 def stream_name(subject: str) -> str:
@@ -76,6 +77,9 @@ class KvRelayActor(SupervisedActor):
         self.faults = ZmqFaults()
         self.replay_endpoint: str | None = None
         self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._batches_metric = node_metrics.KV_BATCHES.labels(self._label)
+        self._event_metrics: dict[str, Any] = {}
+        self._outbox: list[tuple[str, bytes, str]] | None = None
 
     def on_start_up(self) -> None:
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
@@ -134,9 +138,21 @@ class KvRelayActor(SupervisedActor):
         while not self._halt.is_set():
             if not self._sub.poll(100):
                 continue
-            frames = self._sub.recv_multipart()
-            if self.faults.admit():
-                self.relay(frames)
+            # Take what is waiting and publish it in one go: one wake-up of the NATS loop
+            # per burst instead of one per batch.
+            self._outbox = []
+            try:
+                for _ in range(_DRAIN_MAX):
+                    try:
+                        frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if self.faults.admit():
+                        self.relay(frames)
+            finally:
+                outbox, self._outbox = self._outbox, None
+                if outbox and self.link is not None:
+                    self.link.publish_many(outbox)
 
     def relay(self, frames: list[bytes]) -> None:
         """Decode one ZMQ message and publish it; fill a gap by replay, or resync first."""
@@ -177,14 +193,26 @@ class KvRelayActor(SupervisedActor):
         out = KvEventBatch(
             instance_id=self.instance_id, dp_rank=self.dp_rank, seq=seq, ts=ts, events=events
         )
-        self.link.publish(self.subject, encode_json(out))
+        self._send(encode_json(out))
         self.last_seq = seq
         self._recent[seq] = hash(payload)
         if len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
-        node_metrics.KV_BATCHES.labels(self._label).inc()
-        for event in events:
-            node_metrics.KV_EVENTS.labels(self._label, type(event).__name__).inc()
+        self._batches_metric.inc()
+        counts = collections.Counter(type(event).__name__ for event in events)
+        for kind, count in counts.items():
+            metric = self._event_metrics.get(kind)
+            if metric is None:
+                metric = node_metrics.KV_EVENTS.labels(self._label, kind)
+                self._event_metrics[kind] = metric
+            metric.inc(count)
+
+    def _send(self, data: bytes) -> None:
+        if self._outbox is not None:
+            self._outbox.append((self.subject, data, ""))
+        else:
+            assert self.link is not None
+            self.link.publish(self.subject, data)
 
     def _replayed(self, start: int) -> list[tuple[int, bytes]] | None:
         if self.replay_endpoint is None:
@@ -231,4 +259,4 @@ class KvRelayActor(SupervisedActor):
             events=[AllBlocksCleared()],
             resync=why,
         )
-        self.link.publish(self.subject, encode_json(batch))
+        self._send(encode_json(batch))

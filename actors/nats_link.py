@@ -182,25 +182,33 @@ class NatsLink:
         lost the server too have re-subscribed) publishes wait in the queue, up to
         `pending_size` bytes; beyond that they are dropped, counted and logged.
         """
+        self.publish_many([(subject, data, reply)])
+
+    def publish_many(self, messages: list[tuple[str, bytes, str]]) -> None:
+        """Queue several publishes (subject, data, reply) at once, in order."""
         with self._lock:
             if self._closed:
                 return
-            if not self._flowing and self._queued_bytes + len(data) > self.pending_size:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    self.log.error(
-                        "publish dropped: disconnected and the buffer is full",
-                        subject=subject,
-                        dropped_total=self.dropped,
-                        buffer_bytes=self.pending_size,
-                    )
-                return
-            self._queue.append((subject, data, reply))
-            self._queued_bytes += len(data)
-            if self._drain_scheduled or not self._flowing:
+            for subject, data, reply in messages:
+                if not self._flowing and self._queued_bytes + len(data) > self.pending_size:
+                    self._drop(subject)
+                    continue
+                self._queue.append((subject, data, reply))
+                self._queued_bytes += len(data)
+            if self._drain_scheduled or not self._flowing or not self._queue:
                 return
             self._drain_scheduled = True
         self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _drop(self, subject: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            self.log.error(
+                "publish dropped: disconnected and the buffer is full",
+                subject=subject,
+                dropped_total=self.dropped,
+                buffer_bytes=self.pending_size,
+            )
 
     def _start_drain(self) -> None:
         self.loop.create_task(self._drain_queue())

@@ -24,6 +24,7 @@ __all__ = [
     "EngineInfo",
     "HostAbort",
     "HostChunk",
+    "HostChunks",
     "HostCommand",
     "HostControl",
     "HostControlReply",
@@ -117,7 +118,13 @@ class HostControlReply(_Out, frozen=True, tag="control_reply"):
     data: dict[str, Any] = {}
 
 
-HostOutput = HostChunk | HostControlReply
+class HostChunks(_Out, frozen=True, tag="chunks"):
+    """Several chunks in one message (a scheduler step's worth): fewer hops per token."""
+
+    chunks: list[HostChunk]
+
+
+HostOutput = HostChunk | HostChunks | HostControlReply
 
 
 class EngineInfo(msgspec.Struct, frozen=True):

@@ -13,6 +13,7 @@ __all__ = [
     "AbortGenerate",
     "EngineControl",
     "EngineOutput",
+    "EngineOutputs",
     "EngineStatus",
     "GetEngineInfo",
     "GetEngineStatus",
@@ -77,6 +78,12 @@ class EngineOutput(msgspec.Struct, frozen=True):
     """EngineActor → handler: one chunk of a request's output."""
 
     chunk: HostChunk
+
+
+class EngineOutputs(msgspec.Struct, frozen=True):
+    """EngineActor → handler: the chunks for this handler that arrived together."""
+
+    chunks: list[HostChunk]
 
 
 class GetEngineInfo(msgspec.Struct, frozen=True):

@@ -7,7 +7,7 @@ import threading
 import zmq
 
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
-from messages.engine import HostCommand, HostOutput
+from messages.engine import HostChunk, HostChunks, HostCommand, HostOutput
 
 __all__ = ["HostChannel"]
 
@@ -27,10 +27,14 @@ class HostChannel:
         self.undecodable = 0
         self.unsent = 0
 
-    def send(self, output: HostOutput) -> None:
+    def send(self, output: HostOutput | list[HostChunk]) -> None:
         """Send one output (thread-safe). Never blocks: with no EngineActor connected (it
         stopped before the host, as it does in an ordered stop) the output is dropped and
         counted, instead of blocking the engine's threads forever."""
+        if isinstance(output, list):
+            if not output:
+                return
+            output = output[0] if len(output) == 1 else HostChunks(chunks=output)
         data = encode_msgpack(output)
         with self._send_lock:
             try:

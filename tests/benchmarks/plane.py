@@ -56,7 +56,6 @@ def main() -> None:
         tmp,
         embedded_nats=False,
         nats_url=server.url,
-        system={"port": 0},
         engine__sim={
             "decode_time_per_step": 0.0,
             "prefill_time_per_token": 0.0,
@@ -66,12 +65,7 @@ def main() -> None:
         logging={"level": "warning"},
     )
     try:
-        node.wait_log(
-            lambda r: r.get("event") == "tree ready" or r.get("event") == "registered", timeout=60
-        )
-        import time
-
-        time.sleep(1.0)
+        node.wait_ready(60)
         results: dict[str, list[dict[str, float]]] = {"bare": [], "node": []}
         for _ in range(RUNS):  # alternate, so drift hits both
             results["bare"].append(load(server.url, "bench.bare.generate"))

@@ -36,11 +36,13 @@ class Collector:
         self.chunks: dict[str, list[HostChunk]] = defaultdict(list)
         self.order: list[str] = []  # request id of every chunk, in emission order
 
-    def __call__(self, out: HostOutput) -> None:
-        assert isinstance(out, HostChunk)
+    def __call__(self, out: HostOutput | list[HostChunk]) -> None:
+        batch = out if isinstance(out, list) else [out]
         with self._cond:
-            self.chunks[out.request_id].append(out)
-            self.order.append(out.request_id)
+            for chunk in batch:
+                assert isinstance(chunk, HostChunk)
+                self.chunks[chunk.request_id].append(chunk)
+                self.order.append(chunk.request_id)
             self._cond.notify_all()
 
     def wait_for(self, request_id: str, count: int = 1, timeout: float = WAIT) -> list[HostChunk]:

@@ -53,7 +53,7 @@ class SimEngine:
         kv_events_port: int,
         kv_topic: str,
         metrics_endpoints: list[str],
-        emit: Callable[[HostOutput], None],
+        emit: Callable[[HostOutput | list[HostChunk]], None],
         model_name: str = "sim",
         bind_host: str = "127.0.0.1",
         replay_port: int | None = None,

@@ -62,7 +62,7 @@ class RankScheduler:
         page_size: int,
         publisher: KvEventPublisher,
         metrics: MetricsPusher | None,
-        emit: Callable[[HostOutput], None],
+        emit: Callable[[HostOutput | list[HostChunk]], None],
         slow_factor: Callable[[], float],
         forget: Callable[[str], None],
     ) -> None:
@@ -321,8 +321,9 @@ class RankScheduler:
     def _deliver(self, chunks: list[HostChunk], finished: list[str]) -> None:
         for request_id in finished:
             self._forget(request_id)
-        for chunk in chunks:
-            try:
-                self._emit(chunk)
-            except Exception:  # the host's problem: it must not stop this rank
-                log.exception("sim: emit failed", request_id=chunk.request_id)
+        if not chunks:
+            return
+        try:
+            self._emit(chunks)  # one message per step
+        except Exception:  # the host's problem: it must not stop this rank
+            log.exception("sim: emit failed", chunks=len(chunks))
