@@ -29,6 +29,7 @@ from messages.engine import (
     HostChunks,
     HostControl,
     HostControlReply,
+    HostEmbed,
     HostGenerate,
     HostOutput,
 )
@@ -40,16 +41,19 @@ from messages.node import (
     EngineStatus,
     GetEngineInfo,
     GetEngineStatus,
+    SubmitEmbed,
     SubmitGenerate,
     Tick,
 )
-from messages.request import OutputOptions, SamplingOptions, StopConditions
+from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, StopConditions
 from supervisor import ChildContext, SupervisedActor, whereis
 from supervisor.config import HealthSection
 
 __all__ = ["EngineActor", "EngineUnhealthyError"]
 
 _CANARY_PREFIX = "canary-"
+_WARMUP_PREFIX = "warmup-"
+FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: a request that transfers no KV (warm-up, health)
 _DRAIN_MAX = 256  # host messages taken per wake-up of the reader
 
 
@@ -76,8 +80,13 @@ class EngineActor(SupervisedActor):
         health: HealthSection,
         max_inflight: int,
         max_streams_per_client: int = 0,
+        mode: str = "aggregated",
+        warmup_timeout: float = 120.0,
     ) -> None:
         super().__init__(context)
+        self.mode = mode
+        self.warmup_timeout = warmup_timeout
+        self._warmup: tuple[threading.Event, list[HostChunk]] = (threading.Event(), [])
         self.max_streams_per_client = max_streams_per_client
         self._per_client: dict[str, int] = {}
         self.command_endpoint = command_endpoint
@@ -116,6 +125,8 @@ class EngineActor(SupervisedActor):
             msg = f"engine host refused info: {reply.message}"
             raise RuntimeError(msg)
         self.info = EngineInfo(**reply.data)
+        if self.mode == "prefill":
+            self._warm_up()
         self._ticker = threading.Thread(target=self._tick, name="engine-health", daemon=True)
         self._ticker.start()
         self.log.info(
@@ -124,6 +135,48 @@ class EngineActor(SupervisedActor):
             model=self.info.model_name,
             dp_size=self.info.dp_size,
             kv_blocks=self.info.total_kv_blocks,
+        )
+
+    def on_undelivered(self, message: Any) -> None:
+        # A request told to this actor just as it stopped: answer it, never leave it silent.
+        if isinstance(message, SubmitGenerate | SubmitEmbed):
+            chunk = HostChunk(
+                message.request.request_id,
+                finish_reason="error",
+                error_code="engine_restarting",
+                error_message="the engine stopped before taking the request; retry shortly",
+            )
+            self._deliver(message.reply_path, chunk)
+
+    def _warm_up(self) -> None:
+        """Prefill nodes serve only after a short request through a fake bootstrap."""
+        done, chunks = self._warmup
+        started = time.monotonic()
+        self._send(self._probe(f"{_WARMUP_PREFIX}{time.time_ns()}"))
+        if not done.wait(self.warmup_timeout):
+            msg = f"the prefill warm-up did not finish within {self.warmup_timeout:g}s"
+            raise TimeoutError(msg)
+        last = chunks[-1]
+        if last.finish_reason not in ("stop", "length"):
+            msg = f"the prefill warm-up failed: {last.error_code} {last.error_message}"
+            raise RuntimeError(msg)
+        self.log.info("prefill warm-up done", seconds=round(time.monotonic() - started, 3))
+
+    def _probe(self, request_id: str) -> HostGenerate | HostEmbed:
+        """A one-token request in this mode's shape (canaries and the warm-up)."""
+        if self.mode == "embedding":
+            return HostEmbed(request_id=request_id, token_ids=[[1, 2, 3]])
+        fake = None
+        if self.mode in ("prefill", "decode"):
+            fake = BootstrapInfo(host=FAKE_BOOTSTRAP_HOST, port=8998, room=0)
+        return HostGenerate(
+            request_id=request_id,
+            token_ids=[1, 2, 3],
+            sampling=SamplingOptions(temperature=0.0),
+            stop=StopConditions(max_tokens=1, ignore_eos=True),
+            output=OutputOptions(text=False),
+            canary=True,
+            bootstrap=fake,
         )
 
     def on_exit(self, reason: ExitReason) -> None:
@@ -158,6 +211,8 @@ class EngineActor(SupervisedActor):
         match message:
             case SubmitGenerate():
                 self._submit(message)
+            case SubmitEmbed():
+                self._submit_embed(message)
             case AbortGenerate(request_id=request_id):
                 with self._lock:
                     known = request_id in self._inflight
@@ -191,24 +246,8 @@ class EngineActor(SupervisedActor):
 
     def _submit(self, message: SubmitGenerate) -> None:
         request = message.request
-        now = time.monotonic()
-        client = request.client_id
-        with self._lock:
-            refusal = self._refusal(request.request_id, client)
-            if refusal is None:
-                entry = _Inflight(message.reply_path, now, now, client)
-                self._inflight[request.request_id] = entry
-                if client:
-                    self._per_client[client] = self._per_client.get(client, 0) + 1
-                node_metrics.INFLIGHT.set(len(self._inflight))
-        if refusal is not None:
-            code, text = refusal
-            chunk = HostChunk(
-                request.request_id, finish_reason="error", error_code=code, error_message=text
-            )
-            self._deliver(message.reply_path, chunk)
+        if not self._admit(request.request_id, request.client_id, message.reply_path):
             return
-        self._last_activity = now
         self._send(
             HostGenerate(
                 request_id=request.request_id,
@@ -221,8 +260,41 @@ class EngineActor(SupervisedActor):
                 dp_rank=request.dp_rank,
                 priority=request.priority,
                 max_prompt_tokens=message.max_prompt_tokens,
+                bootstrap=request.bootstrap_info,
             )
         )
+
+    def _admit(self, request_id: str, client: str, reply_path: str) -> bool:
+        """Enter a request in the table, or answer its refusal at once."""
+        now = time.monotonic()
+        with self._lock:
+            refusal = self._refusal(request_id, client)
+            if refusal is None:
+                self._inflight[request_id] = _Inflight(reply_path, now, now, client)
+                if client:
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
+                node_metrics.INFLIGHT.set(len(self._inflight))
+        if refusal is not None:
+            code, text = refusal
+            chunk = HostChunk(
+                request_id, finish_reason="error", error_code=code, error_message=text
+            )
+            self._deliver(reply_path, chunk)
+            return False
+        self._last_activity = now
+        return True
+
+    def _submit_embed(self, message: SubmitEmbed) -> None:
+        request = message.request
+        if self._admit(request.request_id, request.client_id, message.reply_path):
+            self._send(
+                HostEmbed(
+                    request_id=request.request_id,
+                    texts=message.texts,
+                    token_ids=message.token_ids,
+                    max_prompt_tokens=message.max_prompt_tokens,
+                )
+            )
 
     def _refusal(self, request_id: str, client: str) -> tuple[str, str] | None:
         """Why a request cannot be admitted now (code, message), or None. Under the lock."""
@@ -299,6 +371,11 @@ class EngineActor(SupervisedActor):
         by_handler: dict[str, list[HostChunk]] = {}
         with self._lock:
             for chunk in chunks:
+                if chunk.request_id.startswith(_WARMUP_PREFIX):
+                    self._warmup[1].append(chunk)
+                    if chunk.finish_reason is not None:
+                        self._warmup[0].set()
+                    continue
                 if chunk.request_id.startswith(_CANARY_PREFIX):
                     self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
                     continue
@@ -352,16 +429,7 @@ class EngineActor(SupervisedActor):
     def _send_canary(self, now: float) -> None:
         request_id = f"{_CANARY_PREFIX}{next(self._canary_count)}-{time.time_ns()}"
         self._canary = (request_id, now)
-        self._send(
-            HostGenerate(
-                request_id=request_id,
-                token_ids=[1, 2, 3],
-                sampling=SamplingOptions(temperature=0.0),
-                stop=StopConditions(max_tokens=1, ignore_eos=True),
-                output=OutputOptions(text=False),
-                canary=True,
-            )
-        )
+        self._send(self._probe(request_id))
 
     def _canary_done(self, chunk: HostChunk) -> None:
         if chunk.finish_reason is None:
@@ -374,6 +442,7 @@ class EngineActor(SupervisedActor):
                 self._send_canary(time.monotonic())
             return
         if chunk.finish_reason in ("stop", "length"):
+            node_metrics.CANARIES.labels("ok").inc()
             if self._failures:
                 self.log.info("engine healthy again", after_failures=self._failures)
             self._failures = 0
@@ -383,6 +452,7 @@ class EngineActor(SupervisedActor):
 
     def _canary_failed(self, why: str) -> None:
         self._failures += 1
+        node_metrics.CANARIES.labels("failed").inc()
         self._status_detail = why
         self.log.warning("engine canary failed", failures=self._failures, why=why)
         if self._failures >= self.health.failures_before_unhealthy:

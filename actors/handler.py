@@ -14,8 +14,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pykka
+
 from actors import node_metrics
 from actors.nats_link import NatsLink
+from actors.serving_modes import shape_request
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.control import ExitReason, Shutdown, StopRequest
 from messages.discovery import Subjects
@@ -26,12 +29,15 @@ from messages.node import (
     GetLink,
     IncomingCancel,
     IncomingRequest,
+    SubmitEmbed,
     SubmitGenerate,
     Tick,
 )
 from messages.request import (
     ERROR_CODES,
     CancelRequest,
+    EmbedRequest,
+    EmbedResponse,
     ErrorInfo,
     GenerateRequest,
     StreamChunk,
@@ -39,7 +45,7 @@ from messages.request import (
 )
 from supervisor import ChildContext, SupervisedActor, ask, whereis
 from supervisor._clock import Timer
-from supervisor.config import HandlersSection
+from supervisor.config import DisaggregationSection, HandlersSection
 
 __all__ = ["HandlerActor"]
 
@@ -48,7 +54,7 @@ _DEADLINE_GRACE = 1.0  # after aborting a late request, wait this long for the e
 
 @dataclass
 class _Stream:
-    request: GenerateRequest
+    request: GenerateRequest | EmbedRequest
     reply: str
     received_at: float
     index: int = 0
@@ -69,8 +75,12 @@ class HandlerActor(SupervisedActor):
         subjects: Subjects,
         limits: HandlersSection,
         drain_timeout: float,
+        mode: str = "aggregated",
+        disaggregation: DisaggregationSection | None = None,
     ) -> None:
         super().__init__(context)
+        self.mode = mode
+        self.disaggregation = disaggregation or DisaggregationSection()
         self.fabric_path = fabric_path
         self.engine_path = engine_path
         self.subjects = subjects
@@ -196,6 +206,9 @@ class HandlerActor(SupervisedActor):
                 f"{self.limits.max_request_bytes} (handlers.max_request_bytes)",
             )
             return
+        if self.mode == "embedding":
+            self._on_embed_request(message)
+            return
         try:
             request = decode_json(message.data, GenerateRequest)
         except DecodeError as exc:
@@ -203,11 +216,13 @@ class HandlerActor(SupervisedActor):
                 reply, _request_id_of(message.data), "invalid_request", str(exc), exc.field
             )
             return
-        problem = _limit_problem(request, self.limits)
-        if problem is not None:
-            field_name, text = problem
+        shaped = shape_request(request, self.mode, self.disaggregation)
+        problem = _limit_problem(request, self.limits) or shaped.problem
+        if problem is not None or shaped.request is None:
+            field_name, text = problem or ("", "refused")
             self._reject(reply, request.request_id, "invalid_request", text, field_name)
             return
+        request = shaped.request
         if request.request_id in self._streams:
             self._reject(
                 reply,
@@ -226,25 +241,110 @@ class HandlerActor(SupervisedActor):
                 "the engine is (re)starting; retry shortly",
             )
             return
-        stream = _Stream(request=request, reply=reply, received_at=message.received_at)
+        stream = self._open_stream(request, message)
+        if shaped.first is not None:
+            self._publish(stream, shaped.first)
+        self._tell_engine(
+            engine,
+            request.request_id,
+            SubmitGenerate(
+                request,
+                reply_path=self.context.path,
+                max_prompt_tokens=self.limits.max_prompt_tokens,
+            ),
+        )
+
+    def _tell_engine(
+        self, engine: Any, request_id: str, message: SubmitGenerate | SubmitEmbed
+    ) -> None:
+        try:
+            engine.tell(message)
+        except pykka.ActorDeadError:  # it stopped between the lookup and the tell
+            gone = HostChunk(
+                request_id,
+                finish_reason="error",
+                error_code="engine_restarting",
+                error_message="the engine is (re)starting; retry shortly",
+            )
+            self._on_output(gone)
+
+    def _open_stream(
+        self, request: GenerateRequest | EmbedRequest, message: IncomingRequest
+    ) -> _Stream:
+        stream = _Stream(request=request, reply=message.reply, received_at=message.received_at)
         self._streams[request.request_id] = stream
         timeout = request.timeout or self.limits.default_deadline
         remaining = timeout - (self.context.clock.now() - message.received_at)
         stream.timers.append(
             self._later(max(0.0, remaining), Tick(f"deadline:{request.request_id}"))
         )
-        engine.tell(
-            SubmitGenerate(
+        return stream
+
+    def _on_embed_request(self, message: IncomingRequest) -> None:
+        try:
+            request = decode_json(message.data, EmbedRequest)
+        except DecodeError as exc:
+            try:  # a generate request sent here by mistake: answer in its own format
+                generate = decode_json(message.data, GenerateRequest)
+            except DecodeError:
+                pass
+            else:
+                why = "this is an embedding node: send an EmbedRequest (input)"
+                self._reject(message.reply, generate.request_id, "invalid_request", why)
+                return
+            self._reject_embed(
+                message.reply, _request_id_of(message.data), "invalid_request", str(exc), exc.field
+            )
+            return
+        texts, token_ids, problem = request.normalized()
+        if problem is not None:
+            self._reject_embed(
+                message.reply, request.request_id, "invalid_request", problem, "input"
+            )
+            return
+        engine = whereis(self.engine_path)
+        if engine is None or request.request_id in self._streams:
+            code = "engine_restarting" if engine is None else "invalid_request"
+            why = (
+                "the engine is (re)starting; retry shortly"
+                if engine is None
+                else "request_id is already in flight"
+            )
+            self._reject_embed(message.reply, request.request_id, code, why)
+            return
+        self._open_stream(request, message)
+        self._tell_engine(
+            engine,
+            request.request_id,
+            SubmitEmbed(
                 request,
+                texts,
+                token_ids,
                 reply_path=self.context.path,
                 max_prompt_tokens=self.limits.max_prompt_tokens,
-            )
+            ),
         )
+
+    def _reject_embed(
+        self, reply: str, request_id: str, code: str, message: str, field_name: str = ""
+    ) -> None:
+        node_metrics.REQUESTS.labels(code).inc()
+        error = ErrorInfo(
+            code=code, message=message, retryable=ERROR_CODES.get(code, False), field=field_name
+        )
+        assert self.link is not None
+        self.link.publish(reply, encode_json(EmbedResponse(request_id=request_id, error=error)))
 
     def _on_output(self, chunk: HostChunk) -> None:
         stream = self._streams.get(chunk.request_id)
         if stream is None:
             return  # a late chunk for a request already ended (deadline, shutdown)
+        if chunk.embeddings is not None:
+            final = StreamChunk(
+                request_id=chunk.request_id, index=0, finish_reason="stop", usage=chunk.usage
+            )
+            self._end_stream(chunk.request_id, final, chunk.embeddings)
+            return
         now = self.context.clock.now()
         if chunk.token_ids:
             if stream.first_token_at is None:
@@ -337,11 +437,27 @@ class HandlerActor(SupervisedActor):
             self.link.publish(stream.reply, data)
         stream.index += 1
 
-    def _end_stream(self, request_id: str, chunk: StreamChunk) -> None:
+    def _end_stream(
+        self, request_id: str, chunk: StreamChunk, vectors: list[list[float]] | None = None
+    ) -> None:
         stream = self._streams.pop(request_id)
         for timer in stream.timers:
             timer.cancel()
-        self._publish(stream, chunk)
+        if isinstance(stream.request, EmbedRequest):
+            error = chunk.error
+            if error is None and chunk.finish_reason not in ("stop", "length"):
+                why = f"the request ended: {chunk.finish_reason}"
+                error = ErrorInfo(
+                    code="not_ready" if chunk.finish_reason == "shutdown" else "engine_error",
+                    message=why,
+                )
+            answer = EmbedResponse(
+                request_id=request_id, embeddings=vectors or [], usage=chunk.usage, error=error
+            )
+            assert self.link is not None
+            self.link.publish(stream.reply, encode_json(answer))
+        else:
+            self._publish(stream, chunk)
         outcome = chunk.error.code if chunk.error else (chunk.finish_reason or "unknown")
         node_metrics.REQUESTS.labels(outcome).inc()
         node_metrics.E2E.observe(self.context.clock.now() - stream.received_at)

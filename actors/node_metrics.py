@@ -112,3 +112,6 @@ ADMIN_REQUESTS = Counter(
     ["op", "outcome"],
     registry=REGISTRY,
 )
+CANARIES = Counter(
+    "sgl_node_engine_canaries", "Engine health canaries by outcome", ["outcome"], registry=REGISTRY
+)

@@ -35,7 +35,7 @@ from messages.node import (
 )
 from messages.supervision import ChildExitedEvent, ChildReadyEvent, SupervisionEvent
 from supervisor import ChildContext, SupervisedActor, ask, whereis
-from supervisor.config import DiscoverySection
+from supervisor.config import DisaggregationSection, DiscoverySection
 
 __all__ = ["RegistrarActor", "instance_key"]
 
@@ -64,8 +64,10 @@ class RegistrarActor(SupervisedActor):
         mode: str,
         discovery: DiscoverySection,
         engine_children: list[str],
+        disaggregation: DisaggregationSection | None = None,
     ) -> None:
         super().__init__(context)
+        self.disaggregation = disaggregation or DisaggregationSection()
         self.fabric_path = fabric_path
         self.engine_supervisor_path = engine_supervisor_path
         self.root_path = root_path
@@ -169,7 +171,7 @@ class RegistrarActor(SupervisedActor):
             mode=self.mode,
             backend=info.backend,
             model_type="embedding" if self.mode == "embedding" else "chat",
-            runtime_config={"eos_token_ids": info.eos_token_ids, "engine_version": info.version},
+            runtime_config=self._runtime_config(info),
         )
         return InstanceRecord(
             instance_id=self.instance_id,
@@ -183,6 +185,16 @@ class RegistrarActor(SupervisedActor):
             started_at=self.started_at,
             version=VERSION,
         )
+
+    def _runtime_config(self, info: EngineInfo) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "eos_token_ids": info.eos_token_ids,
+            "engine_version": info.version,
+        }
+        if self.mode == "prefill":  # decode nodes fetch KV from here
+            config["bootstrap_host"] = self.disaggregation.bootstrap_host
+            config["bootstrap_port"] = self.disaggregation.bootstrap_port
+        return config
 
     def _bucket(self) -> KeyValue:
         assert self.link is not None

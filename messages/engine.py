@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from messages.request import (
+    BootstrapInfo,
     ChatMessage,
     OutputOptions,
     SamplingOptions,
@@ -28,6 +29,7 @@ __all__ = [
     "HostCommand",
     "HostControl",
     "HostControlReply",
+    "HostEmbed",
     "HostGenerate",
     "HostOutput",
     "HostShutdown",
@@ -69,6 +71,16 @@ class HostGenerate(_Cmd, frozen=True, tag="generate"):
     priority: int | None = None
     max_prompt_tokens: int = 0  # 0: no limit
     canary: bool = False  # a health canary, not a client request
+    bootstrap: BootstrapInfo | None = None  # disaggregated prefill/decode
+
+
+class HostEmbed(_Cmd, frozen=True, tag="embed"):
+    """Embed texts or token id lists; answered by one HostChunk with `embeddings`."""
+
+    request_id: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    max_prompt_tokens: int = 0
 
 
 class HostAbort(_Cmd, frozen=True, tag="abort"):
@@ -89,7 +101,7 @@ class HostShutdown(_Cmd, frozen=True, tag="shutdown"):
     """Stop the engine and exit."""
 
 
-HostCommand = HostGenerate | HostAbort | HostControl | HostShutdown
+HostCommand = HostGenerate | HostEmbed | HostAbort | HostControl | HostShutdown
 
 
 class _Out(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):
@@ -107,6 +119,7 @@ class HostChunk(_Out, frozen=True, tag="chunk"):
     error_code: str = ""
     error_message: str = ""
     logprobs: list[TokenLogprob] | None = None
+    embeddings: list[list[float]] | None = None  # the answer to a HostEmbed
 
 
 class HostControlReply(_Out, frozen=True, tag="control_reply"):

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from messages.engine import HostChunk
-from messages.request import GenerateRequest
+from messages.request import EmbedRequest, GenerateRequest
 
 __all__ = [
     "AbortGenerate",
@@ -23,6 +23,7 @@ __all__ = [
     "IncomingRequest",
     "LinkChanged",
     "RegistrationStatus",
+    "SubmitEmbed",
     "SubmitGenerate",
     "Tick",
 ]
@@ -63,6 +64,16 @@ class SubmitGenerate(msgspec.Struct, frozen=True):
     """Handler → EngineActor: run `request`; outputs go back to the actor at `reply_path`."""
 
     request: GenerateRequest
+    reply_path: str
+    max_prompt_tokens: int = 0
+
+
+class SubmitEmbed(msgspec.Struct, frozen=True):
+    """Handler → EngineActor: embed; the answer comes back as one EngineOutputs chunk."""
+
+    request: EmbedRequest
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
     reply_path: str
     max_prompt_tokens: int = 0
 

@@ -9,15 +9,18 @@ gets exactly one chunk, with `finish_reason = "error"` and an `error`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
     "ERROR_CODES",
     "FINISH_REASONS",
+    "BootstrapInfo",
     "CancelRequest",
     "ChatMessage",
+    "EmbedRequest",
+    "EmbedResponse",
     "ErrorInfo",
     "GenerateRequest",
     "OutputOptions",
@@ -95,6 +98,15 @@ class ChatMessage(_Wire, frozen=True):
     content: str
 
 
+class BootstrapInfo(_Wire, frozen=True):
+    """Disaggregated serving: where the decode node fetches the prefill's KV cache (the
+    prefill node's bootstrap server) and the room that identifies this request there."""
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    room: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
 class GenerateRequest(_Wire, frozen=True):
     """A streaming generate request. Exactly one of token_ids, prompt, messages."""
 
@@ -110,6 +122,7 @@ class GenerateRequest(_Wire, frozen=True):
     client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
     dp_rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
     priority: int | None = None
+    bootstrap_info: BootstrapInfo | None = None  # disaggregated prefill/decode
 
     def input_problem(self) -> str | None:
         """Why the input is unusable, or None (exactly one form, not empty)."""
@@ -157,6 +170,47 @@ class StreamChunk(_Wire, frozen=True):
     error: ErrorInfo | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    bootstrap_info: BootstrapInfo | None = None  # a prefill node's first chunk
+
+
+class EmbedRequest(_Wire, frozen=True):
+    """An embedding request (to nodes in `embedding` mode): `input` is a string, a list
+    of strings, a list of token ids, or a list of token-id lists."""
+
+    request_id: RequestId
+    input: str | list[Any]
+    model: str = ""
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+    def normalized(self) -> tuple[list[str] | None, list[list[int]] | None, str | None]:
+        """(texts, token id lists, problem): exactly one of the first two, or a problem."""
+        value = self.input
+        if isinstance(value, str):
+            return [value], None, None if value else "input is empty"
+        if not value:
+            return None, None, "input is empty"
+        if all(isinstance(v, str) for v in value):
+            return list(value), None, None
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in value):
+            return None, [list(value)], None
+        if all(
+            isinstance(v, list)
+            and v
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in v)
+            for v in value
+        ):
+            return None, [list(v) for v in value], None
+        return None, None, "input must be a string, strings, token ids, or lists of token ids"
+
+
+class EmbedResponse(_Wire, frozen=True):
+    """The answer to an EmbedRequest: one vector per input, or an error."""
+
+    request_id: str
+    embeddings: list[list[float]] = []
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
 
 
 class CancelRequest(_Wire, frozen=True):

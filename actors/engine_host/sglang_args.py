@@ -100,6 +100,10 @@ def engine_kwargs(spec: HostSpec, model_dir: Path, model_name: str) -> dict[str,
         kwargs.update(CPU_DEFAULTS)
     if spec.nnodes > 1:
         kwargs.update(nnodes=spec.nnodes, node_rank=spec.node_rank)
+    if spec.mode == "embedding":
+        kwargs["is_embedding"] = True
+    elif spec.mode in ("prefill", "decode"):  # needs a KV transfer backend (mooncake, nixl)
+        kwargs["disaggregation_mode"] = spec.mode
     kwargs.update(spec.sglang)
     kwargs.update(
         model_path=str(model_dir),

@@ -40,7 +40,8 @@ from actors.engine_host.sglang_children import (
 from actors.engine_host.sglang_control import ControlOps
 from actors.engine_host.sglang_requests import STOPPING, EngineFacts, Requests
 from actors.engine_host.spec import HostSpec
-from messages.engine import EngineInfo, HostChunk, HostControlReply, HostGenerate
+from messages.engine import EngineInfo, HostChunk, HostControlReply, HostEmbed, HostGenerate
+from messages.request import Usage
 
 __all__ = ["SglangBackend"]
 
@@ -242,6 +243,57 @@ class SglangBackend:
                     error_message=STOPPING,
                 )
             )
+
+    def embed(self, cmd: HostEmbed) -> None:
+        """Embed texts or token ids (the engine must run an embedding model)."""
+        if not self._call_soon(self._start_embed, cmd):
+            failed = HostChunk(
+                cmd.request_id,
+                finish_reason="error",
+                error_code="engine_restarting",
+                error_message=STOPPING,
+            )
+            self._emit(failed)
+
+    def _start_embed(self, cmd: HostEmbed) -> None:
+        assert self._loop is not None
+        self._loop.create_task(self._embed(cmd))
+
+    async def _embed(self, cmd: HostEmbed) -> None:
+        assert self.engine is not None
+        try:
+            from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+            obj = (
+                EmbeddingReqInput(text=cmd.texts)
+                if cmd.texts
+                else EmbeddingReqInput(input_ids=cmd.token_ids)
+            )
+            result = await self.engine.tokenizer_manager.generate_request(obj, None).__anext__()
+            results = result if isinstance(result, list) else [result]
+            vectors = [[float(v) for v in r["embedding"]] for r in results]
+            tokens = sum(int(r["meta_info"].get("prompt_tokens", 0)) for r in results)
+            chunk = HostChunk(
+                cmd.request_id,
+                finish_reason="stop",
+                embeddings=vectors,
+                usage=Usage(prompt_tokens=tokens, completion_tokens=0),
+            )
+        except ValueError as exc:  # SGLang's own input checks
+            chunk = HostChunk(
+                cmd.request_id,
+                finish_reason="error",
+                error_code="invalid_request",
+                error_message=str(exc),
+            )
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            chunk = HostChunk(
+                cmd.request_id,
+                finish_reason="error",
+                error_code="engine_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+            )
+        self._emit(chunk)
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends `cancelled`."""

@@ -20,7 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from messages.request import OutputOptions, SamplingOptions, StopConditions, TokenLogprob, Usage
+from messages.request import (
+    BootstrapInfo,
+    OutputOptions,
+    SamplingOptions,
+    StopConditions,
+    TokenLogprob,
+    Usage,
+)
 
 __all__ = [
     "STATE_KEYS",
@@ -139,10 +146,18 @@ def sampling_params(
 
 
 def generate_kwargs(
-    rid: str, output: OutputOptions, dp_rank: int | None, priority: int | None
+    rid: str,
+    output: OutputOptions,
+    dp_rank: int | None,
+    priority: int | None,
+    bootstrap: BootstrapInfo | None = None,
 ) -> dict[str, Any]:
     """Keywords of `Engine.async_generate` besides the input and sampling params."""
     kwargs: dict[str, Any] = {"rid": rid, "stream": True}
+    if bootstrap is not None:  # disaggregated prefill/decode
+        kwargs["bootstrap_host"] = bootstrap.host
+        kwargs["bootstrap_port"] = bootstrap.port
+        kwargs["bootstrap_room"] = bootstrap.room
     if output.logprobs is not None:
         kwargs["return_logprob"] = True
         kwargs["top_logprobs_num"] = output.logprobs

@@ -140,7 +140,9 @@ class Requests:
             stream = await self.engine.async_generate(
                 input_ids=ids,
                 sampling_params=compat.sampling_params(cmd.sampling, cmd.stop, cmd.output),
-                **compat.generate_kwargs(entry.rid, cmd.output, cmd.dp_rank, cmd.priority),
+                **compat.generate_kwargs(
+                    entry.rid, cmd.output, cmd.dp_rank, cmd.priority, cmd.bootstrap
+                ),
             )
             async for item in stream:
                 if self._chunk(cmd, deltas, item, len(ids)):

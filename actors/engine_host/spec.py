@@ -31,3 +31,5 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
     sglang: dict[str, Any] = msgspec.field(default_factory=dict)
     node_rank: int = 0
     nnodes: int = 1
+    mode: str = "aggregated"  # aggregated | prefill | decode | embedding
+    transfer_seconds_per_token: float = 0.0  # sim, decode mode: the simulated KV transfer

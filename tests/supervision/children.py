@@ -99,6 +99,9 @@ class Scripted(SupervisedActor):
     def on_exit(self, reason: ExitReason) -> None:
         self.script.record("cleanup_done", self.context.child_id, reason)
 
+    def on_undelivered(self, message: Any) -> None:
+        self.script.record("undelivered", self.context.child_id, message)
+
 
 def actor(child_id: str, script: Script, **spec: Any) -> ChildSpec:
     """A `Scripted` child spec."""

@@ -119,3 +119,23 @@ def test_supervision_events_are_counted_as_prometheus_metrics(
     assert registry.get_sample_value("sgl_node_child_restarts_total", labels) == 1
     assert registry.get_sample_value("sgl_node_child_starts_total", labels) == 1
     assert registry.get_sample_value("sgl_node_child_up", labels) == 1
+
+
+def test_messages_left_in_the_inbox_at_exit_are_handed_to_on_undelivered(
+    make_tree: Callable[..., Tree], script: Script
+) -> None:
+    # pykka drops queued tells silently when an actor stops; an actor that owes answers
+    # (the EngineActor owes every request one) gets each of them once.
+    tree = make_tree(
+        [actor("a", script)], SupervisorFlags(intensity=5, backoff=Backoff(initial=30, max=60))
+    )
+    ref = whereis("root/a")
+    ref.tell("hang")  # holds the actor's thread while the next messages queue up
+    ref.tell("crash")
+    ref.tell("ping")
+    ref.tell("later")
+    script.release.set()
+    tree.wait(ChildExitedEvent, "a")
+    assert [m for _, m in script.seen("undelivered")] == ["ping", "later"]
+    with pytest.raises(pykka.ActorDeadError):
+        ref.tell("too late")  # after the exit a tell fails at the sender

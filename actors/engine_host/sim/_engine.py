@@ -8,8 +8,11 @@ rank's lock, never the reverse; `emit` is never called under either.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import random
+import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +27,8 @@ from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
 from actors.engine_host.sim._tokenizer import SimTokenizer
 from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
-from messages.engine import EngineInfo, HostChunk, HostGenerate, HostOutput
+from messages.engine import EngineInfo, HostChunk, HostEmbed, HostGenerate, HostOutput
+from messages.request import Usage
 
 if TYPE_CHECKING:
     from supervisor.config import SimSection
@@ -39,6 +43,19 @@ log = structlog.get_logger(__name__)
 def tcp_endpoint(host: str, port: int) -> str:
     """`tcp://host:port`, with brackets for an IPv6 address."""
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: warm-up and health requests, nothing transferred
+EMBEDDING_DIM = 384
+
+
+def sim_embedding(token_ids: list[int]) -> list[float]:
+    """A deterministic unit vector for a token sequence (hash-seeded; not semantic)."""
+    seed = hashlib.sha256(struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+    rng = random.Random(seed)
+    vector = [rng.gauss(0.0, 1.0) for _ in range(EMBEDDING_DIM)]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
 
 
 class SimEngine:
@@ -57,7 +74,11 @@ class SimEngine:
         model_name: str = "sim",
         bind_host: str = "127.0.0.1",
         replay_port: int | None = None,
+        mode: str = "aggregated",
+        transfer_seconds_per_token: float = 0.0,
     ) -> None:
+        self.mode = mode
+        self.transfer_seconds_per_token = transfer_seconds_per_token
         if dp_size < 1 or page_size < 1:
             raise ValueError(f"dp_size and page_size must be >= 1, got {dp_size}, {page_size}")
         if metrics_endpoints and len(metrics_endpoints) != dp_size:
@@ -197,7 +218,56 @@ class SimEngine:
     # -- requests ----------------------------------------------------------------------------
 
     def submit(self, cmd: HostGenerate) -> None:
-        """Queue a generation; a refusal is emitted as one error chunk. Thread-safe."""
+        """Queue a generation; a refusal is emitted as one error chunk. Thread-safe.
+
+        In decode mode a request carries the prefill node's bootstrap info: its KV cache
+        "arrives" after prompt tokens × the transfer time per token (simulated), then it
+        decodes. SGLang's fake bootstrap host (warm-up, canaries) transfers nothing.
+        """
+        bootstrap = cmd.bootstrap
+        if (
+            self.mode == "decode"
+            and bootstrap is not None
+            and bootstrap.host != FAKE_BOOTSTRAP_HOST
+        ):
+            try:
+                tokens = len(prompt_ids(cmd, self.tokenizer, self.sim.vocab_size))
+            except Refused:
+                tokens = 0  # refused again, with its reason, when admitted
+            delay = tokens * self.transfer_seconds_per_token * self._slow
+            if delay > 0:
+                timer = threading.Timer(delay, self._admit, args=(cmd,))
+                timer.daemon = True
+                timer.start()
+                return
+        self._admit(cmd)
+
+    def embed(self, cmd: HostEmbed) -> None:
+        """Deterministic unit vectors (a simulation: similar texts are not close)."""
+        inputs = cmd.token_ids or [self.tokenizer.encode(text) for text in cmd.texts or []]
+        tokens = sum(len(i) for i in inputs)
+        limit = cmd.max_prompt_tokens or self.sim.context_length
+        if not inputs or max(len(i) for i in inputs) > limit:
+            problem = f"an input has more than {limit} tokens" if inputs else "no input"
+            self._emit(
+                HostChunk(
+                    request_id=cmd.request_id,
+                    finish_reason="error",
+                    error_code="invalid_request",
+                    error_message=problem,
+                )
+            )
+            return
+        self._emit(
+            HostChunk(
+                request_id=cmd.request_id,
+                finish_reason="stop",
+                embeddings=[sim_embedding(ids) for ids in inputs],
+                usage=Usage(prompt_tokens=tokens, completion_tokens=0),
+            )
+        )
+
+    def _admit(self, cmd: HostGenerate) -> None:
         try:
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
             with self._lock:
