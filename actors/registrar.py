@@ -171,6 +171,7 @@ class RegistrarActor(SupervisedActor):
             mode=self.mode,
             backend=info.backend,
             model_type="embedding" if self.mode == "embedding" else "chat",
+            tokenizer=info.tokenizer,
             runtime_config=self._runtime_config(info),
         )
         return InstanceRecord(

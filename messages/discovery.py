@@ -21,6 +21,9 @@ class ModelCard(msgspec.Struct, frozen=True):
     mode: str  # aggregated | prefill | decode | embedding
     backend: str  # sim | sglang
     model_type: str = "chat"  # chat | completions | embedding
+    # Where a frontend finds the tokenizer (and chat template): a local Hugging Face
+    # model directory, or "sim-bytes" for the sim engine's byte tokenizer.
+    tokenizer: str = ""
     runtime_config: dict[str, Any] = {}
 
 

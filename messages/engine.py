@@ -157,3 +157,4 @@ class EngineInfo(msgspec.Struct, frozen=True):
     version: str = ""
     prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any
     kv_replay_endpoints: list[str] = []  # per DP rank, the publisher's replay ROUTER, if any
+    tokenizer: str = ""  # a local model directory, or "sim-bytes" (see ModelCard.tokenizer)

@@ -49,7 +49,7 @@ class NodeSection(_Section, frozen=True):
     instance_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]*$")] = ""
     mode: Literal["aggregated", "prefill", "decode", "embedding"] = "aggregated"
     # "demo" runs a demonstration tree (supervision only, no engine, no NATS).
-    tree: Literal["node", "demo"] = "node"
+    tree: Literal["node", "demo", "frontend"] = "node"  # frontend: the OpenAI frontend alone
 
 
 class SupervisionSection(_Section, frozen=True):
@@ -216,6 +216,19 @@ class ChaosSection(_Section, frozen=True):
     faults: list[Fault] = msgspec.field(default_factory=list)
 
 
+class FrontendSection(_Section, frozen=True):
+    """The OpenAI-compatible HTTP frontend with KV-aware routing (`enabled` adds it to a
+    node's tree; `node.tree = "frontend"` runs it alone)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    routing: Literal["kv", "round_robin", "random"] = "kv"
+    kv_block_weight: NonNeg = 1.0  # cost of one KV block that must be prefilled
+    load_weight: NonNeg = 1.0  # cost of one request already active or waiting on a rank
+    request_timeout: Seconds = 300.0
+
+
 class LoggingSection(_Section, frozen=True):
     """Structured logs."""
 
@@ -239,6 +252,7 @@ class NodeConfig(_Section, frozen=True):
     shutdown: ShutdownSection = msgspec.field(default_factory=ShutdownSection)
     admin: AdminSection = msgspec.field(default_factory=AdminSection)
     chaos: ChaosSection = msgspec.field(default_factory=ChaosSection)
+    frontend: FrontendSection = msgspec.field(default_factory=FrontendSection)
     logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -60,6 +61,7 @@ class SglangBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()  # set on the loop by close()
         self._requests: Requests | None = None
+        self.model_dir: Path | None = None
         self._closing = threading.Event()
         self._serving = threading.Event()
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -76,6 +78,7 @@ class SglangBackend:
             prepare_cpu_process()
         cache_dir = spec.model_cache_dir or None
         model_dir = resolve_model_path(spec.model_path, cache_dir, progress=self.log.info)
+        self.model_dir = model_dir
         model_name = spec.served_model_name or model_dir.name
         kwargs = engine_kwargs(spec, model_dir, model_name)
         if is_cpu(spec) and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -216,6 +219,7 @@ class SglangBackend:
             metrics_endpoints=list(spec.metrics_endpoints[: spec.dp_size]),
             eos_token_ids=facts.eos_token_ids,
             version=facts.version,
+            tokenizer=str(self.model_dir) if self.model_dir is not None else "",
             prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
             kv_replay_endpoints=(
                 [f"tcp://127.0.0.1:{spec.replay_port + r}" for r in ranks]

@@ -212,6 +212,7 @@ class SimEngine:
             metrics_endpoints=list(self._metrics_endpoints),
             eos_token_ids=[self.sim.eos_token_id],
             version=SIM_VERSION,
+            tokenizer="sim-bytes",
             kv_replay_endpoints=[e.replace("*", "127.0.0.1") for e in self._replay_endpoints if e],
         )
 

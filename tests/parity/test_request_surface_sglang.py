@@ -1,0 +1,195 @@
+"""The request surface, mapped onto SGLang's sampling parameters, with the real engine:
+stop strings and token ids, ignore_eos, min_tokens, seed, top-k/top-p/min-p, penalties,
+logprobs per chunk, guided decoding (JSON schema, regex), priority, cached-token usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from messages.request import (
+    ChatMessage,
+    GenerateRequest,
+    OutputOptions,
+    SamplingOptions,
+    StopConditions,
+    StreamChunk,
+)
+from supervisor.client import NodeClient
+from tests.node.harness import NodeProcess, start_node
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = start_node(
+        tmp_path_factory.mktemp("surface"),
+        backend="sglang",
+        engine__health={"canary_after_idle": 600.0},
+    )
+    try:
+        proc.wait_ready(600)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def ask(node: NodeProcess, content: str = QUESTION, **fields: Any) -> list[StreamChunk]:
+    fields.setdefault("sampling", SamplingOptions(temperature=0.0))
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex, messages=[ChatMessage(role="user", content=content)], **fields
+    )
+
+    async def go() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            return [c async for c in client.generate(request, idle_timeout=120)]
+
+    return asyncio.run(go())
+
+
+def text(chunks: list[StreamChunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+def tokens(chunks: list[StreamChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+@pytest.fixture(scope="module")
+def greedy(node: NodeProcess) -> list[StreamChunk]:
+    chunks = ask(node, stop=StopConditions(max_tokens=24))
+    assert "Paris" in text(chunks)
+    return chunks
+
+
+def test_a_stop_string_ends_the_answer_before_it(
+    node: NodeProcess, greedy: list[StreamChunk]
+) -> None:
+    chunks = ask(node, stop=StopConditions(max_tokens=24, stop=["Paris"]))
+    assert chunks[-1].finish_reason == "stop"
+    assert "Paris" not in text(chunks)
+    assert text(greedy).startswith(text(chunks).rstrip())
+
+
+def test_a_stop_token_id_ends_the_answer_at_it(
+    node: NodeProcess, greedy: list[StreamChunk]
+) -> None:
+    third = tokens(greedy)[2]
+    chunks = ask(node, stop=StopConditions(max_tokens=24, stop_token_ids=[third]))
+    assert chunks[-1].finish_reason == "stop"
+    assert tokens(chunks)[:3] == tokens(greedy)[:3] or len(tokens(chunks)) <= 3
+
+
+def test_ignore_eos_runs_to_max_tokens(node: NodeProcess) -> None:
+    chunks = ask(node, stop=StopConditions(max_tokens=40, ignore_eos=True))
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 40
+
+
+def test_min_tokens_keeps_a_short_answer_going(
+    node: NodeProcess, greedy: list[StreamChunk]
+) -> None:
+    natural = greedy[-1].usage.completion_tokens if greedy[-1].usage else 0
+    chunks = ask(node, stop=StopConditions(max_tokens=60, min_tokens=natural + 10))
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens >= natural + 10
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingOptions(temperature=1.0, top_k=1),
+        SamplingOptions(temperature=1.0, top_p=0.01),
+        SamplingOptions(temperature=1.0, min_p=0.99),
+    ],
+    ids=["top_k", "top_p", "min_p"],
+)
+def test_narrow_sampling_matches_greedy(
+    node: NodeProcess, greedy: list[StreamChunk], sampling: SamplingOptions
+) -> None:
+    chunks = ask(node, sampling=sampling, stop=StopConditions(max_tokens=24))
+    assert tokens(chunks) == tokens(greedy)
+
+
+def test_a_repetition_penalty_changes_the_output(node: NodeProcess) -> None:
+    prompt = "Repeat the word 'yes' twenty times."
+    plain = ask(node, prompt, stop=StopConditions(max_tokens=30, ignore_eos=True))
+    penalised = ask(
+        node,
+        prompt,
+        sampling=SamplingOptions(temperature=0.0, repetition_penalty=2.0),
+        stop=StopConditions(max_tokens=30, ignore_eos=True),
+    )
+    assert tokens(plain) != tokens(penalised)
+
+
+def test_frequency_presence_penalties_and_a_seed_are_accepted(node: NodeProcess) -> None:
+    # SGLang applies `sampling_seed` only with enable_deterministic_inference; accepted here.
+    chunks = ask(
+        node,
+        sampling=SamplingOptions(
+            temperature=0.7, seed=7, frequency_penalty=0.5, presence_penalty=0.5
+        ),
+        stop=StopConditions(max_tokens=16),
+    )
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+def test_logprobs_come_per_token_sliced_per_chunk(node: NodeProcess) -> None:
+    chunks = ask(node, output=OutputOptions(logprobs=3), stop=StopConditions(max_tokens=12))
+    with_tokens = [c for c in chunks if c.token_ids]
+    assert with_tokens
+    for chunk in with_tokens:
+        assert chunk.logprobs is not None
+        assert [lp.token_id for lp in chunk.logprobs] == chunk.token_ids
+        for lp in chunk.logprobs:
+            assert lp.logprob <= 0.0
+            assert len(lp.top) == 3
+
+
+def test_guided_decoding_by_json_schema(node: NodeProcess) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}},
+        "required": ["capital"],
+    }
+    chunks = ask(
+        node,
+        "Give the capital of France as JSON.",
+        sampling=SamplingOptions(temperature=0.0, json_schema=json.dumps(schema)),
+        stop=StopConditions(max_tokens=40),
+    )
+    assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
+    value = json.loads(text(chunks))
+    assert isinstance(value["capital"], str)
+
+
+def test_guided_decoding_by_regex(node: NodeProcess) -> None:
+    chunks = ask(
+        node,
+        sampling=SamplingOptions(temperature=0.0, regex="(Paris|London|Berlin)"),
+        stop=StopConditions(max_tokens=10),
+    )
+    assert re.fullmatch("(Paris|London|Berlin)", text(chunks)), text(chunks)
+
+
+def test_priority_is_accepted(node: NodeProcess) -> None:
+    chunks = ask(node, priority=5, stop=StopConditions(max_tokens=8))
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+def test_the_last_chunk_carries_usage_with_cached_tokens(node: NodeProcess) -> None:
+    ask(node, stop=StopConditions(max_tokens=4))
+    chunks = ask(node, stop=StopConditions(max_tokens=4))
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens > 0
+    assert usage.cached_tokens > 0
