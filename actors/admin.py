@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import hmac
 import threading
-from concurrent.futures import Future
 from typing import Any
 
-import msgspec
-
 from actors import node_metrics
+from actors.admin_ops import AdminOps
 from actors.nats_link import NatsLink
-from messages.chaos import AdminReply, AdminRequest, Fault, InjectFault
+from messages.chaos import AdminReply, AdminRequest
 from messages.codec import DecodeError, decode_json, encode_json
-from messages.control import ExitReason, WhichChildren
-from messages.engine import HostControlReply
-from messages.node import EngineControl, GetLink, IncomingRequest
+from messages.control import ExitReason
+from messages.node import GetLink, IncomingRequest
 from supervisor import ChildContext, SupervisedActor, ask
 from supervisor.config import AdminSection, ConfigError, read_secret
 
 __all__ = ["AdminActor"]
-
-_ENGINE_OPS = (
-    "stats",
-    "kv_view",
-    "flush_cache",
-    "release_memory",
-    "resume_memory",
-    "update_weights",
-    "start_profile",
-    "stop_profile",
-)
 
 
 class AdminActor(SupervisedActor):
@@ -52,8 +38,10 @@ class AdminActor(SupervisedActor):
         root_path: str,
         engine_path: str,
         chaos_path: str | None,
+        registrar_path: str = "",
     ) -> None:
         super().__init__(context)
+        self.ops = AdminOps(root_path, engine_path, registrar_path, chaos_path)
         self.fabric_path = fabric_path
         self.subject = subject
         self.admin = admin
@@ -98,59 +86,18 @@ class AdminActor(SupervisedActor):
             return
         if not hmac.compare_digest(request.token.encode(), self._token):
             self.log.warning("admin request refused: bad or missing token", op=request.op)
-            self._answer(
-                reply,
-                request.op,
-                AdminReply(ok=False, error="unauthorized", message="bad or missing admin token"),
+            refused = AdminReply(
+                ok=False, error="unauthorized", message="bad or missing admin token"
             )
+            self._answer(reply, request.op, refused)
             return
-        if request.op == "chaos":
-            self._chaos(reply, request.args)
-        elif request.op == "tree":
-            rows = ask(self.root_path, WhichChildren(recursive=True), timeout=5)
-            self._answer(
-                reply, "tree", AdminReply(ok=True, data={"children": msgspec.to_builtins(rows)})
-            )
-        elif request.op in _ENGINE_OPS:
-            future: Future[HostControlReply] = ask(
-                self.engine_path, EngineControl(request.op, request.args), 5
-            )
-            threading.Thread(
-                target=self._await_engine, args=(reply, request.op, future), daemon=True
-            ).start()
+        # Ops may take minutes (weights, profiles): never on this actor's thread.
+        threading.Thread(
+            target=self._run, args=(reply, request.op, request.args), daemon=True
+        ).start()
 
-    def _chaos(self, reply: str, args: dict[str, Any]) -> None:
-        if self.chaos_path is None:
-            self._answer(
-                reply,
-                "chaos",
-                AdminReply(
-                    ok=False,
-                    error="disabled",
-                    message="fault injection is off ([chaos] enabled = false)",
-                ),
-            )
-            return
-        try:
-            fault = msgspec.convert(args, Fault)
-        except msgspec.ValidationError as exc:
-            self._answer(reply, "chaos", AdminReply(ok=False, error="invalid", message=str(exc)))
-            return
-        ok, what = ask(self.chaos_path, InjectFault(fault), timeout=15)
-        self._answer(reply, "chaos", AdminReply(ok=ok, message=what, error="" if ok else "failed"))
-
-    def _await_engine(self, reply: str, op: str, future: Future[HostControlReply]) -> None:
-        try:
-            result = future.result(timeout=300)
-            answer = AdminReply(
-                ok=result.ok,
-                message=result.message,
-                data=result.data,
-                error="" if result.ok else "failed",
-            )
-        except Exception as exc:  # noqa: BLE001 - the engine restarted or timed out
-            answer = AdminReply(ok=False, error="failed", message=f"{type(exc).__name__}: {exc}")
-        self._answer(reply, op, answer)
+    def _run(self, reply: str, op: str, args: dict[str, Any]) -> None:
+        self._answer(reply, op, self.ops.run(op, args))
 
     def _answer(self, reply: str, op: str, answer: AdminReply) -> None:
         node_metrics.ADMIN_REQUESTS.labels(op, answer.error or "ok").inc()

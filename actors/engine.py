@@ -261,6 +261,7 @@ class EngineActor(SupervisedActor):
                 priority=request.priority,
                 max_prompt_tokens=message.max_prompt_tokens,
                 bootstrap=request.bootstrap_info,
+                lora=request.lora,
             )
         )
 

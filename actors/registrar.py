@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
@@ -89,6 +90,8 @@ class RegistrarActor(SupervisedActor):
         self._unsubscribe_bus: Any = None
         self._tree_subscription: Any = None
         self._write_failures = 0
+        self.released = False  # the engine released its memory (admin): not in discovery
+        self.adapters: set[str] = set()
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -131,9 +134,21 @@ class RegistrarActor(SupervisedActor):
                 self._deregister("the engine subtree is down")
             case Tick(kind="engine_up"):
                 self.engine_up = True
-                self._register()
-            case LinkChanged(event="reconnected"):
+                if not self.released:
+                    self._register()
+            case Tick(kind="engine_released"):
+                self.released = True
+                self._deregister("the engine released its memory (admin)")
+            case Tick(kind="engine_resumed"):
+                self.released = False
                 if self.engine_up:
+                    self._register()
+            case Tick(kind=kind) if kind.startswith("lora_register:"):
+                return self._adapter(kind.split(":", 1)[1], add=True)
+            case Tick(kind=kind) if kind.startswith("lora_deregister:"):
+                return self._adapter(kind.split(":", 1)[1], add=False)
+            case LinkChanged(event="reconnected"):
+                if self.engine_up and not self.released:
                     self._register()
             case LinkChanged():
                 pass
@@ -216,14 +231,63 @@ class RegistrarActor(SupervisedActor):
         record = encode_json(self._record())
         self._put("register", record)
 
+    def _kv_put(self, kv: KeyValue, key: str, data: bytes) -> None:
+        assert self.link is not None
+
+        async def put() -> None:
+            await kv.put(key, data)
+
+        self.link.call(put, timeout=5)
+
+    def _kv_delete(self, kv: KeyValue, key: str) -> None:
+        assert self.link is not None
+
+        async def delete() -> None:
+            await kv.delete(key)
+
+        self.link.call(delete, timeout=5)
+
+    def _adapter_key(self, name: str) -> str:
+        return f"{self.key}.lora.{name}"
+
+    def _adapter_record(self, base: InstanceRecord, name: str) -> bytes:
+        """A loaded LoRA adapter is a model of its own: the base card under its name."""
+        config = {**base.model.runtime_config, "lora": name, "base_model": base.model.name}
+        card = msgspec.structs.replace(base.model, name=name, runtime_config=config)
+        return encode_json(msgspec.structs.replace(base, model=card))
+
+    def _adapter(self, name: str, add: bool) -> bool | str:
+        """Register (or remove) a LoRA adapter's card; True, or why it failed."""
+        assert self.link is not None
+        try:
+            kv = self.kv or self._bucket()
+            if add:
+                self.adapters.add(name)
+                if self.registered:
+                    self._kv_put(
+                        kv, self._adapter_key(name), self._adapter_record(self._record(), name)
+                    )
+            else:
+                self.adapters.discard(name)
+                self._kv_delete(kv, self._adapter_key(name))
+        except Exception as exc:  # noqa: BLE001 - the caller rolls back
+            if add:
+                self.adapters.discard(name)
+            return f"{type(exc).__name__}: {exc}"
+        self.log.info("lora adapter " + ("registered" if add else "deregistered"), adapter=name)
+        return True
+
     def _put(self, why: str, value: bytes | None = None) -> None:
         assert self.link is not None
         try:
             if self.kv is None:
                 self.kv = self._bucket()
             kv = self.kv
-            data = value if value is not None else encode_json(self._record())
+            record = self._record()
+            data = value if value is not None else encode_json(record)
             self.link.call(lambda: kv.put(self.key, data), timeout=5)
+            for name in sorted(self.adapters):  # each adapter's card lives as long as the base
+                self._kv_put(kv, self._adapter_key(name), self._adapter_record(record, name))
         except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
             self.kv = None  # the bucket may be gone (server restart): open it again
             self._write_failures += 1
@@ -252,6 +316,8 @@ class RegistrarActor(SupervisedActor):
         try:
             kv = self.kv or self._bucket()
             self.link.call(lambda: kv.delete(self.key), timeout=5)
+            for name in sorted(self.adapters):
+                self._kv_delete(kv, self._adapter_key(name))
             self.log.info("deregistered", key=self.key, why=why)
         except Exception as exc:  # noqa: BLE001 - the lease ends it anyway
             self.log.warning(

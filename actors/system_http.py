@@ -11,6 +11,7 @@ threads; they ask actors with short timeouts and never block an actor.
 
 from __future__ import annotations
 
+import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -20,9 +21,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from actors import node_metrics
+from actors.admin_ops import AdminOps
 from messages.control import ExitReason, WhichChildren
 from messages.node import EngineStatus, GetEngineStatus, GetRegistration, RegistrationStatus
 from supervisor import ChildContext, SupervisedActor, whereis
+from supervisor.config import AdminSection, read_secret
 
 __all__ = ["SystemHttpActor"]
 
@@ -41,8 +44,13 @@ class SystemHttpActor(SupervisedActor):
         registrar_path: str,
         engine_path: str,
         prometheus_dir: str = "",
+        admin: AdminSection | None = None,
+        chaos_path: str | None = None,
     ) -> None:
         super().__init__(context)
+        self.admin = admin or AdminSection()
+        self.ops = AdminOps(root_path, engine_path, registrar_path, chaos_path)
+        self._token = b""
         self.host = host
         self.port = port
         self.root_path = root_path
@@ -53,6 +61,10 @@ class SystemHttpActor(SupervisedActor):
         self._thread: threading.Thread | None = None
 
     def on_start_up(self) -> None:
+        if self.admin.enabled:
+            env = "" if self.admin.token_file else self.admin.token_env
+            secret = read_secret(env, self.admin.token_file, "admin token")
+            self._token = secret.reveal().encode() if secret else b""
         actor = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,6 +75,19 @@ class SystemHttpActor(SupervisedActor):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(min(length, 1 << 20)) if length else b""
+                auth = self.headers.get("Authorization", "")
+                status, content_type, answer = actor.route_post(
+                    self.path.split("?", 1)[0], auth, body
+                )
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # one access line per scrape is noise
@@ -101,6 +126,52 @@ class SystemHttpActor(SupervisedActor):
             "application/json",
             _json({"error": f"no route {path}; try /health /ready /metrics /tree"}),
         )
+
+    def route_post(self, path: str, authorization: str, body: bytes) -> tuple[int, str, bytes]:
+        """POST /engine/<op>: an admin op (needs `[admin] enabled` and `Bearer <token>`)."""
+        if not path.startswith("/engine/"):
+            return (
+                404,
+                "application/json",
+                _json({"error": f"no route POST {path}; try /engine/<op>"}),
+            )
+        op = path.removeprefix("/engine/")
+        if not self.admin.enabled or not self._token:
+            return (
+                403,
+                "application/json",
+                _json({"ok": False, "error": "disabled", "message": "[admin] is not enabled"}),
+            )
+        token = authorization.removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(token, self._token):
+            self.log.warning("admin HTTP request refused: bad or missing token", op=op)
+            return (
+                401,
+                "application/json",
+                _json(
+                    {"ok": False, "error": "unauthorized", "message": "bad or missing admin token"}
+                ),
+            )
+        try:
+            args = msgspec.json.decode(body) if body.strip() else {}
+        except msgspec.DecodeError as exc:
+            return (
+                400,
+                "application/json",
+                _json({"ok": False, "error": "invalid", "message": f"body is not JSON: {exc}"}),
+            )
+        if not isinstance(args, dict):
+            return (
+                400,
+                "application/json",
+                _json({"ok": False, "error": "invalid", "message": "body must be a JSON object"}),
+            )
+        answer = self.ops.run(op, args)
+        node_metrics.ADMIN_REQUESTS.labels(op, answer.error or "ok").inc()
+        status = {"": 200, "invalid": 400, "disabled": 403, "unauthorized": 401}.get(
+            answer.error, 500
+        )
+        return status, "application/json", msgspec.json.encode(answer)
 
     def _health(self) -> tuple[int, str, bytes]:
         root = whereis(self.root_path)

@@ -100,8 +100,14 @@ AdminOp = Literal[
     "release_memory",
     "resume_memory",
     "update_weights",
+    "update_weight_version",
     "start_profile",
     "stop_profile",
+    "lora_load",
+    "lora_unload",
+    "lora_list",
+    "session_open",
+    "session_close",
 ]
 
 

@@ -44,6 +44,12 @@ ControlOp = Literal[
     "release_memory",
     "resume_memory",
     "update_weights",
+    "update_weight_version",
+    "lora_load",  # args: name, path
+    "lora_unload",  # args: name
+    "lora_list",
+    "session_open",  # args: capacity_of_str_len (optional); data: session_id
+    "session_close",  # args: session_id
     "start_profile",
     "stop_profile",
     "slow",  # sim: scale the timing model (fault injection)
@@ -72,6 +78,7 @@ class HostGenerate(_Cmd, frozen=True, tag="generate"):
     max_prompt_tokens: int = 0  # 0: no limit
     canary: bool = False  # a health canary, not a client request
     bootstrap: BootstrapInfo | None = None  # disaggregated prefill/decode
+    lora: str = ""  # a loaded LoRA adapter's name
 
 
 class HostEmbed(_Cmd, frozen=True, tag="embed"):

@@ -123,6 +123,7 @@ class GenerateRequest(_Wire, frozen=True):
     dp_rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
     priority: int | None = None
     bootstrap_info: BootstrapInfo | None = None  # disaggregated prefill/decode
+    lora: str = ""  # a loaded LoRA adapter's name (see the admin op lora_load)
 
     def input_problem(self) -> str | None:
         """Why the input is unusable, or None (exactly one form, not empty)."""

@@ -268,6 +268,7 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
                 ROOT_NAME,
                 PATHS["engine_actor"],
                 chaos,
+                PATHS["registrar"],
             )
         )
     handler = _actor(
@@ -348,6 +349,8 @@ def build_node_tree(
                 PATHS["registrar"],
                 PATHS["engine_actor"],
                 sglang_metrics,
+                config.admin,
+                f"{ROOT_NAME}/chaos" if config.chaos.enabled else None,
             )
         )
     if config.nats.embedded:

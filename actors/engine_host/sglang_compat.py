@@ -151,9 +151,12 @@ def generate_kwargs(
     dp_rank: int | None,
     priority: int | None,
     bootstrap: BootstrapInfo | None = None,
+    lora: str = "",
 ) -> dict[str, Any]:
     """Keywords of `Engine.async_generate` besides the input and sampling params."""
     kwargs: dict[str, Any] = {"rid": rid, "stream": True}
+    if lora:
+        kwargs["lora_path"] = lora  # SGLang takes a loaded adapter's name here
     if bootstrap is not None:  # disaggregated prefill/decode
         kwargs["bootstrap_host"] = bootstrap.host
         kwargs["bootstrap_port"] = bootstrap.port

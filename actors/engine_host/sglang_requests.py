@@ -141,7 +141,7 @@ class Requests:
                 input_ids=ids,
                 sampling_params=compat.sampling_params(cmd.sampling, cmd.stop, cmd.output),
                 **compat.generate_kwargs(
-                    entry.rid, cmd.output, cmd.dp_rank, cmd.priority, cmd.bootstrap
+                    entry.rid, cmd.output, cmd.dp_rank, cmd.priority, cmd.bootstrap, cmd.lora
                 ),
             )
             async for item in stream:

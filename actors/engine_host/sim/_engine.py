@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import math
 import random
+import secrets
 import struct
 import threading
 from collections.abc import Callable
@@ -115,6 +116,10 @@ class SimEngine:
         self._arrivals = itertools.count()
         self._released = False
         self._slow = 1.0
+        self._weight_version = ""
+        self._adapters: dict[str, str] = {}
+        self._sessions: set[str] = set()
+        self._profiling = False
         self._state = "new"  # new -> running -> closed
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._publishers: list[KvEventPublisher] = []
@@ -270,6 +275,8 @@ class SimEngine:
 
     def _admit(self, cmd: HostGenerate) -> None:
         try:
+            if cmd.lora and cmd.lora not in self._adapters:
+                raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded")
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
             with self._lock:
                 rank = self._admission_rank(cmd, len(prompt))
@@ -334,6 +341,40 @@ class SimEngine:
                 return True, "", self._stats()
             case "kv_view":
                 return True, "", {"ranks": [rank.kv_view() for rank in self._ranks]}
+            case "update_weights":
+                self._weight_version = str(
+                    args.get("weight_version") or args.get("model_path") or ""
+                )
+                return (
+                    True,
+                    "weights reloaded (simulated)",
+                    {"weight_version": self._weight_version},
+                )
+            case "update_weight_version":
+                self._weight_version = str(args.get("version", ""))
+                return True, f"weight version is now {self._weight_version!r}", {}
+            case "lora_load" | "lora_unload" | "lora_list":
+                return self._lora(op, args)
+            case "start_profile" | "stop_profile":
+                on = op == "start_profile"
+                if on == self._profiling:
+                    return False, f"the profiler is already {'running' if on else 'stopped'}", {}
+                self._profiling = on
+                return (
+                    True,
+                    f"profiler {'started' if on else 'stopped'} (the sim records nothing)",
+                    {},
+                )
+            case "session_open":
+                session = secrets.token_hex(8)
+                self._sessions.add(session)
+                return True, "session opened", {"session_id": session}
+            case "session_close":
+                session = str(args.get("session_id", ""))
+                if session not in self._sessions:
+                    return False, f"no open session {session!r}", {}
+                self._sessions.discard(session)
+                return True, "session closed", {}
             case "flush_cache":
                 return self._flush(release=False)
             case "release_memory":
@@ -353,6 +394,25 @@ class SimEngine:
                 return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
             case _:
                 return False, f"unknown op {op!r} for the sim backend", {}
+
+    def _lora(self, op: str, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+        name = str(args.get("name", ""))
+        if op == "lora_list":
+            return True, "", {"adapters": sorted(self._adapters)}
+        if not name:
+            return False, f"{op}: give the adapter's name", {}
+        if op == "lora_load":
+            if name in self._adapters:
+                return False, f"adapter {name!r} is already loaded", {}
+            self._adapters[name] = str(args.get("path", ""))
+            return (
+                True,
+                f"adapter {name!r} loaded (simulated)",
+                {"adapters": sorted(self._adapters)},
+            )
+        if self._adapters.pop(name, None) is None:
+            return False, f"adapter {name!r} is not loaded", {}
+        return True, f"adapter {name!r} unloaded", {"adapters": sorted(self._adapters)}
 
     def _set_slow(self, factor: object) -> tuple[bool, str, dict[str, Any]]:
         if isinstance(factor, bool) or not isinstance(factor, int | float):
