@@ -43,6 +43,10 @@ CPU_DEFAULTS: dict[str, Any] = {
     "dtype": "bfloat16",
     "mem_fraction_static": 0.3,
     "max_total_tokens": 8192,
+    # SGLang's scheduler polls its sockets in a busy loop; on the CPU that burns a whole
+    # core while idle, starving the node's own actors (and any other engine on the host).
+    # This makes it block on the sockets instead; a request still wakes it at once.
+    "sleep_on_idle": True,
 }
 # Set by the node from its own config (other actors depend on the same values), so they
 # may not be set in `engine.sglang`: ServerArgs field -> where to set it instead.

@@ -203,6 +203,7 @@ def test_engine_kwargs_put_the_users_table_over_the_cpu_defaults() -> None:
     )
     assert kwargs["mem_fraction_static"] == 0.5  # the user's
     assert kwargs["attention_backend"] == "torch_native"  # a CPU default
+    assert kwargs["sleep_on_idle"] is True  # an idle scheduler must not spin a core
     assert kwargs["incremental_streaming_output"] is True
     assert (kwargs["model_path"], kwargs["served_model_name"]) == ("/models/m", "m")
     assert (kwargs["page_size"], kwargs["dp_size"]) == (16, 1)
