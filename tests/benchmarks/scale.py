@@ -51,13 +51,14 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, float, float, float]:
                     embedded_nats=False,
                     nats_url=server.url,
                     name=f"n{size}-{i}",
+                    node={"instance_id": f"scale{size}x{i}"},
                     engine__sim={"decode_time_per_step": 0.0},
                     logging={"level": "warning"},
                     system={"enabled": False},
                     metrics={"interval": 5.0},
                 )
             )
-        expected = {n.instance_id for n in nodes}
+        expected = {f"scale{size}x{i}" for i in range(size)}
         while True:
             found = asyncio.run(_instances(server.url))
             if found >= expected:
