@@ -175,10 +175,12 @@ class NodeClient:
         except nats.js.errors.BucketNotFoundError:
             return []
         prefix = f"{self.base}.{self.endpoint}."
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        # The stream's subject list, not `kv.keys()`: that makes a JetStream consumer per
+        # call which outlives it, and a client polling this runs the server out of them.
+        info = await js.stream_info(
+            f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.{prefix}>"
+        )
+        keys = [subject.split(".", 2)[2] for subject in (info.state.subjects or {})]
         records = []
         for key in keys:
             if not key.startswith(prefix):

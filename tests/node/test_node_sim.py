@@ -88,6 +88,19 @@ def test_the_instance_appears_in_discovery_and_ready_flips_only_then(node: NodeP
     assert first_ok >= registered_at
 
 
+def test_listing_instances_leaves_no_consumers_behind(node: NodeProcess) -> None:
+    async def go() -> tuple[int, int]:
+        async with NodeClient(node.url) as client:
+            for _ in range(50):
+                assert [r.instance_id for r in await client.instances()] == [node.instance_id]
+            js = client._nc().jetstream()
+            info = await js.stream_info(f"KV_{client.bucket}")
+            return info.state.consumer_count, len(await client.instances())
+
+    consumers, listed = run(go())
+    assert (consumers, listed) == (0, 1)
+
+
 def test_a_client_streams_a_completion_with_the_expected_tokens(node: NodeProcess) -> None:
     async def go() -> list[StreamChunk]:
         async with NodeClient(node.url) as client:
