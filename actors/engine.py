@@ -49,12 +49,16 @@ from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, Stop
 from supervisor import ChildContext, SupervisedActor, whereis
 from supervisor.config import HealthSection
 
-__all__ = ["EngineActor", "EngineUnhealthyError"]
+__all__ = ["INFO_TIMEOUT", "EngineActor", "EngineUnhealthyError"]
 
 _CANARY_PREFIX = "canary-"
 _WARMUP_PREFIX = "warmup-"
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: a request that transfers no KV (warm-up, health)
 _DRAIN_MAX = 256  # host messages taken per wake-up of the reader
+# The host answers `info` at once when idle; the margin is for a machine busy starting
+# many processes. The engine_actor's start timeout (supervisor/node.py) covers this plus
+# the prefill warm-up.
+INFO_TIMEOUT = 60.0
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -120,7 +124,14 @@ class EngineActor(SupervisedActor):
         self._outputs.connect(self.output_endpoint)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
-        reply = self._control("info", {}).result(timeout=30)
+        try:
+            reply = self._control("info", {}).result(timeout=INFO_TIMEOUT)
+        except TimeoutError:
+            msg = (
+                f"the engine host at {self.command_endpoint} did not answer 'info' within "
+                f"{INFO_TIMEOUT:g}s (it printed ready; is the machine overloaded?)"
+            )
+            raise TimeoutError(msg) from None
         if not reply.ok:
             msg = f"engine host refused info: {reply.message}"
             raise RuntimeError(msg)

@@ -35,6 +35,7 @@ import msgspec
 
 from actors.admin import AdminActor
 from actors.chaos import ChaosActor
+from actors.engine import INFO_TIMEOUT as ENGINE_INFO_TIMEOUT
 from actors.engine import EngineActor
 from actors.engine_host.spec import HostSpec
 from actors.fabric import FabricActor
@@ -186,6 +187,7 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             config.handlers.max_streams_per_client,
             config.node.mode,
             config.disaggregation.warmup_timeout,
+            start_timeout=ENGINE_INFO_TIMEOUT + config.disaggregation.warmup_timeout + 30.0,
         ),
         _actor(
             "metrics",
@@ -335,7 +337,12 @@ def build_node_tree(
     plan = plan or plan_node(config)
     Path(plan.host_spec.prometheus_dir).mkdir(parents=True, exist_ok=True)
     # A subtree is ready when its last child is: its start may take as long as the engine's.
-    subtree_timeout = config.supervision.engine_start_timeout + 60.0
+    subtree_timeout = (
+        config.supervision.engine_start_timeout
+        + ENGINE_INFO_TIMEOUT
+        + config.disaggregation.warmup_timeout
+        + 90.0
+    )
     children = []
     if config.system.enabled:
         sglang_metrics = plan.host_spec.prometheus_dir if config.engine.backend == "sglang" else ""

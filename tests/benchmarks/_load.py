@@ -2,8 +2,8 @@
 
     python -m tests.benchmarks._load URL SUBJECT CONCURRENCY SECONDS MAX_TOKENS [PROMPT]
 
-Prints one JSON line: requests completed, chunks received, elapsed seconds, and per
-request the time to first chunk and the gaps between chunks (seconds).
+Prints one JSON line: requests completed, errors, lost (no chunk for 30 s), chunks received,
+elapsed seconds, and per request the time to first chunk and the gaps between chunks (seconds).
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ async def main(
     url: str, subject: str, concurrency: int, seconds: float, max_tokens: int, prompt: str
 ) -> None:
     nc = await nats.connect(url)
-    done = {"requests": 0, "chunks": 0, "errors": 0}
+    done = {"requests": 0, "chunks": 0, "errors": 0, "lost": 0}
     ttft: list[float] = []
     gaps: list[float] = []
     stop_at = time.monotonic() + seconds
 
     async def worker() -> None:
         inbox_prefix = nc.new_inbox()
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
         async def on(msg: object) -> None:
-            queue.put_nowait(msg.data)  # type: ignore[attr-defined]
+            queue.put_nowait((msg.subject, msg.data))  # type: ignore[attr-defined]
 
         await nc.subscribe(inbox_prefix + ".*", cb=on)
         n = 0
@@ -51,7 +51,14 @@ async def main(
             last = sent
             first = True
             while True:
-                data = await asyncio.wait_for(queue.get(), 30)
+                try:
+                    got, data = await asyncio.wait_for(queue.get(), 30)
+                except TimeoutError:  # silence: the one outcome a node must never produce
+                    done["lost"] += 1
+                    print(f"lost: {request.request_id}", file=sys.stderr, flush=True)
+                    break
+                if got != reply:
+                    continue  # a late answer to an earlier request counted as lost
                 now = time.monotonic()
                 chunk = decode_json(data, StreamChunk)
                 done["chunks"] += 1

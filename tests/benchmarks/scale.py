@@ -39,7 +39,7 @@ async def _instances(url: str) -> set[str]:
         return {r.instance_id for r in await client.instances()}
 
 
-def run(size: int, tmp: Path) -> tuple[int, float, bool, float, float, float]:
+def run(size: int, tmp: Path) -> tuple[int, float, bool, int, float, float, int, float]:
     server = NatsServer(tmp, store=f"nats-{size}")
     nodes: list[NodeProcess] = []
     try:
@@ -68,6 +68,11 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, float, float, float]:
             time.sleep(0.2)
         registered = time.monotonic() - started
         exact = found == expected
+        died = sum(1 for n in nodes if n.proc.poll() is not None)
+        print(
+            f"{size} nodes: {len(found)} registered after {registered:.1f}s, {died} exited",
+            flush=True,
+        )
         proc = python(
             "-m",
             "tests.benchmarks._load",
@@ -83,7 +88,8 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, float, float, float]:
         rps = result["requests"] / result["seconds"]
         cps = result["chunks"] / result["seconds"]
         memory = sum(_rss_kb(n.proc.pid) for n in nodes) / size / 1024
-        return size, registered, exact, rps, cps, memory
+        lost = result["errors"] + result["lost"]
+        return size, registered, exact, died, rps, cps, lost, memory
     finally:
         for node in nodes:
             node.kill()
@@ -97,14 +103,17 @@ def main() -> None:
         "N node processes (sim engine at zero cost, each with its engine host) on one nats-server; nodes are started "
         "one after another. *Registered* is the time from the first start until discovery lists all N; *exact* means "
         f"it lists exactly those N. Throughput: 32 concurrent 16-token streams over the queue group for {LOAD_SECONDS:g} s. "
+        "*Errors + lost*: streams that ended in an error or went silent for 30 s (must be 0). "
         "Memory: RSS of a node and its engine host, averaged over the nodes.\n\n"
         + table(
             [
                 "nodes",
                 "all registered after s",
                 "discovery exact",
+                "nodes exited",
                 "requests/s",
                 "chunks/s",
+                "errors + lost",
                 "MiB per node",
             ],
             rows,
