@@ -55,9 +55,9 @@ _CANARY_PREFIX = "canary-"
 _WARMUP_PREFIX = "warmup-"
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: a request that transfers no KV (warm-up, health)
 _DRAIN_MAX = 256  # host messages taken per wake-up of the reader
-# The host answers `info` at once when idle; the margin is for a machine busy starting
-# many processes. The engine_actor's start timeout (supervisor/node.py) covers this plus
-# the prefill warm-up.
+# The host answers `info` at once; the margin is for a machine busy starting many
+# processes. The engine_actor's start timeout (supervisor/node.py) covers this plus the
+# prefill warm-up.
 INFO_TIMEOUT = 60.0
 
 
@@ -124,14 +124,7 @@ class EngineActor(SupervisedActor):
         self._outputs.connect(self.output_endpoint)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
-        try:
-            reply = self._control("info", {}).result(timeout=INFO_TIMEOUT)
-        except TimeoutError:
-            msg = (
-                f"the engine host at {self.command_endpoint} did not answer 'info' within "
-                f"{INFO_TIMEOUT:g}s (it printed ready; is the machine overloaded?)"
-            )
-            raise TimeoutError(msg) from None
+        reply = self._handshake()
         if not reply.ok:
             msg = f"engine host refused info: {reply.message}"
             raise RuntimeError(msg)
@@ -147,6 +140,27 @@ class EngineActor(SupervisedActor):
             dp_size=self.info.dp_size,
             kv_blocks=self.info.total_kv_blocks,
         )
+
+    def _handshake(self) -> HostControlReply:
+        """Ask the host for its info, again every second until it answers: our two
+        connections come up in either order, and an answer sent before the output one is
+        up finds no peer and is dropped (the host never blocks on a missing reader)."""
+        deadline = time.monotonic() + INFO_TIMEOUT
+        while True:
+            op_id = next(self._op_ids)
+            future: Future[HostControlReply] = Future()
+            self._pending[op_id] = future
+            self._send(HostControl(op_id=op_id, op="info", args={}))
+            try:
+                return future.result(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except TimeoutError:
+                self._pending.pop(op_id, None)
+            if time.monotonic() >= deadline:
+                msg = (
+                    f"the engine host at {self.command_endpoint} did not answer 'info' within "
+                    f"{INFO_TIMEOUT:g}s although it printed ready"
+                )
+                raise TimeoutError(msg)
 
     def on_undelivered(self, message: Any) -> None:
         # A request told to this actor just as it stopped: answer it, never leave it silent.
