@@ -2,7 +2,8 @@
 
     python -m tests.benchmarks._load URL SUBJECT CONCURRENCY SECONDS MAX_TOKENS [PROMPT]
 
-Prints one JSON line: requests completed, errors, lost (no chunk for 30 s), chunks received,
+Prints one JSON line: requests completed, errors, lost (no chunk for 30 s), this client's
+NATS disconnects, chunks received,
 elapsed seconds, and per request the time to first chunk and the gaps between chunks (seconds).
 """
 
@@ -23,8 +24,19 @@ from messages.request import GenerateRequest, StopConditions, StreamChunk
 async def main(
     url: str, subject: str, concurrency: int, seconds: float, max_tokens: int, prompt: str
 ) -> None:
-    nc = await nats.connect(url)
-    done = {"requests": 0, "chunks": 0, "errors": 0, "lost": 0}
+    done = {"requests": 0, "chunks": 0, "errors": 0, "lost": 0, "disconnects": 0}
+    closing = asyncio.Event()
+
+    async def on_disconnect() -> None:  # a lost stream then is this client's, not a node's
+        if closing.is_set():
+            return  # our own close at the end
+        done["disconnects"] += 1
+        print("load generator: disconnected from NATS", file=sys.stderr, flush=True)
+
+    async def on_error(exc: Exception) -> None:
+        print(f"load generator: NATS error {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    nc = await nats.connect(url, disconnected_cb=on_disconnect, error_cb=on_error)
     ttft: list[float] = []
     gaps: list[float] = []
     stop_at = time.monotonic() + seconds
@@ -59,6 +71,10 @@ async def main(
                     break
                 if got != reply:
                     continue  # a late answer to an earlier request counted as lost
+                if not data:  # NATS's no-responders status: nobody serves the subject
+                    done["errors"] += 1
+                    await asyncio.sleep(0.1)
+                    break
                 now = time.monotonic()
                 chunk = decode_json(data, StreamChunk)
                 done["chunks"] += 1
@@ -78,6 +94,7 @@ async def main(
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.monotonic() - started
+    closing.set()
     await nc.close()
     print(json.dumps({**done, "seconds": elapsed, "ttft": ttft, "gaps": gaps}))
 

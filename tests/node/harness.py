@@ -241,9 +241,10 @@ class NatsServer:
         self.port = port or free_ports()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.store = tmp_path / (store or f"nats-{self.port}")
-        self.proc = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.log_path = self.store.with_suffix(".log")  # slow consumers and the like
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with (
