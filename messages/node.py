@@ -15,8 +15,10 @@ __all__ = [
     "EngineOutput",
     "EngineOutputs",
     "EngineStatus",
+    "FrontendFailed",
     "GetEngineInfo",
     "GetEngineStatus",
+    "GetFrontendPort",
     "GetLink",
     "GetRegistration",
     "IncomingCancel",
@@ -132,3 +134,13 @@ class RegistrationStatus(msgspec.Struct, frozen=True):
     registered: bool
     instance_id: str
     key: str
+
+
+class FrontendFailed(msgspec.Struct, frozen=True):
+    """The server thread reports that the HTTP server ended on its own."""
+
+    detail: str
+
+
+class GetFrontendPort(msgspec.Struct, frozen=True):
+    """Ask the port the frontend listens on (useful when configured as 0)."""

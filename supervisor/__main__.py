@@ -50,6 +50,14 @@ def build(config: NodeConfig) -> Root:
 
         flags, children = build_demo_tree(config)
         return Root("demo", flags, children)
+    if config.node.tree == "frontend":
+        from actors.frontend import build_frontend_tree
+
+        structlog.get_logger().bind(path="main").info(
+            "starting frontend", routing=config.frontend.routing, port=config.frontend.port
+        )
+        flags, children = build_frontend_tree(config)
+        return Root("frontend", flags, children)
     from actors import node_metrics
     from supervisor._metrics import SupervisionMetrics
     from supervisor.node import ROOT_NAME, build_node_tree, plan_node

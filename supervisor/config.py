@@ -432,8 +432,6 @@ def _check_auth(config: NodeConfig) -> None:
             "NKEY and TLS need an external server (nats.embedded = false); the embedded one "
             "takes user/password or a token",
         )
-    if config.frontend.enabled or config.node.tree == "frontend":
-        raise ConfigError("frontend", "the OpenAI frontend is not built yet (issue 8)")
     if config.chaos.faults and not config.chaos.enabled:
         raise ConfigError("chaos.faults", "chaos.enabled is false: set it to inject faults")
 

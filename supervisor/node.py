@@ -58,7 +58,7 @@ from supervisor._spec import (
 from supervisor._supervisor import Supervisor
 from supervisor.config import NodeConfig, cache_dir, read_secret
 
-__all__ = ["NodePlan", "build_node_tree", "nats_server_binary", "plan_node"]
+__all__ = ["NodePlan", "build_node_tree", "nats_server_binary", "nats_server_child", "plan_node"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOT_NAME = "node"
@@ -216,7 +216,8 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
     return children
 
 
-def _nats_server(config: NodeConfig, plan: NodePlan) -> ChildSpec:
+def nats_server_child(config: NodeConfig, plan: NodePlan) -> ChildSpec:
+    """The embedded nats-server (JetStream, the node's store, its auth), ready on its port."""
     nats = config.nats
     data_dir = nats.data_dir or str(cache_dir() / "nats" / str(nats.port))
     Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -361,7 +362,7 @@ def build_node_tree(
             )
         )
     if config.nats.embedded:
-        children.append(_nats_server(config, plan))
+        children.append(nats_server_child(config, plan))
     core = ActorStart(
         Supervisor, (_flags(config, "rest_for_one"), _core(config, plan, subtree_timeout))
     )
@@ -370,4 +371,8 @@ def build_node_tree(
         children.append(
             _actor("chaos", ChaosActor, ROOT_NAME, config.chaos.faults, config.chaos.seed)
         )
+    if config.frontend.enabled:
+        import actors.frontend
+
+        children.append(actors.frontend.frontend_child(config))
     return _flags(config, "one_for_one"), children

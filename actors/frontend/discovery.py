@@ -1,0 +1,304 @@
+"""`Discovery`: the live instances of the frontend's namespace, from the instances bucket.
+
+It watches the bucket (`discovery.bucket`, keys `{ns}.{component}.{endpoint}.{id}`, and
+`...{id}.lora.{name}` for adapters) with history, so puts and deletes arrive at once, and
+re-lists it every `RELIST_INTERVAL` seconds, because a lease that runs out (TTL expiry)
+does not always produce a delete marker. A re-list reads the bucket's keys and its last
+revision in one answer, so a record written meanwhile is never dropped by mistake.
+
+An instance can also be *marked down* by the request path (NATS said nobody serves its
+subject, or a probe found it gone): it is left out of routing until a newer revision of
+its record shows it alive again (its heartbeat), or until its record goes.
+
+`is_lost` is the probe for streams that went quiet: an instance is lost when nothing was
+heard from it (KV events, load metrics) for `SILENCE` seconds and nobody answers its
+`tree` subject. A node that is stopping in order still publishes metrics while it drains,
+so its streams are not cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from actors.frontend.errors import FrontendError
+from messages.codec import DecodeError, decode_json
+from messages.discovery import InstanceRecord, ModelCard
+
+__all__ = ["Discovery", "ModelPool"]
+
+RELIST_INTERVAL = 0.5  # seconds between re-lists of the bucket
+SILENCE = 2.5  # seconds without events or metrics before a quiet stream's node is probed
+PROBE_TIMEOUT = 1.0
+WATCH_SILENCE = 15.0  # seconds without any update while records exist: renew the watch
+_CARD_ORDER = ("aggregated", "prefill", "decode", "embedding")
+_OTHER_HALF = {"prefill": "decode", "decode": "prefill"}
+
+
+@dataclass(frozen=True)
+class ModelPool:
+    """The instances that serve one model name: `live` ones can be routed to."""
+
+    name: str
+    live: tuple[InstanceRecord, ...]
+    registered: tuple[InstanceRecord, ...]  # live ones and those marked down
+
+    def of_mode(self, mode: str) -> list[InstanceRecord]:
+        """Live instances in serving mode `mode`."""
+        return [r for r in self.live if r.model.mode == mode]
+
+    def unavailable(self) -> FrontendError:
+        """Why no instance of this pool can take a generate request now."""
+        modes = {r.model.mode for r in self.registered}
+        if modes == {"embedding"}:
+            why = f"model {self.name!r} is an embedding model: use /v1/embeddings"
+            return FrontendError(400, why, param="model", code="embedding_model")
+        if not self.live:
+            why = f"every instance of model {self.name!r} is down; retry shortly"
+        elif modes <= {"prefill", "embedding"} or modes <= {"decode", "embedding"}:
+            have = "prefill" if "prefill" in modes else "decode"
+            why = f"model {self.name!r} has {have} instances but no {_OTHER_HALF[have]} instance"
+        else:
+            why = f"no instance of model {self.name!r} can take the request"
+        return FrontendError.of_code("no_instances", why)
+
+    @property
+    def card(self) -> ModelCard:
+        """A representative card (tokenizer, block size): aggregated or prefill first."""
+        records = self.live or self.registered
+        return min(records, key=lambda r: _rank_of_mode(r.model.mode)).model
+
+
+def _rank_of_mode(mode: str) -> int:
+    return _CARD_ORDER.index(mode) if mode in _CARD_ORDER else len(_CARD_ORDER)
+
+
+class Discovery:
+    """The instances of one namespace; see the module docstring."""
+
+    def __init__(
+        self, nc: Client, bucket: str, namespace: str, log: Any, on_change: Callable[[], None]
+    ) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.namespace = namespace
+        self.log = log
+        self.on_change = on_change
+        self._records: dict[str, tuple[int, InstanceRecord]] = {}  # key → (revision, record)
+        self._deleted: dict[str, int] = {}  # key → revision of its delete marker
+        self._down: dict[str, int] = {}  # instance id → highest revision seen when marked
+        self._probes: dict[str, asyncio.Future[bool]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._heard = 0.0  # loop time of the watch's last update
+
+    # --- the view ---------------------------------------------------------------------------
+
+    def records(self) -> list[InstanceRecord]:
+        """Every registered record (live or marked down)."""
+        return [record for _, record in self._records.values()]
+
+    def live(self) -> list[InstanceRecord]:
+        """Records of instances not marked down."""
+        return [r for r in self.records() if r.instance_id not in self._down]
+
+    def pool(self, model: str) -> ModelPool | None:
+        """The instances serving `model`, or None if no record names it."""
+        registered = tuple(r for r in self.records() if r.model.name == model)
+        if not registered:
+            return None
+        live = tuple(r for r in registered if r.instance_id not in self._down)
+        return ModelPool(model, live, registered)
+
+    def models(self) -> dict[str, list[InstanceRecord]]:
+        """Live records by model name."""
+        out: dict[str, list[InstanceRecord]] = {}
+        for record in self.live():
+            out.setdefault(record.model.name, []).append(record)
+        return out
+
+    def mark_down(self, instance_id: str, why: str) -> None:
+        """Leave an instance out of routing until a newer record revision shows it alive."""
+        if instance_id in self._down:
+            return
+        revisions = [rev for rev, r in self._records.values() if r.instance_id == instance_id]
+        self._down[instance_id] = max(revisions, default=0)
+        self.log.warning("instance marked down", instance_id=instance_id, why=why)
+        self.on_change()
+
+    # --- running ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start watching (in the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        announced = False
+        while True:
+            watcher: Any = None
+            try:
+                kv = await self.nc.jetstream().key_value(self.bucket)
+                watcher = await kv.watch(f"{self.namespace}.>", include_history=True)
+                follow = asyncio.get_running_loop().create_task(self._follow(watcher))
+                self.log.info("watching discovery", bucket=self.bucket, namespace=self.namespace)
+                loop = asyncio.get_running_loop()
+                self._heard = loop.time()
+                while not follow.done():
+                    await self._relist(kv)
+                    await asyncio.sleep(RELIST_INTERVAL)
+                    if self._records and loop.time() - self._heard > WATCH_SILENCE:
+                        # records are rewritten every heartbeat: a silent watch is stuck
+                        # (e.g. after a NATS restart); make a new one
+                        self.log.warning("discovery watch silent; renewing it")
+                        follow.cancel()
+                        break
+                if not follow.cancelled():
+                    follow.result()
+            except nats.js.errors.BucketNotFoundError:
+                if not announced:
+                    self.log.info("discovery bucket not there yet; waiting", bucket=self.bucket)
+                    announced = True
+            except asyncio.CancelledError:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS trouble: retry, never give up
+                self.log.warning(
+                    "discovery watch failed; retrying", error=f"{type(exc).__name__}: {exc}"
+                )
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+            await asyncio.sleep(RELIST_INTERVAL)
+
+    async def _follow(self, watcher: Any) -> None:
+        async for entry in watcher:
+            self._heard = asyncio.get_running_loop().time()
+            if entry is None:  # the end of the initial values
+                continue
+            if entry.operation in ("DEL", "PURGE"):
+                self._remove(entry.key, entry.revision, "deleted")
+            else:
+                self._upsert(entry.key, entry.revision, entry.value)
+
+    async def _relist(self, kv: KeyValue) -> None:
+        """Make the view equal to the bucket (catches leases that expired silently).
+
+        One `stream_info` with the bucket's subjects (no JetStream consumer: a consumer
+        per re-list would outlive it and run the server out of them): a known key whose
+        subject has no message left, and whose revision is not newer than the stream,
+        has expired. A key the watch missed is fetched (a direct get, no consumer)."""
+        js = self.nc.jetstream()
+        prefix = f"$KV.{self.bucket}."
+        info = await js.stream_info(
+            f"KV_{self.bucket}", subjects_filter=f"{prefix}{self.namespace}.>"
+        )
+        high_water = int(info.state.last_seq)
+        present = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+        for key in present - self._records.keys() - self._deleted.keys():
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyDeletedError as exc:  # its last message is a delete
+                revision = getattr(exc.entry, "revision", None)
+                if revision is not None:
+                    self._remove(key, int(revision), "deleted")
+                continue
+            except nats.js.errors.KeyNotFoundError:  # gone meanwhile
+                continue
+            self._upsert(key, int(entry.revision or 0), entry.value)
+        for key, (revision, _) in list(self._records.items()):
+            if key not in present and revision <= high_water:
+                self._remove(key, revision, "lease expired")
+        for key in [k for k in self._deleted if k not in present]:  # its marker expired too
+            del self._deleted[key]
+
+    # --- applying changes -------------------------------------------------------------------
+
+    def _upsert(self, key: str, revision: int, value: bytes | None) -> None:
+        known = self._records.get(key)
+        if (known is not None and known[0] >= revision) or self._deleted.get(key, -1) >= revision:
+            return
+        if not value:
+            return
+        try:
+            record = decode_json(value, InstanceRecord)
+        except DecodeError as exc:
+            self.log.warning("undecodable discovery record ignored", key=key, error=str(exc))
+            return
+        self._records[key] = (revision, record)
+        self._deleted.pop(key, None)
+        down = self._down.get(record.instance_id)
+        if down is not None and revision > down:
+            del self._down[record.instance_id]
+            self.log.info("instance alive again", instance_id=record.instance_id)
+        if known is None:
+            card = record.model
+            self.log.info(
+                "instance added",
+                key=key,
+                model=card.name,
+                mode=card.mode,
+                dp_size=card.dp_size,
+                subject=record.subjects.instance,
+            )
+            self.on_change()
+
+    def _remove(self, key: str, revision: int, why: str) -> None:
+        self._deleted[key] = max(revision, self._deleted.get(key, -1))
+        known = self._records.pop(key, None)
+        if known is None:
+            return
+        instance_id = known[1].instance_id
+        if not any(r.instance_id == instance_id for _, r in self._records.values()):
+            self._down.pop(instance_id, None)
+        self.log.info("instance removed", key=key, why=why)
+        self.on_change()
+
+    # --- liveness of quiet streams ----------------------------------------------------------
+
+    async def is_lost(self, record: InstanceRecord, heard_at: float | None) -> bool:
+        """True if the instance is gone (it is then marked down); see the module docstring."""
+        instance_id = record.instance_id
+        if instance_id in self._down:
+            return True
+        loop = asyncio.get_running_loop()
+        if heard_at is not None and loop.time() - heard_at < SILENCE:
+            return False
+        shared = self._probes.get(instance_id)
+        if shared is not None:  # one probe per instance at a time; the others wait for it
+            return await asyncio.shield(shared)
+        probe = self._probes[instance_id] = loop.create_future()
+        lost = False
+        try:
+            lost = await self._probe(record)
+        finally:
+            del self._probes[instance_id]
+            if not probe.done():
+                probe.set_result(lost)
+        if lost:
+            self.mark_down(instance_id, "nothing heard from it and no answer to a probe")
+        return lost
+
+    async def _probe(self, record: InstanceRecord) -> bool:
+        try:
+            await self.nc.request(record.subjects.tree, b"", timeout=PROBE_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            return True
+        except Exception:  # noqa: BLE001 - slow or unreachable is not gone: the deadline decides
+            return False
+        return False

@@ -1,0 +1,114 @@
+"""HTTP plumbing: bodies, JSON and error responses, server-sent events, and noticing a
+client that went away (so its request is cancelled on the node at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from actors.frontend.errors import FrontendError
+
+__all__ = [
+    "ClientGone",
+    "SseResponse",
+    "error_response",
+    "json_response",
+    "read_body",
+    "sse_event",
+    "until_disconnect",
+]
+
+T = TypeVar("T")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response (encoded with msgspec)."""
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
+
+
+def error_response(error: FrontendError) -> Response:
+    """OpenAI's error body with the error's status."""
+    return json_response(error.body(), error.status)
+
+
+def sse_event(body: Any) -> bytes:
+    """One server-sent event carrying `body` as JSON."""
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 beyond `MAX_BODY_BYTES`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise FrontendError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise FrontendError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    return body
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; if the client disconnects first, cancel it and raise `ClientGone`."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(watch, task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+class SseResponse(StreamingResponse):
+    """A text/event-stream response that stops at once when the client disconnects, and
+    always closes its iterator (whose cleanup cancels the request on the node)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: Any, **kwargs: Any) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, headers=headers, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_all() -> None:
+            with contextlib.suppress(OSError):  # the client went away mid-write
+                await self.stream_response(send)
+
+        streaming = asyncio.ensure_future(send_all())
+        watching = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, watching):
+                task.cancel()
+            await asyncio.gather(streaming, watching, return_exceptions=True)
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+        failure = None if streaming.cancelled() else streaming.exception()
+        if failure is not None:
+            raise failure

@@ -1,0 +1,148 @@
+"""`FrontendState`: what the HTTP routes use, living on the frontend's event loop.
+
+It owns the discovery watcher, the KV/load indexer (fed by `{ns}.*.kv_events` and
+`{ns}.*.load_metrics`), the router, the tokenizers and the dispatcher, all on the one
+NATS connection of the frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from actors.frontend import metrics
+from actors.frontend.discovery import Discovery
+from actors.frontend.dispatch import Dispatcher
+from actors.frontend.indexer import KvIndexer
+from actors.frontend.replies import ReplyMux
+from actors.frontend.router import Router
+from actors.frontend.tokenizers import TokenizerCache
+from messages.codec import DecodeError, decode_json
+from messages.kv import KvEventBatch
+from messages.metrics import LoadMetrics
+from supervisor.config import NodeConfig
+
+__all__ = ["FrontendState"]
+
+PRUNE_INTERVAL = 5.0
+PRUNE_GRACE = 30.0  # events of an instance not (yet) in discovery are kept this long
+
+
+class FrontendState:
+    """The frontend's components on its event loop; see the module docstring."""
+
+    def __init__(self, nc: Client, config: NodeConfig, log: Any) -> None:
+        frontend = config.frontend
+        self.nc = nc
+        self.config = config
+        self.log = log
+        self.namespace = config.node.namespace
+        self.request_timeout = frontend.request_timeout
+        self.indexer = KvIndexer()
+        self.tokenizers = TokenizerCache(log)
+        self.discovery = Discovery(
+            nc, config.discovery.bucket, self.namespace, log, self._on_discovery_change
+        )
+        self.router = Router(frontend.routing, frontend.kv_block_weight, frontend.load_weight)
+        self.mux = ReplyMux(nc)
+        self.dispatcher = Dispatcher(
+            nc, self.mux, self.discovery, self.indexer, self.router, self.spawn, log
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Any] = []
+        self._pruning: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Subscribe to the event plane and start watching discovery."""
+        await self.mux.start()
+        self._subscriptions = [
+            await self.nc.subscribe(f"{self.namespace}.*.kv_events", cb=self._on_kv_events),
+            await self.nc.subscribe(f"{self.namespace}.*.load_metrics", cb=self._on_metrics),
+        ]
+        self.discovery.start()
+        self._pruning = asyncio.get_running_loop().create_task(self._prune())
+
+    async def close(self) -> None:
+        """Stop watching, cancel background work, unsubscribe."""
+        await self.discovery.stop()
+        if self._pruning is not None:
+            self._pruning.cancel()
+        if self._tasks:  # e.g. the cancels of streams cut by the stop: let them go out
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        await self.mux.stop()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background (kept referenced until done; failures logged)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.warning("background task failed", error=f"{type(exc).__name__}: {exc}")
+
+    # --- the event plane --------------------------------------------------------------------
+
+    async def _on_kv_events(self, msg: Msg) -> None:
+        try:
+            batch = decode_json(msg.data, KvEventBatch)
+        except DecodeError:
+            metrics.KV_BATCHES.labels("undecodable").inc()
+            return
+        outcome = self.indexer.apply(batch, asyncio.get_running_loop().time())
+        metrics.KV_BATCHES.labels(outcome).inc()
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        try:
+            sample = decode_json(msg.data, LoadMetrics)
+        except DecodeError:
+            return
+        self.indexer.apply_metrics(sample, asyncio.get_running_loop().time())
+
+    async def _prune(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            live = {r.instance_id for r in self.discovery.records()}
+            now = asyncio.get_running_loop().time()
+            self.indexer.expire(now)
+            for instance_id in self.indexer.prune(live, now, PRUNE_GRACE):
+                self.log.info("forgot the KV view of a departed instance", instance_id=instance_id)
+
+    def _on_discovery_change(self) -> None:
+        for record in self.discovery.live():
+            self.tokenizers.warm(record.model)
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges that describe the current view (before a scrape)."""
+        metrics.INSTANCES.clear()
+        for _, mode in {(r.instance_id, r.model.mode) for r in self.discovery.live()}:
+            metrics.INSTANCES.labels(mode).inc()
+        metrics.INDEXED_BLOCKS.clear()
+        for (instance_id, rank), count in self.indexer.block_counts().items():
+            metrics.INDEXED_BLOCKS.labels(instance_id, str(rank)).set(count)
+
+    def health(self) -> dict[str, Any]:
+        """What `/health` reports."""
+        live = self.discovery.live()
+        return {
+            "status": "ok" if self.nc.is_connected else "nats_disconnected",
+            "nats_connected": self.nc.is_connected,
+            "instances": len(live),
+            "registered": len(self.discovery.records()),
+            "models": sorted({r.model.name for r in live}),
+            "routing": self.router.policy,
+        }

@@ -1,0 +1,207 @@
+"""Nodes that die, join and leave behind one frontend.
+
+Three sim nodes (20 ms per decode step, 2 ms per prefill token; a 3 s lease) on one NATS,
+and a frontend. Nodes are killed with SIGKILL of their whole process group, as a crash
+of the machine would: nothing deregisters, nothing answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.frontend.harness import Frontend, node_metric, sim_answer, start_frontend, wait_until
+from tests.node.harness import NatsServer, NodeProcess, start_node
+
+LEASE = {"lease_ttl": 3.0, "heartbeat": 1.0}
+SIM = {"decode_time_per_step": 0.02, "prefill_time_per_token": 0.002}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("frontend-failover")
+    server = NatsServer(tmp)
+    nodes: list[NodeProcess] = []
+    frontend: Frontend | None = None
+    try:
+        for name in ("n1", "n2", "n3"):
+            nodes.append(
+                start_node(
+                    tmp,
+                    name=name,
+                    embedded_nats=False,
+                    nats_url=server.url,
+                    engine__sim=SIM,
+                    discovery=LEASE,
+                )
+            )
+        frontend = start_frontend(tmp, server.url, discovery=LEASE)
+        for node in nodes:
+            node.wait_ready(60)
+        frontend.wait_instances(3)
+        yield {"server": server, "tmp": tmp, "nodes": nodes, "frontend": frontend}
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        for node in nodes:
+            node.kill()
+        server.stop()
+
+
+def _alive(nodes: list[NodeProcess]) -> list[NodeProcess]:
+    return [n for n in nodes if n.proc.poll() is None]
+
+
+def _busiest(nodes: list[NodeProcess]) -> NodeProcess | None:
+    loads = [(node_metric(n, "sgl_node_inflight_requests"), i) for i, n in enumerate(nodes)]
+    load, index = max(loads)
+    return nodes[index] if load > 0 else None
+
+
+def test_a_request_whose_node_dies_before_its_first_token_is_served_by_another(
+    fleet: dict[str, Any],
+) -> None:
+    frontend: Frontend = fleet["frontend"]
+    nodes = _alive(fleet["nodes"])
+    prompt = "long prompt " * 125  # 1500 tokens: 3 s of prefill
+    ids = [b + 3 for b in prompt.encode()]
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            stream = frontend.client().completions.create(
+                model="sim", prompt=prompt, max_tokens=5, stream=True
+            )
+            outcome["text"] = "".join(c.choices[0].text for c in stream if c.choices)
+        except openai.APIError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    holder: list[NodeProcess] = []
+
+    def taken() -> bool:
+        node = _busiest(nodes)
+        if node is not None:
+            holder.append(node)
+        return node is not None
+
+    wait_until(taken, 2.0, "a node took the request")
+    holder[0].kill()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["text"] == sim_answer(ids, 5)
+    assert frontend.metric("sgl_frontend_failovers_total") >= 1
+
+
+def test_a_node_killed_mid_run_loses_no_request_and_later_ones_go_to_the_survivors(
+    fleet: dict[str, Any],
+) -> None:
+    frontend: Frontend = fleet["frontend"]
+    nodes = _alive(fleet["nodes"])
+    assert len(nodes) == 2
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        client = frontend.client()
+        messages = [{"role": "user", "content": f"burst {i}"}]
+        try:
+            if i % 2:
+                stream = client.chat.completions.create(
+                    model="sim",
+                    messages=messages,
+                    max_tokens=60,
+                    stream=True,  # type: ignore[arg-type]
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            else:
+                answer = client.chat.completions.create(
+                    model="sim", messages=messages, max_tokens=60
+                )  # type: ignore[arg-type]
+                text = answer.choices[0].message.content or ""
+            result = "ok" if len(text) == 60 else f"short answer: {text!r}"
+        except openai.APIError as exc:
+            result = f"error: {exc.message}"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.6)  # every request is decoding by now
+    victim = _busiest(nodes)
+    assert victim is not None
+    killed_at = time.monotonic()
+    victim.kill()
+    unlisted: list[float] = []  # when the frontend dropped the dead node's record
+
+    def watch_lease() -> None:
+        while time.monotonic() - killed_at < 10.0 and not unlisted:
+            if frontend.health()["registered"] == 1:
+                unlisted.append(time.monotonic())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch_lease)
+    watcher.start()
+    survivor = next(n for n in nodes if n is not victim)
+    for thread in threads:
+        thread.join(30)
+    assert not any(t.is_alive() for t in threads), "a request never ended"
+    assert len(outcomes) == 12
+    errors = [o for o in outcomes if o != "ok"]
+    assert all(o.startswith("error:") and "lost" in o for o in errors), errors
+    assert len(errors) < 12
+    print(
+        f"\nburst of 12 with a node killed: {12 - len(errors)} completed, {len(errors)} ended with an error: {errors[:2]}"
+    )
+
+    before = node_metric(survivor, "sgl_node_requests_total", {"outcome": "length"})
+    client = frontend.client()
+    for i in range(5):
+        answer = client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": f"after {i}"}], max_tokens=3
+        )
+        assert answer.choices[0].finish_reason == "length"
+    after = node_metric(survivor, "sgl_node_requests_total", {"outcome": "length"})
+    assert after - before == 5
+    # the dead node's lease runs out (3 s after its last heartbeat): its record goes
+    watcher.join(15)
+    assert unlisted, "the dead node's record was never dropped"
+    assert unlisted[0] - killed_at < LEASE["lease_ttl"] + 1.5
+
+
+def test_nodes_that_join_or_leave_show_within_a_second(fleet: dict[str, Any]) -> None:
+    frontend: Frontend = fleet["frontend"]
+    count = frontend.health()["registered"]
+    late = start_node(
+        fleet["tmp"],
+        name="late",
+        embedded_nats=False,
+        nats_url=fleet["server"].url,
+        engine__sim=SIM,
+        discovery=LEASE,
+    )
+    try:
+        late.wait_ready(60)
+        joined = wait_until(
+            lambda: frontend.health()["registered"] == count + 1, 5.0, "the new node listed"
+        )
+        assert joined < 1.0
+        answer = frontend.client().chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+        )
+        assert answer.choices[0].finish_reason == "length"
+        stopped_at = time.monotonic()
+        late.proc.terminate()  # an ordered stop deletes the record first
+        wait_until(lambda: frontend.health()["registered"] == count, 5.0, "the node unlisted")
+        assert time.monotonic() - stopped_at < 1.5
+        assert late.proc.wait(30) == 0
+    finally:
+        late.kill()
