@@ -1,8 +1,8 @@
 """`FrontendState`: what the HTTP routes use, living on the frontend's event loop.
 
 It owns the discovery watcher, the KV/load indexer (fed by `{ns}.*.kv_events` and
-`{ns}.*.load_metrics`), the router, the tokenizers and the dispatcher, all on the one
-NATS connection of the frontend.
+`{ns}.*.load_metrics`, after a replay of the durable KV event streams), the router, the
+tokenizers and the dispatcher, all on the one NATS connection of the frontend.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from actors.frontend import metrics
 from actors.frontend.discovery import Discovery
 from actors.frontend.dispatch import Dispatcher
 from actors.frontend.indexer import KvIndexer
+from actors.frontend.replay import KvReplay
 from actors.frontend.replies import ReplyMux
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
@@ -31,6 +32,7 @@ __all__ = ["FrontendState"]
 
 PRUNE_INTERVAL = 5.0
 PRUNE_GRACE = 30.0  # events of an instance not (yet) in discovery are kept this long
+REPLAY_TIMEOUT = 30.0  # reading the durable KV event streams at start
 
 
 class FrontendState:
@@ -44,6 +46,7 @@ class FrontendState:
         self.namespace = config.node.namespace
         self.request_timeout = frontend.request_timeout
         self.indexer = KvIndexer()
+        self.replay = KvReplay(nc, self.namespace, self._apply_kv, log)
         self.tokenizers = TokenizerCache(log)
         self.discovery = Discovery(
             nc, config.discovery.bucket, self.namespace, log, self._on_discovery_change
@@ -64,6 +67,7 @@ class FrontendState:
             await self.nc.subscribe(f"{self.namespace}.*.kv_events", cb=self._on_kv_events),
             await self.nc.subscribe(f"{self.namespace}.*.load_metrics", cb=self._on_metrics),
         ]
+        await self.replay.run(REPLAY_TIMEOUT)  # live batches are held meanwhile
         self.discovery.start()
         self._pruning = asyncio.get_running_loop().create_task(self._prune())
 
@@ -101,6 +105,9 @@ class FrontendState:
         except DecodeError:
             metrics.KV_BATCHES.labels("undecodable").inc()
             return
+        self.replay.live(batch)
+
+    def _apply_kv(self, batch: KvEventBatch) -> None:
         outcome = self.indexer.apply(batch, asyncio.get_running_loop().time())
         metrics.KV_BATCHES.labels(outcome).inc()
 
