@@ -7,6 +7,7 @@ field at fault (`stop.max_tokens`) so the caller can be told precisely what is w
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, TypeVar
 
 import msgspec
@@ -19,6 +20,10 @@ _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 _msgpack_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+# msgspec builds a type's decoding tables on first use, and two threads doing that at once
+# for the same types can crash the interpreter (a segfault, seen with two handlers taking
+# their first requests together): decoders are made one at a time, under this lock.
+_building = threading.Lock()
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -54,6 +59,22 @@ def _error(exc: msgspec.DecodeError, type_: Any) -> DecodeError:
     return DecodeError(name, field, problem)
 
 
+def _json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
+    with _building:
+        decoder = _json_decoders.get(type_)
+        if decoder is None:
+            decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+        return decoder
+
+
+def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
+    with _building:
+        decoder = _msgpack_decoders.get(type_)
+        if decoder is None:
+            decoder = _msgpack_decoders[type_] = msgspec.msgpack.Decoder(type_)
+        return decoder
+
+
 def encode_json(obj: Any) -> bytes:
     """Encode a message for NATS."""
     return _json_encoder.encode(obj)
@@ -61,9 +82,7 @@ def encode_json(obj: Any) -> bytes:
 
 def decode_json(data: bytes | str, type_: type[T]) -> T:
     """Decode NATS bytes into `type_`, or raise `DecodeError`."""
-    decoder = _json_decoders.get(type_)
-    if decoder is None:
-        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+    decoder = _json_decoders.get(type_) or _json_decoder(type_)
     try:
         return decoder.decode(data)  # type: ignore[no-any-return]
     except msgspec.DecodeError as exc:
@@ -85,9 +104,7 @@ def encode_msgpack(obj: Any) -> bytes:
 
 def decode_msgpack(data: bytes, type_: Any) -> Any:
     """Decode engine host channel bytes into `type_` (a type or union), or raise `DecodeError`."""
-    decoder = _msgpack_decoders.get(type_)
-    if decoder is None:
-        decoder = _msgpack_decoders[type_] = msgspec.msgpack.Decoder(type_)
+    decoder = _msgpack_decoders.get(type_) or _msgpack_decoder(type_)
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:
