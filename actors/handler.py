@@ -6,14 +6,21 @@ chunk by chunk to the reply subject. Every accepted request ends with a finish r
 tokens, `cancelled`, `shutdown`, or `error` with a code. On stop the handler takes no new
 requests, lets in-flight ones finish within the drain timeout, then ends the rest with
 `shutdown`.
+
+Chunks can be lost in transit (a NATS server restart drops what it was carrying), so the
+handler keeps every stream's chunks while it runs and for `handlers.resume_window` seconds
+after it ended (within `handlers.resume_buffer_bytes`); a client that sees a gap, or hears
+nothing for a while, asks on the resume subject and gets them again.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pykka
 
 from actors import node_metrics
@@ -29,6 +36,7 @@ from messages.node import (
     GetLink,
     IncomingCancel,
     IncomingRequest,
+    IncomingResume,
     SubmitEmbed,
     SubmitGenerate,
     Tick,
@@ -40,6 +48,7 @@ from messages.request import (
     EmbedResponse,
     ErrorInfo,
     GenerateRequest,
+    ResumeRequest,
     StreamChunk,
     error_chunk,
 )
@@ -62,6 +71,16 @@ class _Stream:
     last_chunk_at: float | None = None
     ending: str = ""  # why we asked the engine to stop it: cancelled | deadline_exceeded | shutdown
     timers: list[Timer] = field(default_factory=list)
+    sent: list[bytes] = field(default_factory=list)  # the chunks published, for resume
+
+
+@dataclass
+class _Ended:
+    """An ended stream's chunks, kept for resume requests."""
+
+    ended_at: float
+    sent: list[bytes]
+    size: int
 
 
 class HandlerActor(SupervisedActor):
@@ -91,6 +110,8 @@ class HandlerActor(SupervisedActor):
         self._streams: dict[str, _Stream] = {}
         self._outbox: list[tuple[str, bytes, str]] | None = None
         self._draining = False
+        self._ended: collections.OrderedDict[str, _Ended] = collections.OrderedDict()
+        self._ended_bytes = 0
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -105,12 +126,17 @@ class HandlerActor(SupervisedActor):
         def on_cancel(_subject: str, _reply: str, data: bytes) -> None:
             ref.tell(IncomingCancel(data))
 
+        def on_resume(_subject: str, reply: str, data: bytes) -> None:
+            ref.tell(IncomingResume(reply, data))
+
         assert self.link is not None
         self._subscriptions = [
             self.link.subscribe(self.subjects.generate, on_request, queue=self.subjects.generate),
             self.link.subscribe(self.subjects.instance, on_request, queue=self.subjects.instance),
             self.link.subscribe(self.subjects.cancel, on_cancel),
         ]
+        if self.subjects.resume:
+            self._subscriptions.append(self.link.subscribe(self.subjects.resume, on_resume))
 
     def on_stop_request(self, request: StopRequest) -> None:
         # Not a blocking drain: the actor keeps handling engine output while it drains.
@@ -177,6 +203,8 @@ class HandlerActor(SupervisedActor):
                         self.link.publish_many(outbox)
             case IncomingCancel(data=data):
                 self._on_cancel(data)
+            case IncomingResume():
+                self._on_resume(message)
             case Tick(kind=kind) if kind.startswith("deadline:"):
                 self._on_deadline(kind.removeprefix("deadline:"))
             case Tick(kind=kind) if kind.startswith("deadline_grace:"):
@@ -390,6 +418,51 @@ class HandlerActor(SupervisedActor):
             stream.ending = "cancelled"
             self._abort_in_engine(cancel.request_id, "cancelled")
 
+    def _on_resume(self, message: IncomingResume) -> None:
+        try:
+            asked = decode_json(message.data, ResumeRequest)
+        except DecodeError:
+            return  # not ours to answer: nobody knows who should
+        self._prune_ended()
+        stream = self._streams.get(asked.request_id)
+        if stream is not None:
+            sent, ended = stream.sent, False
+        else:
+            kept = self._ended.get(asked.request_id)
+            if kept is None or not message.reply:
+                return  # another handler's or node's, or forgotten: the client hears silence
+            sent, ended = kept.sent, True
+        answer = {
+            "request_id": asked.request_id,
+            "chunks": [msgspec.Raw(chunk) for chunk in sent[asked.from_index :]],
+            "ended": ended,
+        }
+        node_metrics.RESUMES.labels("ended" if ended else "running").inc()
+        self.log.info(
+            "stream resumed",
+            request_id=asked.request_id,
+            from_index=asked.from_index,
+            chunks=len(sent) - min(asked.from_index, len(sent)),
+            ended=ended,
+        )
+        assert self.link is not None
+        self.link.publish(message.reply, msgspec.json.encode(answer))
+
+    def _keep_ended(self, request_id: str, sent: list[bytes]) -> None:
+        kept = _Ended(self.context.clock.now(), sent, sum(len(chunk) for chunk in sent))
+        self._ended[request_id] = kept
+        self._ended_bytes += kept.size
+        self._prune_ended()
+
+    def _prune_ended(self) -> None:
+        now = self.context.clock.now()
+        while self._ended:
+            oldest = next(iter(self._ended.values()))
+            expired = now - oldest.ended_at > self.limits.resume_window
+            if not expired and self._ended_bytes <= self.limits.resume_buffer_bytes:
+                break
+            self._ended_bytes -= self._ended.popitem(last=False)[1].size
+
     def _on_deadline(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is None or stream.ending:
@@ -435,6 +508,7 @@ class HandlerActor(SupervisedActor):
             self._outbox.append((stream.reply, data, ""))
         else:
             self.link.publish(stream.reply, data)
+        stream.sent.append(data)
         stream.index += 1
 
     def _end_stream(
@@ -458,6 +532,7 @@ class HandlerActor(SupervisedActor):
             self.link.publish(stream.reply, encode_json(answer))
         else:
             self._publish(stream, chunk)
+            self._keep_ended(request_id, stream.sent)
         outcome = chunk.error.code if chunk.error else (chunk.finish_reason or "unknown")
         node_metrics.REQUESTS.labels(outcome).inc()
         node_metrics.E2E.observe(self.context.clock.now() - stream.received_at)
@@ -472,7 +547,10 @@ class HandlerActor(SupervisedActor):
     ) -> None:
         node_metrics.REQUESTS.labels(code).inc()
         assert self.link is not None
-        self.link.publish(reply, encode_json(error_chunk(request_id, 0, code, message, field_name)))
+        data = encode_json(error_chunk(request_id, 0, code, message, field_name))
+        self.link.publish(reply, data)
+        if request_id and request_id not in self._streams and request_id not in self._ended:
+            self._keep_ended(request_id, [data])
 
     def _later(self, delay: float, tick: Tick) -> Timer:
         ref = self.actor_ref

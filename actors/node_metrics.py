@@ -19,6 +19,12 @@ REQUESTS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+RESUMES = Counter(
+    "sgl_node_stream_resumes",
+    "Resume requests answered (chunks lost in transit sent again), by the stream's state",
+    ["state"],
+    registry=REGISTRY,
+)
 TTFT = Histogram(
     "sgl_node_time_to_first_token_seconds",
     "Request received to first token published",

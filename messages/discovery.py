@@ -37,6 +37,7 @@ class Subjects(msgspec.Struct, frozen=True):
     load_metrics: str
     tree: str
     admin: str = ""  # only when [admin] is enabled
+    resume: str = ""  # ask again for chunks lost in transit (ResumeRequest)
 
 
 class InstanceRecord(msgspec.Struct, frozen=True):

@@ -23,6 +23,7 @@ __all__ = [
     "GetRegistration",
     "IncomingCancel",
     "IncomingRequest",
+    "IncomingResume",
     "LinkChanged",
     "RegistrationStatus",
     "SubmitEmbed",
@@ -59,6 +60,13 @@ class IncomingRequest(msgspec.Struct, frozen=True):
 class IncomingCancel(msgspec.Struct, frozen=True):
     """A raw cancel message from the cancel subject."""
 
+    data: bytes
+
+
+class IncomingResume(msgspec.Struct, frozen=True):
+    """A raw resume request (chunks lost in transit) from the resume subject."""
+
+    reply: str
     data: bytes
 
 

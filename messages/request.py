@@ -24,6 +24,8 @@ __all__ = [
     "ErrorInfo",
     "GenerateRequest",
     "OutputOptions",
+    "ResumeReply",
+    "ResumeRequest",
     "SamplingOptions",
     "StopConditions",
     "StreamChunk",
@@ -51,6 +53,7 @@ ERROR_CODES: dict[str, bool] = {
     "deadline_exceeded": False,  # the request's timeout ran out
     "not_ready": True,  # the node is starting or stopping
     "internal": False,  # a bug; the node logs it with the request id
+    "stream_lost": True,  # chunks were lost in transit and no node holds them any more
 }
 
 
@@ -218,6 +221,26 @@ class CancelRequest(_Wire, frozen=True):
     """Cancel an in-flight request by id (broadcast on the cancel subject)."""
 
     request_id: RequestId
+
+
+class ResumeRequest(_Wire, frozen=True):
+    """Ask again for a stream's chunks from `from_index` on, after some were lost in transit
+    (a NATS server restart, a dropped connection). Broadcast on the resume subject with a
+    reply subject; the node holding the request answers with a `ResumeReply`, the others
+    stay silent."""
+
+    request_id: RequestId
+    from_index: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class ResumeReply(_Wire, frozen=True):
+    """The chunks of a stream from the asked index on, as the node sent them; `ended` says
+    the last of them has the finish reason (the node keeps ended streams for
+    `handlers.resume_window` seconds)."""
+
+    request_id: str
+    chunks: list[StreamChunk] = []
+    ended: bool = False
 
 
 def error_chunk(

@@ -95,6 +95,7 @@ class Verdict(msgspec.Struct):
     completed: int = 0
     errors: dict[str, int] = {}
     lost: int = 0
+    lost_detail: list[dict[str, Any]] = []  # when each lost request started and how it ended
     faults: list[dict[str, Any]] = []
     restarts: dict[str, int] = {}
     kv_view_equal: bool | None = None
@@ -201,7 +202,8 @@ class Runner:
         self.scenario = scenario
         self.node = node
         self.token = token
-        self.verdict = Verdict(scenario=scenario.name, errors={})
+        self.verdict = Verdict(scenario=scenario.name, errors={}, lost_detail=[])
+        self.started = time.monotonic()
         self.kv: dict[int, set[int]] = collections.defaultdict(set)
         self.stop_load = asyncio.Event()
 
@@ -213,7 +215,7 @@ class Runner:
             clients = [
                 asyncio.create_task(self._client(client)) for _ in range(self.scenario.load.clients)
             ]
-            started = time.monotonic()
+            started = self.started = time.monotonic()
             for fault in sorted(self.scenario.faults, key=lambda f: f.at):
                 await asyncio.sleep(max(0.0, started + fault.at - time.monotonic()))
                 await self._inject(client, fault)
@@ -242,10 +244,14 @@ class Runner:
             )
             self.verdict.sent += 1
             last = None
+            chunks = 0
+            why = ""
+            sent_at = time.monotonic() - self.started
             try:
                 async with asyncio.timeout(load.deadline + 5.0):
                     async for chunk in client.generate(request, idle_timeout=load.deadline + 5.0):
                         last = chunk
+                        chunks += 1
             except NoRespondersError:
                 # The node is away from NATS (cut, restart): the client is told at once.
                 self.verdict.errors["no_responders"] = (
@@ -253,10 +259,20 @@ class Runner:
                 )
                 await asyncio.sleep(0.2)
                 continue
-            except (TimeoutError, Exception):  # noqa: BLE001 - anything but a terminal chunk
+            except (TimeoutError, Exception) as exc:  # noqa: BLE001 - anything but a terminal chunk
                 last = None
+                why = f"{type(exc).__name__}: {exc}"
             if last is None or last.finish_reason is None:
                 self.verdict.lost += 1
+                self.verdict.lost_detail.append(
+                    {
+                        "sent_at": round(sent_at, 3),
+                        "gave_up_at": round(time.monotonic() - self.started, 3),
+                        "chunks": chunks,
+                        "why": why or "the stream ended without a finish reason",
+                        "request_id": request.request_id,
+                    }
+                )
             elif last.finish_reason in ("stop", "length"):
                 self.verdict.completed += 1
             else:
@@ -368,6 +384,13 @@ def print_verdict(verdict: Verdict) -> None:
             ", ".join(f"{k}: {v}" for k, v in sorted(verdict.errors.items())) or "0",
         ),
         ("LOST", verdict.lost),
+        *(
+            (
+                f"  lost {d['request_id'][:8]}",
+                f"sent at {d['sent_at']} s, {d['chunks']} chunks, {d['why']}",
+            )
+            for d in verdict.lost_detail
+        ),
         ("restarts", ", ".join(f"{k}: {v}" for k, v in sorted(verdict.restarts.items())) or "none"),
         ("KV view equal", f"{verdict.kv_view_equal} ({verdict.kv_detail})"),
     ]

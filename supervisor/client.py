@@ -37,15 +37,39 @@ from messages.request import (
     EmbedRequest,
     EmbedResponse,
     GenerateRequest,
+    ResumeReply,
+    ResumeRequest,
     StopConditions,
     StreamChunk,
+    error_chunk,
 )
 from supervisor.config import DiscoverySection, NodeSection
 
-__all__ = ["NoRespondersError", "NodeClient", "main"]
+__all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main"]
 
 _NODE = NodeSection()
 _DISCOVERY = DiscoverySection()
+_POLL = 0.25  # seconds between checks for gaps, reconnects and silence while streaming
+_PROBE_INTERVAL = 1.0  # at most one resume request per stream this often
+_RESUME_TIMEOUT = 2.0
+
+
+async def ask_resume(
+    nc: Client, subject: str, request_id: str, from_index: int, timeout: float
+) -> ResumeReply | None:
+    """Ask, on the `resume` subject, the node holding `request_id` for its chunks from
+    `from_index` on; None if no node answers (or the connection is down just now)."""
+    ask = encode_json(ResumeRequest(request_id, from_index))
+    try:
+        msg = await nc.request(subject, ask, timeout=timeout)
+    except nats.errors.ConnectionClosedError:
+        raise
+    except (nats.errors.Error, TimeoutError):
+        return None  # nobody holds it, nobody serves the subject, or reconnecting
+    try:
+        return decode_json(msg.data, ResumeReply)
+    except DecodeError:
+        return None
 
 
 class NoRespondersError(ConnectionError):
@@ -77,6 +101,7 @@ class NodeClient:
         }
         self.connect_options.update(connect_options or {})
         self.nc: Client | None = None
+        self._reconnects = 0  # streams ask for what they may have missed when this moves
 
     @property
     def base(self) -> str:
@@ -85,7 +110,15 @@ class NodeClient:
 
     async def connect(self) -> NodeClient:
         """Connect to NATS."""
-        self.nc = await nats.connect(servers=self.servers, **self.connect_options)
+        options = dict(self.connect_options)
+        user_callback = options.pop("reconnected_cb", None)
+
+        async def reconnected() -> None:
+            self._reconnects += 1
+            if user_callback is not None:
+                await user_callback()
+
+        self.nc = await nats.connect(servers=self.servers, reconnected_cb=reconnected, **options)
         return self
 
     async def close(self) -> None:
@@ -115,6 +148,8 @@ class NodeClient:
         request: GenerateRequest | bytes,
         instance_id: str | None = None,
         idle_timeout: float = 120.0,
+        probe_after: float = 5.0,
+        lost_after: float = 15.0,
     ) -> AsyncIterator[StreamChunk]:
         """Send a request and yield its chunks until the one with a finish reason.
 
@@ -122,30 +157,79 @@ class NodeClient:
         picks one node; otherwise NATS spreads requests over the nodes. Raises
         `NoRespondersError` if nobody serves the subject and `TimeoutError` if no chunk
         comes for `idle_timeout` seconds.
+
+        Chunks lost in transit (a NATS server restart drops what it carries) are asked for
+        again on the resume subject: at once on a gap in the indices, after this client
+        reconnected, and after `probe_after` seconds of silence. If no node answers for
+        `lost_after` seconds, the stream ends with a `stream_lost` error chunk.
         """
         nc = self._nc()
         subject = f"{self.base}.{self.endpoint}" + (f".{instance_id}" if instance_id else "")
+        data = request if isinstance(request, bytes) else encode_json(request)
+        request_id = request.request_id if isinstance(request, GenerateRequest) else ""
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
+        loop = asyncio.get_running_loop()
+        expected = 0  # the index of the next chunk to yield
+        early: dict[int, StreamChunk] = {}  # chunks that came after a gap
+        # the last chunk; the last chunk or answer from a node; the last resume request
+        chunk_at = heard_at = probed_at = loop.time()
+        reconnects = self._reconnects
         try:
-            data = request if isinstance(request, bytes) else encode_json(request)
             await nc.publish(subject, data, reply=inbox)
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=idle_timeout)
+                    msg = await sub.next_msg(timeout=_POLL)
                 except nats.errors.TimeoutError:
+                    msg = None
+                if msg is not None:
+                    if msg.headers and msg.headers.get("Status") == "503":
+                        msg_text = f"no node serves {subject}"
+                        raise NoRespondersError(msg_text)
+                    chunk = decode_json(msg.data, StreamChunk)
+                    request_id = request_id or chunk.request_id
+                    chunk_at = heard_at = loop.time()
+                    if chunk.index >= expected:
+                        early[chunk.index] = chunk
+                while expected in early:
+                    chunk = early.pop(expected)
+                    expected += 1
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+                now = loop.time()
+                if now - chunk_at >= idle_timeout:
                     msg_text = f"no chunk for {idle_timeout:g}s on {subject}"
-                    raise TimeoutError(msg_text) from None
-                if msg.headers and msg.headers.get("Status") == "503":
-                    msg_text = f"no node serves {subject}"
-                    raise NoRespondersError(msg_text)
-                chunk = decode_json(msg.data, StreamChunk)
-                yield chunk
-                if chunk.finish_reason is not None:
+                    raise TimeoutError(msg_text)
+                reconnected = reconnects != self._reconnects
+                if not request_id or not (early or reconnected or now - heard_at >= probe_after):
+                    continue
+                if now - probed_at < _PROBE_INTERVAL and not reconnected:
+                    continue
+                reconnects, probed_at = self._reconnects, now
+                answer = await self._resume(request_id, expected)
+                if answer is not None:
+                    heard_at = loop.time()
+                    for chunk in answer.chunks:
+                        if chunk.index >= expected:
+                            early[chunk.index] = chunk
+                    continue
+                if loop.time() - heard_at >= lost_after:
+                    why = (
+                        f"no node holds request {request_id} any more: chunks from index "
+                        f"{expected} on were lost in transit (the node restarted or is "
+                        "unreachable)"
+                    )
+                    yield error_chunk(request_id, expected, "stream_lost", why)
                     return
         finally:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 await sub.unsubscribe()
+
+    async def _resume(self, request_id: str, from_index: int) -> ResumeReply | None:
+        return await ask_resume(
+            self._nc(), f"{self.base}.resume", request_id, from_index, _RESUME_TIMEOUT
+        )
 
     async def embed(
         self, request: EmbedRequest | bytes, instance_id: str | None = None, timeout: float = 60.0

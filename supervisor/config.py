@@ -161,6 +161,10 @@ class HandlersSection(_Section, frozen=True):
     max_prompt_tokens: Pos = 32768
     max_tokens_limit: Pos = 8192
     max_streams_per_client: Annotated[int, msgspec.Meta(ge=0)] = 0  # per client_id; 0: no limit
+    # A stream's chunks stay available to `resume` requests while it runs and this long
+    # after it ended, within `resume_buffer_bytes` per handler (oldest ended ones go first).
+    resume_window: Seconds = 30.0
+    resume_buffer_bytes: Pos = 16 * 1024 * 1024
 
 
 class EventsSection(_Section, frozen=True):

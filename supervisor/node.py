@@ -111,6 +111,7 @@ def plan_node(config: NodeConfig) -> NodePlan:
         load_metrics=f"{base}.load_metrics",
         tree=f"{base}.tree.{instance_id}",
         admin=f"{base}.admin.{instance_id}" if config.admin.enabled else "",
+        resume=f"{base}.resume",
     )
     nats = config.nats
     servers = [f"nats://{nats.host}:{nats.port}"] if nats.embedded else list(nats.url)

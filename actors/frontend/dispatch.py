@@ -9,6 +9,9 @@
   a cancel for one never hits another. After a token, a lost instance ends the stream
   with a `node_lost` error chunk.
 - **Lost instances**: a stream quiet for `PROBE_AFTER` seconds asks `Discovery.is_lost`.
+- **Lost chunks**: a gap in a stream's indices, or a quiet stream, asks the node on its
+  resume subject for the chunks since the last one received (a NATS server restart drops
+  what it carries); duplicates are dropped by index.
 - **Cancel**: a stream abandoned before its last chunk (client gone, deadline) gets a
   `CancelRequest` on its instance's cancel subject.
 - **Disaggregated**: a random 63-bit bootstrap room; the prefill request and the decode
@@ -47,10 +50,13 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
+from supervisor.client import ask_resume
 
 __all__ = ["Dispatcher", "Route"]
 
 PROBE_AFTER = 1.0  # seconds without a chunk before asking whether the instance is lost
+RESUME_INTERVAL = 1.0  # at most one resume request per stream this often
+RESUME_TIMEOUT = 1.0
 DEADLINE_GRACE = 5.0  # past the request's own timeout (which the node enforces)
 MAX_ATTEMPTS = 4
 PREFILL_USAGE_WAIT = 1.0  # a decode that ends first waits this long for the prefill's usage
@@ -243,7 +249,9 @@ class Dispatcher:
         give_up_at = loop.time() + (request.timeout or 300.0) + DEADLINE_GRACE
         ended = False  # the node ended the stream, or is gone: nothing to cancel
         tokens = 0
-        index = 0  # of the next chunk (for an error chunk made here)
+        index = 0  # of the next chunk to yield
+        early: dict[int, StreamChunk] = {}  # chunks that came after a gap
+        heard_at = probed_at = loop.time()
         try:
             await self.nc.publish(record.subjects.instance, encode_json(wire), reply=reply)
             while True:
@@ -251,48 +259,77 @@ class Dispatcher:
                     try:
                         msg = await asyncio.wait_for(queue.get(), PROBE_AFTER)
                     except TimeoutError:
-                        failure = abort() if abort is not None and not tokens else None
-                        if failure is not None:
-                            raise failure from None
-                        if loop.time() > give_up_at:
-                            why = f"no answer from instance {iid} within the request's deadline"
-                            if not tokens:
-                                raise FrontendError.of_code("deadline_exceeded", why) from None
-                            yield error_chunk(wire.request_id, index, "deadline_exceeded", why)
-                            return
-                        if await self.discovery.is_lost(record, self.indexer.heard_at(iid)):
-                            ended = True
-                            why = f"instance {iid} was lost"
-                            if not tokens:
-                                raise Retry(
-                                    iid, "node_lost", FrontendError.of_code("node_lost", why)
-                                ) from None
-                            why += f" mid-stream, after {tokens} tokens"
-                            yield error_chunk(wire.request_id, index, "node_lost", why)
-                            return
-                        continue
+                        msg = None
                 else:
                     msg = queue.get_nowait()
-                if is_no_responders(msg):
+                if msg is not None and is_no_responders(msg):
                     ended = True
                     self.discovery.mark_down(iid, "no responders on its subject")
                     why = f"instance {iid} does not answer (no responders)"
                     raise Retry(iid, "no_responders", FrontendError.of_code("node_lost", why))
-                try:
-                    chunk = decode_json(msg.data, StreamChunk)
-                except DecodeError as exc:
-                    self.log.error("undecodable chunk", instance_id=iid, error=str(exc))
-                    yield error_chunk(wire.request_id, index, "internal", f"instance {iid}: {exc}")
+                if msg is not None:
+                    try:
+                        chunk = decode_json(msg.data, StreamChunk)
+                    except DecodeError as exc:
+                        self.log.error("undecodable chunk", instance_id=iid, error=str(exc))
+                        yield error_chunk(
+                            wire.request_id, index, "internal", f"instance {iid}: {exc}"
+                        )
+                        return
+                    heard_at = loop.time()
+                    if chunk.index >= index:
+                        early[chunk.index] = chunk
+                while index in early:
+                    chunk = early.pop(index)
+                    ended = chunk.finish_reason is not None
+                    index = chunk.index + 1
+                    if not tokens:
+                        retry = retry_of(chunk, iid)
+                        if retry is not None:
+                            raise retry
+                    tokens += len(chunk.token_ids)
+                    yield chunk
+                    if ended:
+                        return
+                now = loop.time()
+                silent = now - heard_at >= PROBE_AFTER
+                if not early and not silent:
+                    continue
+                # A gap in the indices, or silence: ask the node for what it sent since.
+                if record.subjects.resume and now - probed_at >= RESUME_INTERVAL:
+                    probed_at = now
+                    answer = await ask_resume(
+                        self.nc, record.subjects.resume, wire.request_id, index, RESUME_TIMEOUT
+                    )
+                    if answer is not None:
+                        if answer.chunks:
+                            metrics.RESUMED.inc()
+                        for chunk in answer.chunks:
+                            if chunk.index >= index:
+                                early[chunk.index] = chunk
+                        if early:
+                            heard_at = loop.time()
+                            continue
+                if not silent:
+                    continue
+                failure = abort() if abort is not None and not tokens else None
+                if failure is not None:
+                    raise failure from None
+                if loop.time() > give_up_at:
+                    why = f"no answer from instance {iid} within the request's deadline"
+                    if not tokens:
+                        raise FrontendError.of_code("deadline_exceeded", why) from None
+                    yield error_chunk(wire.request_id, index, "deadline_exceeded", why)
                     return
-                ended = chunk.finish_reason is not None
-                index = chunk.index + 1
-                if not tokens:
-                    retry = retry_of(chunk, iid)
-                    if retry is not None:
-                        raise retry
-                tokens += len(chunk.token_ids)
-                yield chunk
-                if ended:
+                if await self.discovery.is_lost(record, self.indexer.heard_at(iid)):
+                    ended = True
+                    why = f"instance {iid} was lost"
+                    if not tokens:
+                        raise Retry(
+                            iid, "node_lost", FrontendError.of_code("node_lost", why)
+                        ) from None
+                    why += f" mid-stream, after {tokens} tokens"
+                    yield error_chunk(wire.request_id, index, "node_lost", why)
                     return
         finally:
             self.inflight[key] -= 1

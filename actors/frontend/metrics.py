@@ -65,6 +65,11 @@ COMPLETION_TOKENS = Counter(
     "Tokens generated",
     registry=REGISTRY,
 )
+RESUMED = Counter(
+    "sgl_frontend_resumed_streams",
+    "Streams whose chunks lost in transit were asked for again and received",
+    registry=REGISTRY,
+)
 FAILOVERS = Counter(
     "sgl_frontend_failovers",
     "Requests sent again to another instance, by why",

@@ -1,0 +1,145 @@
+"""Chunks lost in transit are asked for again: the resume subject, on a real node (sim
+engine) and a real nats-server that is stopped and restarted under streams in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from messages.codec import decode_json, encode_json
+from messages.request import (
+    GenerateRequest,
+    ResumeReply,
+    ResumeRequest,
+    StopConditions,
+    StreamChunk,
+)
+from supervisor.client import NodeClient
+from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.node.test_node_sim import expected_text
+
+RESUME = "dynamo.backend.resume"
+
+
+def _request(prompt: str, max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt=prompt, stop=StopConditions(max_tokens=max_tokens)
+    )
+
+
+def _resume_metric(node: NodeProcess) -> float:
+    status, body = node.http("/metrics")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("sgl_node_stream_resumes_total")
+    )
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = start_node(
+        tmp_path_factory.mktemp("resume-node"),
+        engine__sim={"decode_time_per_step": 0.02},
+        handlers={"resume_window": 3.0},
+    )
+    try:
+        proc.wait_ready(60)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def test_asking_again_returns_the_same_chunks_while_running_and_after_the_end(
+    node: NodeProcess,
+) -> None:
+    async def go() -> None:
+        nc = await nats.connect(node.url)
+        try:
+            request = _request("say it again", 40)
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("dynamo.backend.generate", encode_json(request), reply=inbox)
+            first = [await sub.next_msg(timeout=10) for _ in range(5)]
+            ask = encode_json(ResumeRequest(request.request_id, from_index=2))
+            running = decode_json((await nc.request(RESUME, ask, timeout=5)).data, ResumeReply)
+            assert not running.ended
+            assert [c.index for c in running.chunks][:3] == [2, 3, 4]
+            assert running.chunks[:3] == [decode_json(m.data, StreamChunk) for m in first[2:]]
+            received = [decode_json(m.data, StreamChunk) for m in first]
+            while received[-1].finish_reason is None:
+                received.append(decode_json((await sub.next_msg(timeout=10)).data, StreamChunk))
+            assert received[-1].finish_reason == "length"
+
+            ask = encode_json(ResumeRequest(request.request_id))
+            ended = decode_json((await nc.request(RESUME, ask, timeout=5)).data, ResumeReply)
+            assert ended.ended
+            assert ended.chunks == received  # the same chunks, every field
+
+            # Unknown ids and undecodable asks get silence: nobody holds them.
+            for data in (encode_json(ResumeRequest("never-sent")), b"{not json"):
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.request(RESUME, data, timeout=1)
+
+            # After `resume_window` the ended stream is forgotten.
+            await asyncio.sleep(3.5)
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(RESUME, ask, timeout=1)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def test_a_nats_server_restart_mid_stream_loses_no_chunk(tmp_path: Path) -> None:
+    """The server is stopped under 4 streams and started again; the client comes back
+    after the node has sent what it held, so chunks published meanwhile reach nobody:
+    the client sees the gap or the silence, asks again, and every stream ends complete,
+    in order, each chunk once."""
+    server = NatsServer(tmp_path)
+    node = start_node(
+        tmp_path,
+        embedded_nats=False,
+        nats_url=server.url,
+        engine__sim={"decode_time_per_step": 0.05},
+    )
+    try:
+        node.wait_ready(60)
+        prompts = [f"through the outage {i}" for i in range(4)]
+
+        async def stream(client: NodeClient, prompt: str) -> list[StreamChunk]:
+            return [c async for c in client.generate(_request(prompt, 80), probe_after=2.0)]
+
+        async def go() -> list[list[StreamChunk]]:
+            nonlocal server
+            # This client waits 3 s between reconnect attempts: longer than the node's
+            # outage plus its resume delay (1 s), so what the node sends first is missed.
+            options = {"reconnect_time_wait": 3.0}
+            async with NodeClient(server.url, connect_options=options) as client:
+                tasks = [asyncio.create_task(stream(client, p)) for p in prompts]
+                await asyncio.sleep(1.0)
+                server.stop()
+                await asyncio.sleep(0.3)
+                server = await asyncio.to_thread(NatsServer.on_port, tmp_path, server.port)
+                return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        started = time.monotonic()
+        results = asyncio.run(go())
+        assert time.monotonic() - started < 30
+        for prompt, chunks in zip(prompts, results, strict=True):
+            assert [c.index for c in chunks] == list(range(len(chunks)))
+            assert chunks[-1].finish_reason == "length", chunks[-1]
+            assert "".join(c.text for c in chunks) == expected_text(prompt, 80)
+        assert _resume_metric(node) > 0  # the chunks came back by asking, not by luck
+        assert node.wait_log(lambda r: r.get("event") == "stream resumed", timeout=5)
+    finally:
+        node.kill()
+        server.stop()
