@@ -184,7 +184,8 @@ class SystemHttpActor(SupervisedActor):
         return 200, "application/json", _json({"status": "alive"})
 
     def _ready(self) -> tuple[int, str, bytes]:
-        registrar, engine = whereis(self.registrar_path), whereis(self.engine_path)
+        registrar = whereis(self.registrar_path) if self.registrar_path else None
+        engine = whereis(self.engine_path)
         registration: RegistrationStatus | None = None
         status: EngineStatus | None = None
         try:
@@ -196,10 +197,11 @@ class SystemHttpActor(SupervisedActor):
                 status = cast(EngineStatus, engine.ask(GetEngineStatus(), timeout=_ASK_TIMEOUT))
         except Exception:  # noqa: BLE001 - a busy or restarting actor: not ready
             pass
+        # A multi-node follower registers nothing (registrar_path ""): healthy is ready.
         registered = registration is not None and registration.registered
         healthy = status is not None and status.healthy
         body = {
-            "ready": registered and healthy,
+            "ready": (registered or not self.registrar_path) and healthy,
             "registered": registered,
             "engine_healthy": healthy,
             "instance_id": registration.instance_id if registration else None,

@@ -33,6 +33,8 @@ __all__ = [
     "HostGenerate",
     "HostOutput",
     "HostShutdown",
+    "PeerHello",
+    "PeerWelcome",
 ]
 
 ControlOp = Literal[
@@ -165,3 +167,18 @@ class EngineInfo(msgspec.Struct, frozen=True):
     prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any
     kv_replay_endpoints: list[str] = []  # per DP rank, the publisher's replay ROUTER, if any
     tokenizer: str = ""  # a local model directory, or "sim-bytes" (see ModelCard.tokenizer)
+
+
+class PeerHello(msgspec.Struct, frozen=True):
+    """Multi-node (sim): a follower's engine to the leader's, every ping interval."""
+
+    node_rank: int
+    instance_id: str
+    ranks: list[int]  # the global DP ranks it runs
+
+
+class PeerWelcome(msgspec.Struct, frozen=True):
+    """The leader's answer to a follower's first hello: accepted, or why not."""
+
+    ok: bool
+    message: str = ""

@@ -50,6 +50,12 @@ class NodeSection(_Section, frozen=True):
     mode: Literal["aggregated", "prefill", "decode", "embedding"] = "aggregated"
     # "demo" runs a demonstration tree (supervision only, no engine, no NATS).
     tree: Literal["node", "demo", "frontend"] = "node"  # frontend: the OpenAI frontend alone
+    # One engine over several nodes: rank 0 (the leader) serves, registers and reads the
+    # scheduler metrics; the others (followers) run their DP ranks and relay their KV events.
+    nnodes: Pos = 1
+    node_rank: Annotated[int, msgspec.Meta(ge=0)] = 0
+    dist_init_addr: str = ""  # host:port where the leader's engine meets its followers
+    join_timeout: Seconds = 300.0  # how long the leader waits for every follower at start
 
 
 class SupervisionSection(_Section, frozen=True):
@@ -378,6 +384,7 @@ def _check(config: NodeConfig) -> None:
             '(e.g. "mooncake" or "nixl", installed separately; SGLang\'s "fake" one only '
             "pretends); the sim backend runs the disaggregated flow without one",
         )
+    _check_multinode(config)
     model = config.engine.model_path
     if config.engine.backend == "sglang" and not model:
         raise ConfigError("engine.model_path", "required when engine.backend is sglang")
@@ -399,6 +406,34 @@ def _check(config: NodeConfig) -> None:
             seen[port] = key
     if config.engine.kv_events_port + 2 * config.engine.dp_size - 1 > 65535:
         raise ConfigError("engine.kv_events_port", "port + dp_size - 1 exceeds 65535")
+
+
+def _check_multinode(config: NodeConfig) -> None:
+    node, dp = config.node, config.engine.dp_size
+    if node.node_rank >= node.nnodes:
+        raise ConfigError("node.node_rank", f"must be below node.nnodes ({node.nnodes})")
+    if node.nnodes == 1:
+        return
+    if not re.match(r"^\[?[A-Za-z0-9.:\-]+\]?:\d{1,5}$", node.dist_init_addr):
+        raise ConfigError(
+            "node.dist_init_addr",
+            f'with node.nnodes = {node.nnodes}, give the leader\'s "host:port" '
+            f'(got "{node.dist_init_addr}")',
+        )
+    if dp % node.nnodes:
+        raise ConfigError(
+            "engine.dp_size",
+            f"must be a multiple of node.nnodes ({node.nnodes}): each node runs "
+            "dp_size / nnodes DP ranks",
+        )
+    if not node.instance_id:
+        raise ConfigError(
+            "node.instance_id",
+            "required when node.nnodes > 1: every node of the engine uses the leader's, so "
+            "followers stamp their KV events with the instance the leader registers",
+        )
+    if node.mode != "aggregated":
+        raise ConfigError("node.mode", "multi-node engines run in aggregated mode here")
 
 
 def _check_auth(config: NodeConfig) -> None:

@@ -18,6 +18,11 @@ reverse: the registrar withdraws the instance, handlers drain, relays and metric
 the engine host stops, NATS goes last. The NATS server sits beside `core`, not in it:
 when it restarts, the fabric reconnects (publishes are buffered meanwhile) and streams
 in flight carry on, instead of the whole core restarting.
+
+A multi-node engine (`node.nnodes` > 1): the leader (`node_rank` 0) runs this whole tree
+with relays for its own DP ranks; a follower runs `fabric` and `engine` only (no metrics,
+handlers or registrar) with relays for its DP ranks, stamped with the leader's instance
+id (every node of the engine is configured with the same `node.instance_id`).
 """
 
 from __future__ import annotations
@@ -133,6 +138,11 @@ def plan_node(config: NodeConfig) -> NodePlan:
         sim=engine.sim,
         sglang=engine.sglang,
         mode=config.node.mode,
+        node_rank=config.node.node_rank,
+        nnodes=config.node.nnodes,
+        dist_init_addr=config.node.dist_init_addr,
+        instance_id=instance_id,
+        join_timeout=config.node.join_timeout,
         transfer_seconds_per_token=(
             config.disaggregation.sim_bytes_per_token / config.disaggregation.sim_bandwidth
         ),
@@ -161,6 +171,8 @@ def _actor(child_id: str, cls: type[Any], *args: Any, **spec: Any) -> ChildSpec:
 def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
     """engine_host, engine_actor, metrics, one kv_relay per DP rank."""
     spec = plan.host_spec
+    # The host may wait for the other nodes of a multi-node engine before it is ready.
+    join = config.node.join_timeout if config.node.nnodes > 1 else 0.0
     env = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": spec.prometheus_dir}
     if config.engine.backend == "sglang" and config.engine.sglang.get("device", "cpu") == "cpu":
         env["SGL_NODE_SGLANG_CPU"] = "1"  # the host installs its sgl_kernel stand-in
@@ -172,7 +184,7 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             cwd=str(ROOT),
             ready=ReadyOnLine(r"^engine host ready$", stream="stdout"),
         ),
-        start_timeout=config.supervision.engine_start_timeout,
+        start_timeout=config.supervision.engine_start_timeout + join,
         shutdown=30.0,
     )
     fabric, engine_actor = PATHS["fabric"], PATHS["engine_actor"]
@@ -190,18 +202,21 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             config.disaggregation.warmup_timeout,
             start_timeout=ENGINE_INFO_TIMEOUT + config.disaggregation.warmup_timeout + 30.0,
         ),
-        _actor(
-            "metrics",
-            MetricsActor,
-            fabric,
-            engine_actor,
-            plan.instance_id,
-            plan.subjects.load_metrics,
-            config.metrics.interval,
-        ),
     ]
+    if is_leader(config):  # followers' scheduler metrics reach the leader's engine
+        children.append(
+            _actor(
+                "metrics",
+                MetricsActor,
+                fabric,
+                engine_actor,
+                plan.instance_id,
+                plan.subjects.load_metrics,
+                config.metrics.interval,
+            )
+        )
     durable = config.events.stream_max_age if config.events.durable else None
-    for rank in range(config.engine.dp_size):
+    for rank in local_dp_ranks(config):
         children.append(
             _actor(
                 f"kv_relay_{rank}",
@@ -215,6 +230,18 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             )
         )
     return children
+
+
+def is_leader(config: NodeConfig) -> bool:
+    """Whether this node serves, registers and reads metrics (rank 0 of a multi-node
+    engine, or a single node)."""
+    return config.node.node_rank == 0
+
+
+def local_dp_ranks(config: NodeConfig) -> range:
+    """The global DP ranks this node's engine runs (all of them on a single node)."""
+    per_node = config.engine.dp_size // config.node.nnodes
+    return range(config.node.node_rank * per_node, (config.node.node_rank + 1) * per_node)
 
 
 def nats_server_child(config: NodeConfig, plan: NodePlan) -> ChildSpec:
@@ -287,7 +314,7 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
         config.disaggregation,
         shutdown=config.shutdown.drain_timeout + 5.0,
     )
-    return [
+    fabric_and_engine = [
         _actor(
             "fabric",
             FabricActor,
@@ -304,6 +331,11 @@ def _core(config: NodeConfig, plan: NodePlan, subtree_timeout: float) -> list[Ch
             ActorStart(Supervisor, (_flags(config, "one_for_all"), engine_children)),
             start_timeout=subtree_timeout,
         ),
+    ]
+    if not is_leader(config):  # a follower: its engine's ranks and their KV events only
+        return fabric_and_engine
+    return [
+        *fabric_and_engine,
         ChildSpec(
             "handlers",
             ActorStart(
@@ -341,6 +373,7 @@ def build_node_tree(
     # A subtree is ready when its last child is: its start may take as long as the engine's.
     subtree_timeout = (
         config.supervision.engine_start_timeout
+        + (config.node.join_timeout if config.node.nnodes > 1 else 0.0)
         + ENGINE_INFO_TIMEOUT
         + config.disaggregation.warmup_timeout
         + 90.0
@@ -355,7 +388,7 @@ def build_node_tree(
                 config.system.host,
                 config.system.port,
                 ROOT_NAME,
-                PATHS["registrar"],
+                PATHS["registrar"] if is_leader(config) else "",
                 PATHS["engine_actor"],
                 sglang_metrics,
                 config.admin,

@@ -48,8 +48,17 @@ READY_LINE = "engine host ready"
 def build_backend(spec: HostSpec, channel: HostChannel) -> Backend:
     """The backend the spec asks for."""
     if spec.backend == "sim":
-        from actors.engine_host.sim import SimEngine
+        from actors.engine_host.sim import MultiNode, SimEngine
 
+        multinode = None
+        if spec.nnodes > 1:
+            multinode = MultiNode(
+                spec.nnodes,
+                spec.node_rank,
+                spec.dist_init_addr,
+                spec.instance_id,
+                spec.join_timeout,
+            )
         return SimEngine(
             spec.sim,
             dp_size=spec.dp_size,
@@ -62,6 +71,7 @@ def build_backend(spec: HostSpec, channel: HostChannel) -> Backend:
             replay_port=spec.replay_port,
             mode=spec.mode,
             transfer_seconds_per_token=spec.transfer_seconds_per_token,
+            multinode=multinode,
         )
     if spec.backend == "sglang":
         from actors.engine_host.sglang_backend import SglangBackend

@@ -103,7 +103,9 @@ def engine_kwargs(spec: HostSpec, model_dir: Path, model_name: str) -> dict[str,
     if is_cpu(spec):
         kwargs.update(CPU_DEFAULTS)
     if spec.nnodes > 1:
-        kwargs.update(nnodes=spec.nnodes, node_rank=spec.node_rank)
+        kwargs.update(
+            nnodes=spec.nnodes, node_rank=spec.node_rank, dist_init_addr=spec.dist_init_addr
+        )
     if spec.mode == "embedding":
         kwargs["is_embedding"] = True
     elif spec.mode in ("prefill", "decode"):  # needs a KV transfer backend (mooncake, nixl)

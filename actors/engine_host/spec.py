@@ -31,5 +31,8 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
     sglang: dict[str, Any] = msgspec.field(default_factory=dict)
     node_rank: int = 0
     nnodes: int = 1
+    dist_init_addr: str = ""  # host:port of the leader's engine (nnodes > 1)
+    instance_id: str = ""  # the engine's instance (the leader's), checked when nodes join
+    join_timeout: float = 300.0
     mode: str = "aggregated"  # aggregated | prefill | decode | embedding
     transfer_seconds_per_token: float = 0.0  # sim, decode mode: the simulated KV transfer

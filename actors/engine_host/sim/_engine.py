@@ -23,18 +23,28 @@ import structlog
 import zmq
 
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
-from actors.engine_host.sim._metrics_pusher import MetricsPusher
+from actors.engine_host.sim._metrics_pusher import MetricsPusher, kv_metrics_pickle
+from actors.engine_host.sim._multinode import FollowerLink, LeaderLink, local_ranks
 from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
 from actors.engine_host.sim._tokenizer import SimTokenizer
 from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
-from messages.engine import EngineInfo, HostChunk, HostEmbed, HostGenerate, HostOutput
+from messages.engine import (
+    EngineInfo,
+    HostChunk,
+    HostChunks,
+    HostEmbed,
+    HostGenerate,
+    HostOutput,
+    PeerHello,
+)
+from messages.metrics import SchedulerMetrics
 from messages.request import Usage
 
 if TYPE_CHECKING:
     from supervisor.config import SimSection
 
-__all__ = ["SIM_VERSION", "SimEngine"]
+__all__ = ["SIM_VERSION", "MultiNode", "SimEngine"]
 
 SIM_VERSION = "sgl-node-sim/1 (SGLang 0.5.23 wire formats)"
 STOP_TIMEOUT = 2.0  # seconds per thread on close
@@ -59,6 +69,30 @@ def sim_embedding(token_ids: list[int]) -> list[float]:
     return [v / norm for v in vector]
 
 
+class MultiNode(msgspec.Struct, frozen=True):
+    """Where this engine sits in a multi-node engine (see `_multinode`)."""
+
+    nnodes: int
+    node_rank: int
+    dist_init_addr: str
+    instance_id: str
+    join_timeout: float = 300.0
+
+
+class _ForwardedMetrics:
+    """A follower rank's scheduler metrics, sent to the leader instead of a local socket."""
+
+    def __init__(self, link: FollowerLink, rank: int) -> None:
+        self.link = link
+        self.rank = rank
+
+    def send(self, sample: SchedulerMetrics) -> None:
+        self.link.send_metrics(self.rank, kv_metrics_pickle(sample))
+
+    def close(self) -> None:
+        pass
+
+
 class SimEngine:
     """A simulated SGLang engine with DP ranks; see the package docstring."""
 
@@ -77,8 +111,10 @@ class SimEngine:
         replay_port: int | None = None,
         mode: str = "aggregated",
         transfer_seconds_per_token: float = 0.0,
+        multinode: MultiNode | None = None,
     ) -> None:
         self.mode = mode
+        self.multinode = multinode
         self.transfer_seconds_per_token = transfer_seconds_per_token
         if dp_size < 1 or page_size < 1:
             raise ValueError(f"dp_size and page_size must be >= 1, got {dp_size}, {page_size}")
@@ -104,7 +140,19 @@ class SimEngine:
         self.model_name = model_name
         self.tokenizer = SimTokenizer()
         self._topic = kv_topic
-        self._emit = emit
+        self._out = emit
+        # Multi-node: this node's ranks; the leader's link to its followers, or a
+        # follower's link to its leader, and the requests a follower runs for the leader.
+        self.local = (
+            local_ranks(dp_size, multinode.nnodes, multinode.node_rank)
+            if multinode is not None and multinode.nnodes > 1
+            else range(dp_size)
+        )
+        self._leader: LeaderLink | None = None
+        self._follower: FollowerLink | None = None
+        self._remote_ids: set[str] = set()
+        self._remote_lock = threading.Lock()
+        self._remote_pushers: dict[int, MetricsPusher] = {}
         self._kv_endpoints = [tcp_endpoint(bind_host, p) for p in ports]
         self._replay_endpoints = [
             tcp_endpoint(bind_host, replay_port + r) if replay_port is not None else None
@@ -122,8 +170,9 @@ class SimEngine:
         self._profiling = False
         self._state = "new"  # new -> running -> closed
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._publishers: list[KvEventPublisher] = []
-        self._ranks: list[RankScheduler] = []
+        self._publishers: dict[int, KvEventPublisher] = {}  # by global rank (local ones)
+        self._ranks: list[RankScheduler] = []  # the local ranks
+        self._by_rank: dict[int, RankScheduler] = {}
         self._closed = threading.Event()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -136,24 +185,110 @@ class SimEngine:
                 raise RuntimeError(f"SimEngine.start: the engine is {self._state}")
             self._ctx = zmq.Context()
             try:
-                for rank in range(self.dp_size):
+                self._start_link(self._ctx)
+                for rank in self.local:
                     self._start_rank(self._ctx, rank)
             except BaseException:
-                self._state = "closed"  # not restartable: build a new engine
-                self._shutdown()
-                self._closed.set()
+                self._fail_start()
                 raise
-            self._state = "running"
-        log.info("sim engine started", dp_size=self.dp_size, kv_events=self._kv_endpoints)
+        # Outside the lock: the followers' chunks come back through emit meanwhile.
+        link = self._leader or self._follower
+        if link is not None and self.multinode is not None:
+            try:
+                link.wait_joined(self.multinode.join_timeout)
+            except BaseException:
+                self._fail_start()
+                raise
+        with self._lock:
+            if self._state == "new":
+                self._state = "running"
+        log.info(
+            "sim engine started",
+            dp_size=self.dp_size,
+            local_ranks=list(self.local),
+            kv_events=[self._kv_endpoints[r] for r in self.local],
+        )
+
+    def _fail_start(self) -> None:
+        with self._lock:
+            self._state = "closed"  # not restartable: build a new engine
+        self._shutdown()
+        self._closed.set()
+
+    def _start_link(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        spec = self.multinode
+        if spec is None or spec.nnodes == 1:
+            return
+        if spec.node_rank == 0:
+            for rank in range(self.dp_size):
+                if rank not in self.local and self._metrics_endpoints:
+                    self._remote_pushers[rank] = MetricsPusher(ctx, self._metrics_endpoints[rank])
+            self._leader = LeaderLink(
+                ctx,
+                spec.dist_init_addr,
+                spec.instance_id,
+                spec.nnodes,
+                self.dp_size,
+                self._emit,
+                self._push_remote_metrics,
+            )
+            self._leader.start()
+        else:
+            hello = PeerHello(spec.node_rank, spec.instance_id, list(self.local))
+            self._follower = FollowerLink(
+                ctx, spec.dist_init_addr, hello, self._submit_for_leader, self.abort
+            )
+            self._follower.start()
+
+    def _push_remote_metrics(self, rank: int, sample: bytes) -> None:
+        pusher = self._remote_pushers.get(rank)
+        if pusher is not None:
+            pusher.send_raw(sample)
+
+    def _submit_for_leader(self, cmd: HostGenerate) -> None:
+        with self._remote_lock:
+            self._remote_ids.add(cmd.request_id)
+        self.submit(cmd)
+
+    def _emit(self, output: HostOutput | list[HostChunk]) -> None:
+        """Outputs go to the node; on a follower, those of the leader's requests go back to
+        the leader instead."""
+        if self._follower is None or not self._remote_ids:
+            self._out(output)
+            return
+        if isinstance(output, HostChunk):
+            chunks = [output]
+        elif isinstance(output, HostChunks):
+            chunks = output.chunks
+        elif isinstance(output, list):
+            chunks = output
+        else:
+            self._out(output)
+            return
+        mine, theirs = [], []
+        with self._remote_lock:
+            for chunk in chunks:
+                if chunk.request_id in self._remote_ids:
+                    theirs.append(chunk)
+                    if chunk.finish_reason is not None:
+                        self._remote_ids.discard(chunk.request_id)
+                else:
+                    mine.append(chunk)
+        if theirs:
+            self._follower.send_chunks(theirs)
+        if mine:
+            self._out(mine)
 
     def _start_rank(self, ctx: zmq.Context[zmq.Socket[bytes]], rank: int) -> None:
         publisher = KvEventPublisher(
             ctx, rank, self._kv_endpoints[rank], self._topic, self._replay_endpoints[rank]
         )
         publisher.start()
-        self._publishers.append(publisher)
-        metrics = None
-        if self._metrics_endpoints:
+        self._publishers[rank] = publisher
+        metrics: MetricsPusher | _ForwardedMetrics | None = None
+        if self._follower is not None:
+            metrics = _ForwardedMetrics(self._follower, rank)
+        elif self._metrics_endpoints:
             metrics = MetricsPusher(ctx, self._metrics_endpoints[rank])
         scheduler = RankScheduler(
             rank,
@@ -166,6 +301,7 @@ class SimEngine:
             self._forget,
         )
         self._ranks.append(scheduler)
+        self._by_rank[rank] = scheduler
         scheduler.flush_cache()  # SGLang resets its tree at start: AllBlocksCleared first
         scheduler.start()
 
@@ -193,7 +329,12 @@ class SimEngine:
     def _shutdown(self) -> None:
         # Every thread is asked to stop, even after one failed to.
         stopped = [rank.stop(STOP_TIMEOUT) for rank in self._ranks]
-        stopped += [pub.close(STOP_TIMEOUT) for pub in self._publishers]
+        stopped += [pub.close(STOP_TIMEOUT) for pub in self._publishers.values()]
+        link = self._leader or self._follower
+        if link is not None:
+            stopped.append(link.close(STOP_TIMEOUT))
+        for pusher in self._remote_pushers.values():
+            pusher.close()
         clean = all(stopped)
         if self._ctx is not None:
             if clean:
@@ -280,17 +421,13 @@ class SimEngine:
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
             with self._lock:
                 rank = self._admission_rank(cmd, len(prompt))
-                req = SimRequest(
-                    request_id=cmd.request_id,
-                    prompt=prompt,
-                    stop=cmd.stop,
-                    output=cmd.output,
-                    eos_token_id=self.sim.eos_token_id,
-                    priority=cmd.priority or 0,
-                    arrival=next(self._arrivals),
-                )
-                self._live[cmd.request_id] = rank
-                rank.enqueue(req)
+                if isinstance(rank, int):  # a follower's rank: it runs the request
+                    forward_to = rank
+                else:
+                    forward_to = None
+                    self._enqueue(cmd, prompt, rank)
+            if forward_to is not None and self._leader is not None:
+                self._leader.forward(msgspec.structs.replace(cmd, dp_rank=forward_to), forward_to)
         except Refused as refusal:
             self._emit(
                 HostChunk(
@@ -301,6 +438,20 @@ class SimEngine:
                 )
             )
 
+    def _enqueue(self, cmd: HostGenerate, prompt: list[int], rank: RankScheduler) -> None:
+        """Queue `cmd` on a local rank; call with `_lock` held."""
+        req = SimRequest(
+            request_id=cmd.request_id,
+            prompt=prompt,
+            stop=cmd.stop,
+            output=cmd.output,
+            eos_token_id=self.sim.eos_token_id,
+            priority=cmd.priority or 0,
+            arrival=next(self._arrivals),
+        )
+        self._live[cmd.request_id] = rank
+        rank.enqueue(req)
+
     def abort(self, request_id: str) -> None:
         """End the request with `cancelled` (at the next step boundary if it is running).
         Unknown or finished ids are ignored. Thread-safe."""
@@ -308,13 +459,16 @@ class SimEngine:
             rank = self._live.get(request_id)
         if rank is not None:
             rank.abort(request_id)
+        elif self._leader is not None:
+            self._leader.abort(request_id)  # a follower runs it, if anyone
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
             self._live.pop(request_id, None)
 
-    def _admission_rank(self, cmd: HostGenerate, prompt_tokens: int) -> RankScheduler:
-        """The rank for `cmd`, or `Refused`; call with `_lock` held."""
+    def _admission_rank(self, cmd: HostGenerate, prompt_tokens: int) -> RankScheduler | int:
+        """The local rank for `cmd`, a follower's rank (an int) or `Refused`; call with
+        `_lock` held."""
         if self._state != "running":
             raise Refused("engine_error", f"the sim engine is not running ({self._state})")
         if self._released:
@@ -322,10 +476,26 @@ class SimEngine:
         if cmd.request_id in self._live:
             raise Refused("invalid_request", f"request id {cmd.request_id!r} is already running")
         check_limits(cmd, prompt_tokens, self.sim, self.page_size, self.dp_size)
+        leader = self._leader
+        if cmd.dp_rank is not None and cmd.dp_rank not in self._by_rank:
+            why = leader.available(cmd.dp_rank) if leader is not None else "not on this node"
+            if why:
+                raise Refused("engine_restarting", why)
+            return cmd.dp_rank
         if cmd.dp_rank is not None:
-            rank = self._ranks[cmd.dp_rank]
+            rank = self._by_rank[cmd.dp_rank]
         else:
-            rank = min(self._ranks, key=lambda r: (r.load(), r.dp_rank))
+            loads: list[tuple[int, int]] = [(r.load(), r.dp_rank) for r in self._ranks]
+            if leader is not None:
+                loads += [
+                    (leader.load(r), r)
+                    for r in range(self.dp_size)
+                    if r not in self._by_rank and not leader.available(r)
+                ]
+            chosen = min(loads)[1]
+            if chosen not in self._by_rank:
+                return chosen
+            rank = self._by_rank[chosen]
         if rank.failure:
             raise Refused("engine_error", f"DP rank {rank.dp_rank} failed: {rank.failure}")
         return rank
@@ -387,10 +557,10 @@ class SimEngine:
                 return self._set_slow(args.get("factor"))
             case "reset_sequence":
                 rank = args.get("dp_rank")
-                if not isinstance(rank, int) or not 0 <= rank < len(self._publishers):
-                    return False, f"reset_sequence: no DP rank {rank!r}", {}
+                if not isinstance(rank, int) or rank not in self._publishers:
+                    return False, f"reset_sequence: no DP rank {rank!r} on this node", {}
                 self._publishers[rank].reset_sequence()
-                self._ranks[rank].republish()  # a restarted publisher announces its cache
+                self._by_rank[rank].republish()  # a restarted publisher announces its cache
                 return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
             case _:
                 return False, f"unknown op {op!r} for the sim backend", {}

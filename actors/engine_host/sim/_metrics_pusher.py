@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import zmq
@@ -69,6 +69,14 @@ def kv_metrics_pickle(sample: SchedulerMetrics) -> bytes:
     return out.getvalue()
 
 
+class MetricsSink(Protocol):
+    """Where a rank's scheduler sends its metrics samples."""
+
+    def send(self, sample: SchedulerMetrics) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsPusher:
     """The scheduler's metrics PUSH socket of one DP rank (connects; the consumer binds).
 
@@ -91,6 +99,11 @@ class MetricsPusher:
         """Push one sample (what `send_pyobj` would put on the wire)."""
         if not self._socket.closed:
             self._socket.send(kv_metrics_pickle(sample))
+
+    def send_raw(self, payload: bytes) -> None:
+        """Push a sample already in SGLang's bytes (a follower's rank, via the leader)."""
+        if not self._socket.closed:
+            self._socket.send(payload)
 
     def close(self) -> None:
         """Close the socket (pending samples get `_LINGER_MS` to leave)."""

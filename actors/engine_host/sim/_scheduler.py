@@ -30,7 +30,7 @@ import structlog
 
 from actors.engine_host.sim._kv_cache import PagedKvCache
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
-from actors.engine_host.sim._metrics_pusher import MetricsPusher
+from actors.engine_host.sim._metrics_pusher import MetricsSink
 from actors.engine_host.sim._report import RankCounters, load_sample, rank_stats
 from actors.engine_host.sim._request import SimRequest
 from messages.engine import HostChunk, HostOutput
@@ -61,7 +61,7 @@ class RankScheduler:
         sim: SimSection,
         page_size: int,
         publisher: KvEventPublisher,
-        metrics: MetricsPusher | None,
+        metrics: MetricsSink | None,
         emit: Callable[[HostOutput | list[HostChunk]], None],
         slow_factor: Callable[[], float],
         forget: Callable[[str], None],

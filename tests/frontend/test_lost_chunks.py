@@ -1,0 +1,74 @@
+"""Chunks lost in transit between a node and the frontend are asked for again.
+
+The frontend is paused (SIGSTOP) while the NATS server restarts under a streaming chat,
+so it comes back only after the node has sent what it held: those chunks reached nobody.
+The frontend notices the gap or the silence, asks the node on its resume subject, and
+the client, through the official `openai` package, gets the whole answer once, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend
+from tests.node.harness import NatsServer, start_node
+
+
+def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path)
+    node = start_node(
+        tmp_path,
+        embedded_nats=False,
+        nats_url=server.url,
+        engine__sim={"decode_time_per_step": 0.05},
+    )
+    frontend = None
+    try:
+        node.wait_ready(60)
+        frontend = start_frontend(tmp_path, server.url)
+        frontend.wait_instances(1)
+        messages = [{"role": "user", "content": "keep talking through the outage"}]
+        pieces: list[str] = []
+        finish: list[str | None] = []
+
+        def chat() -> None:
+            stream = frontend.client().chat.completions.create(
+                model="sim",
+                messages=messages,
+                max_tokens=80,
+                stream=True,  # type: ignore[arg-type]
+            )
+            for event in stream:
+                if event.choices:
+                    pieces.append(event.choices[0].delta.content or "")
+                    if event.choices[0].finish_reason:
+                        finish.append(event.choices[0].finish_reason)
+
+        reader = threading.Thread(target=chat)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not pieces and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pieces, "the stream did not start"
+        os.kill(frontend.proc.proc.pid, signal.SIGSTOP)
+        try:
+            server.stop()
+            time.sleep(0.3)
+            server = NatsServer.on_port(tmp_path, server.port)
+            time.sleep(3.0)  # the node reconnects and sends what it held (after 1 s)
+        finally:
+            os.kill(frontend.proc.proc.pid, signal.SIGCONT)
+        reader.join(60)
+        assert not reader.is_alive()
+        assert finish == ["length"]
+        assert "".join(pieces) == sim_answer(sim_chat_ids(messages), 80)
+        assert frontend.metric("sgl_frontend_resumed_streams_total") >= 1
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        node.kill()
+        server.stop()
