@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 import structlog
+import zmq
 
 from actors.engine_host.backend import Backend
 from actors.engine_host.channel import HostChannel
@@ -92,7 +93,12 @@ class CommandLoop:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            command = self.channel.recv(timeout=0.1)
+            try:
+                command = self.channel.recv(timeout=0.1)
+            except zmq.ZMQError:
+                if self.stop.is_set():
+                    return  # the channel closed under a stop
+                raise
             if command is None:
                 continue
             try:
@@ -158,9 +164,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     log.info("starting engine", backend=spec.backend, dp_size=spec.dp_size)
     backend.start()
-    threading.Thread(
+    commands = threading.Thread(
         target=CommandLoop(backend, channel, stop).run, name="commands", daemon=True
-    ).start()
+    )
+    commands.start()
     print(READY_LINE, flush=True)
     serve = getattr(backend, "serve", None)
     if serve is not None:
@@ -170,6 +177,7 @@ def main(argv: list[str]) -> int:
             pass
     stop.set()
     backend.close()
+    commands.join(2.0)  # it polls every 0.1 s: its socket must not close under it
     channel.close()
     stuck = [
         t.name

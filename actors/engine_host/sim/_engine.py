@@ -210,8 +210,8 @@ class SimEngine:
         )
 
     def _fail_start(self) -> None:
-        with self._lock:
-            self._state = "closed"  # not restartable: build a new engine
+        # Called with or without `_lock` held: a plain assignment, no lock taken here.
+        self._state = "closed"  # not restartable: build a new engine
         self._shutdown()
         self._closed.set()
 
