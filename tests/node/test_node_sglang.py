@@ -21,11 +21,14 @@ from typing import Any
 import pytest
 
 from actors.chaos import scheduler_pids
+from messages.codec import decode_json, encode_json
 from messages.kv import BlockStored, KvEventBatch, block_hashes
 from messages.metrics import LoadMetrics
 from messages.request import (
     ChatMessage,
     GenerateRequest,
+    ResumeReply,
+    ResumeRequest,
     SamplingOptions,
     StopConditions,
     StreamChunk,
@@ -89,6 +92,19 @@ def test_chunks_arrive_incrementally(node: NodeProcess) -> None:
     assert with_tokens[-1] - with_tokens[0] > 0.05  # spread over time as generated
     assert chunks[-1].finish_reason in ("stop", "length")
     assert chunks[-1].usage is not None
+
+    # The node kept the stream's chunks: asked again (as after a loss in transit), it
+    # sends the very same ones, whichever engine made them.
+    async def again() -> ResumeReply:
+        async with NodeClient(node.url) as client:
+            assert client.nc is not None
+            ask = encode_json(ResumeRequest(chunks[0].request_id, from_index=1))
+            msg = await client.nc.request("dynamo.backend.resume", ask, timeout=5)
+            return decode_json(msg.data, ResumeReply)
+
+    answer = asyncio.run(again())
+    assert answer.ended
+    assert answer.chunks == chunks[1:]
 
 
 def test_cancel_mid_stream_ends_cancelled_and_sglang_counts_the_abort(node: NodeProcess) -> None:

@@ -50,6 +50,7 @@ def _sample(pid: int) -> dict[str, int]:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(SOAK_SECONDS + 900)  # the run, start, stop and recovery waits
 def test_ten_minutes_of_random_faults_under_load(tmp_path: Path) -> None:
     rng = random.Random(2026)
     faults, at = [], 10.0
