@@ -59,19 +59,12 @@ def _error(exc: msgspec.DecodeError, type_: Any) -> DecodeError:
     return DecodeError(name, field, problem)
 
 
-def _json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
+def _decoder(cache: dict[Any, Any], make: Any, type_: Any) -> Any:
+    """The cached decoder for `type_`, made (once, under `_building`) by `make`."""
     with _building:
-        decoder = _json_decoders.get(type_)
+        decoder = cache.get(type_)
         if decoder is None:
-            decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
-        return decoder
-
-
-def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
-    with _building:
-        decoder = _msgpack_decoders.get(type_)
-        if decoder is None:
-            decoder = _msgpack_decoders[type_] = msgspec.msgpack.Decoder(type_)
+            decoder = cache[type_] = make(type_)
         return decoder
 
 
@@ -82,7 +75,7 @@ def encode_json(obj: Any) -> bytes:
 
 def decode_json(data: bytes | str, type_: type[T]) -> T:
     """Decode NATS bytes into `type_`, or raise `DecodeError`."""
-    decoder = _json_decoders.get(type_) or _json_decoder(type_)
+    decoder = _json_decoders.get(type_) or _decoder(_json_decoders, msgspec.json.Decoder, type_)
     try:
         return decoder.decode(data)  # type: ignore[no-any-return]
     except msgspec.DecodeError as exc:
@@ -104,7 +97,9 @@ def encode_msgpack(obj: Any) -> bytes:
 
 def decode_msgpack(data: bytes, type_: Any) -> Any:
     """Decode engine host channel bytes into `type_` (a type or union), or raise `DecodeError`."""
-    decoder = _msgpack_decoders.get(type_) or _msgpack_decoder(type_)
+    decoder = _msgpack_decoders.get(type_) or _decoder(
+        _msgpack_decoders, msgspec.msgpack.Decoder, type_
+    )
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:

@@ -42,7 +42,7 @@ from actors.admin import AdminActor
 from actors.chaos import ChaosActor
 from actors.engine import INFO_TIMEOUT as ENGINE_INFO_TIMEOUT
 from actors.engine import EngineActor
-from actors.engine_host.spec import HostSpec
+from actors.engine_host.spec import HostSpec, local_ranks
 from actors.fabric import FabricActor
 from actors.handler import HandlerActor
 from actors.kv_relay import KvRelayActor
@@ -171,8 +171,6 @@ def _actor(child_id: str, cls: type[Any], *args: Any, **spec: Any) -> ChildSpec:
 def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
     """engine_host, engine_actor, metrics, one kv_relay per DP rank."""
     spec = plan.host_spec
-    # The host may wait for the other nodes of a multi-node engine before it is ready.
-    join = config.node.join_timeout if config.node.nnodes > 1 else 0.0
     env = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": spec.prometheus_dir}
     if config.engine.backend == "sglang" and config.engine.sglang.get("device", "cpu") == "cpu":
         env["SGL_NODE_SGLANG_CPU"] = "1"  # the host installs its sgl_kernel stand-in
@@ -184,7 +182,7 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
             cwd=str(ROOT),
             ready=ReadyOnLine(r"^engine host ready$", stream="stdout"),
         ),
-        start_timeout=config.supervision.engine_start_timeout + join,
+        start_timeout=config.supervision.engine_start_timeout + _join_timeout(config),
         shutdown=30.0,
     )
     fabric, engine_actor = PATHS["fabric"], PATHS["engine_actor"]
@@ -240,8 +238,12 @@ def is_leader(config: NodeConfig) -> bool:
 
 def local_dp_ranks(config: NodeConfig) -> range:
     """The global DP ranks this node's engine runs (all of them on a single node)."""
-    per_node = config.engine.dp_size // config.node.nnodes
-    return range(config.node.node_rank * per_node, (config.node.node_rank + 1) * per_node)
+    return local_ranks(config.engine.dp_size, config.node.nnodes, config.node.node_rank)
+
+
+def _join_timeout(config: NodeConfig) -> float:
+    """How long the engine host may wait for the other nodes of its engine (0: one node)."""
+    return config.node.join_timeout if config.node.nnodes > 1 else 0.0
 
 
 def nats_server_child(config: NodeConfig, plan: NodePlan) -> ChildSpec:
@@ -373,7 +375,7 @@ def build_node_tree(
     # A subtree is ready when its last child is: its start may take as long as the engine's.
     subtree_timeout = (
         config.supervision.engine_start_timeout
-        + (config.node.join_timeout if config.node.nnodes > 1 else 0.0)
+        + _join_timeout(config)
         + ENGINE_INFO_TIMEOUT
         + config.disaggregation.warmup_timeout
         + 90.0

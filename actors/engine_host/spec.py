@@ -8,7 +8,7 @@ import msgspec
 
 from supervisor.config import SimSection
 
-__all__ = ["HostSpec"]
+__all__ = ["HostSpec", "local_ranks"]
 
 
 class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,3 +36,10 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
     join_timeout: float = 300.0
     mode: str = "aggregated"  # aggregated | prefill | decode | embedding
     transfer_seconds_per_token: float = 0.0  # sim, decode mode: the simulated KV transfer
+
+
+def local_ranks(dp_size: int, nnodes: int, node_rank: int) -> range:
+    """The global DP ranks node `node_rank` of a `nnodes`-node engine runs (all of them
+    on a single node)."""
+    per_node = dp_size // nnodes
+    return range(node_rank * per_node, (node_rank + 1) * per_node)

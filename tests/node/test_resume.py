@@ -22,6 +22,7 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client import NodeClient
+from tests.frontend.harness import node_metric
 from tests.node.harness import NatsServer, NodeProcess, start_node
 from tests.node.test_node_sim import expected_text
 
@@ -31,16 +32,6 @@ RESUME = "dynamo.backend.resume"
 def _request(prompt: str, max_tokens: int) -> GenerateRequest:
     return GenerateRequest(
         request_id=uuid.uuid4().hex, prompt=prompt, stop=StopConditions(max_tokens=max_tokens)
-    )
-
-
-def _resume_metric(node: NodeProcess) -> float:
-    status, body = node.http("/metrics")
-    assert status == 200
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in body.decode().splitlines()
-        if line.startswith("sgl_node_stream_resumes_total")
     )
 
 
@@ -138,7 +129,9 @@ def test_a_nats_server_restart_mid_stream_loses_no_chunk(tmp_path: Path) -> None
             assert [c.index for c in chunks] == list(range(len(chunks)))
             assert chunks[-1].finish_reason == "length", chunks[-1]
             assert "".join(c.text for c in chunks) == expected_text(prompt, 80)
-        assert _resume_metric(node) > 0  # the chunks came back by asking, not by luck
+        assert (
+            node_metric(node, "sgl_node_stream_resumes_total") > 0
+        )  # the chunks came back by asking, not by luck
         assert node.wait_log(lambda r: r.get("event") == "stream resumed", timeout=5)
     finally:
         node.kill()

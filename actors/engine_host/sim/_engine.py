@@ -24,11 +24,12 @@ import zmq
 
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
 from actors.engine_host.sim._metrics_pusher import MetricsPusher, kv_metrics_pickle
-from actors.engine_host.sim._multinode import FollowerLink, LeaderLink, local_ranks
+from actors.engine_host.sim._multinode import FollowerLink, LeaderLink
 from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
 from actors.engine_host.sim._tokenizer import SimTokenizer
 from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
+from actors.engine_host.spec import local_ranks
 from messages.engine import (
     EngineInfo,
     HostChunk,
@@ -145,7 +146,7 @@ class SimEngine:
         # follower's link to its leader, and the requests a follower runs for the leader.
         self.local = (
             local_ranks(dp_size, multinode.nnodes, multinode.node_rank)
-            if multinode is not None and multinode.nnodes > 1
+            if multinode is not None
             else range(dp_size)
         )
         self._leader: LeaderLink | None = None

@@ -30,10 +30,11 @@ from collections.abc import Callable
 import structlog
 import zmq
 
+from actors.engine_host.spec import local_ranks
 from messages.codec import decode_msgpack, encode_msgpack
 from messages.engine import HostChunk, HostGenerate, PeerHello, PeerWelcome
 
-__all__ = ["LOST_AFTER", "PING", "FollowerLink", "LeaderLink", "local_ranks"]
+__all__ = ["LOST_AFTER", "PING", "FollowerLink", "LeaderLink"]
 
 PING = 0.5  # seconds between a follower's hellos
 LOST_AFTER = 3.0  # a follower silent this long is lost
@@ -41,12 +42,6 @@ _POLL_MS = 100
 log = structlog.get_logger(__name__)
 
 Frames = list[bytes]
-
-
-def local_ranks(dp_size: int, nnodes: int, node_rank: int) -> range:
-    """The global DP ranks node `node_rank` runs."""
-    per_node = dp_size // nnodes
-    return range(node_rank * per_node, (node_rank + 1) * per_node)
 
 
 def tcp(addr: str) -> str:
