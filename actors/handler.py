@@ -419,6 +419,8 @@ class HandlerActor(SupervisedActor):
             self._abort_in_engine(cancel.request_id, "cancelled")
 
     def _on_resume(self, message: IncomingResume) -> None:
+        if not message.reply:
+            return  # nowhere to answer
         try:
             asked = decode_json(message.data, ResumeRequest)
         except DecodeError:
@@ -429,7 +431,7 @@ class HandlerActor(SupervisedActor):
             sent, ended = stream.sent, False
         else:
             kept = self._ended.get(asked.request_id)
-            if kept is None or not message.reply:
+            if kept is None:
                 return  # another handler's or node's, or forgotten: the client hears silence
             sent, ended = kept.sent, True
         answer = {
