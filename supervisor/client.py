@@ -20,12 +20,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
@@ -45,13 +46,36 @@ from messages.request import (
 )
 from supervisor.config import DiscoverySection, NodeSection
 
-__all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main"]
+__all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main", "next_within"]
 
 _NODE = NodeSection()
 _DISCOVERY = DiscoverySection()
 _POLL = 0.25  # seconds between checks for gaps, reconnects and silence while streaming
 _PROBE_INTERVAL = 1.0  # at most one resume request per stream this often
 _RESUME_TIMEOUT = 2.0
+
+T = TypeVar("T")
+
+
+async def next_within(queue: asyncio.Queue[T], timeout: float) -> T | None:
+    """The next item of `queue`, or None if none comes within `timeout` seconds.
+
+    A cancellation of the caller always raises here. `asyncio.wait_for(queue.get(), t)`
+    (and nats-py's `next_msg`, built on it) returns the item instead when it arrives in
+    the same loop turn as the cancel, on Python 3.11: a stream whose consumer was
+    cancelled then ran on to its end and was never cancelled on the node. An item the
+    getter took just as the caller was cancelled goes with the caller; on a timeout,
+    an item not yet taken stays in the queue.
+    """
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({getter}, timeout=timeout)
+    finally:
+        if not getter.done():
+            getter.cancel()  # Queue.get leaves an item it has not taken in the queue
+    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 async def ask_resume(
@@ -168,7 +192,12 @@ class NodeClient:
         data = request if isinstance(request, bytes) else encode_json(request)
         request_id = request.request_id if isinstance(request, GenerateRequest) else ""
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def deliver(msg: Msg) -> None:
+            arrived.put_nowait(msg)
+
+        sub = await nc.subscribe(inbox, cb=deliver)
         loop = asyncio.get_running_loop()
         expected = 0  # the index of the next chunk to yield
         early: dict[int, StreamChunk] = {}  # chunks that came after a gap
@@ -178,10 +207,7 @@ class NodeClient:
         try:
             await nc.publish(subject, data, reply=inbox)
             while True:
-                try:
-                    msg = await sub.next_msg(timeout=_POLL)
-                except nats.errors.TimeoutError:
-                    msg = None
+                msg = await next_within(arrived, _POLL)
                 if msg is not None:
                     if msg.headers and msg.headers.get("Status") == "503":
                         msg_text = f"no node serves {subject}"

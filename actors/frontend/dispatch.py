@@ -50,7 +50,7 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor.client import ask_resume
+from supervisor.client import ask_resume, next_within
 
 __all__ = ["Dispatcher", "Route"]
 
@@ -255,13 +255,7 @@ class Dispatcher:
         try:
             await self.nc.publish(record.subjects.instance, encode_json(wire), reply=reply)
             while True:
-                if queue.empty():
-                    try:
-                        msg = await asyncio.wait_for(queue.get(), PROBE_AFTER)
-                    except TimeoutError:
-                        msg = None
-                else:
-                    msg = queue.get_nowait()
+                msg = await next_within(queue, PROBE_AFTER)
                 if msg is not None and is_no_responders(msg):
                     ended = True
                     self.discovery.mark_down(iid, "no responders on its subject")
