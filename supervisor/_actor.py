@@ -19,6 +19,8 @@ on message type), `on_shutdown` (graceful stop) and `on_exit` (cleanup on every 
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import time
 import traceback
@@ -194,11 +196,17 @@ class SupervisedActor(pykka.ThreadingActor):
         self.actor_stopped.set()
         # What was already in the inbox is never handled: let the actor answer for it.
         while not self.actor_inbox.empty():
-            message = self.actor_inbox.get().message
+            envelope = self.actor_inbox.get()
             try:
-                self.on_undelivered(message)
+                self.on_undelivered(envelope.message)
             except Exception as exc:  # noqa: BLE001
                 self.log.error(
                     "undelivered message hook failed", error=f"{type(exc).__name__}: {exc}"
                 )
+            # An ask still waiting for this message fails now, not at its timeout (a
+            # sibling asking during its start-up would otherwise outlive its own stop).
+            if envelope.reply_to is not None:
+                dead = pykka.ActorDeadError(f"{self.actor_ref} exited: {reason.describe()}")
+                with contextlib.suppress(queue.Full):  # answered already
+                    envelope.reply_to.set_exception((type(dead), dead, None))
         self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))

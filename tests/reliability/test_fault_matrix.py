@@ -66,7 +66,7 @@ def test_a_crash_loop_exceeds_the_intensity_stops_in_order_and_exits_non_zero(
 ) -> None:
     node = start_node(
         tmp_path,
-        supervision={"intensity": 2, "period": 60.0, "backoff_initial": 0.05, "backoff_max": 0.2},
+        supervision={"intensity": 1, "period": 60.0, "backoff_initial": 0.05, "backoff_max": 0.2},
         chaos={"enabled": True, "seed": 7},
         extra_toml=CRASH_LOOP,
     )

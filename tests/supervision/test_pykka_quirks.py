@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pykka
@@ -139,3 +140,23 @@ def test_messages_left_in_the_inbox_at_exit_are_handed_to_on_undelivered(
     assert [m for _, m in script.seen("undelivered")] == ["ping", "later"]
     with pytest.raises(pykka.ActorDeadError):
         ref.tell("too late")  # after the exit a tell fails at the sender
+
+
+def test_an_ask_queued_when_the_actor_exits_fails_at_once_not_at_its_timeout(
+    make_tree: Callable[..., Tree], script: Script
+) -> None:
+    # pykka's own loop fails such asks; ours must too, or a sibling asking the actor
+    # during its start-up blocks for the whole ask timeout (and misses its own stop).
+    tree = make_tree(
+        [actor("a", script)], SupervisorFlags(intensity=5, backoff=Backoff(initial=30, max=60))
+    )
+    ref = whereis("root/a")
+    ref.tell("hang")
+    ref.tell("crash")
+    pending = ref.ask("ping", block=False)
+    script.release.set()
+    tree.wait(ChildExitedEvent, "a")
+    started = time.monotonic()
+    with pytest.raises(pykka.ActorDeadError, match="exited: crash"):
+        pending.get(timeout=30)
+    assert time.monotonic() - started < 5
