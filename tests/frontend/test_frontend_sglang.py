@@ -14,36 +14,26 @@ import pytest
 
 from messages.request import ChatMessage, GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
-from tests.frontend.harness import Frontend, start_frontend
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.frontend.harness import start_frontend
+from tests.node.harness import NatsServer, NodeProcess
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-sglang")
-    server = NatsServer(tmp)
-    node: NodeProcess | None = None
-    frontend: Frontend | None = None
+def fleet(
+    sglang_fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The session's real-engine node and its NATS server, and a frontend on that server."""
+    node: NodeProcess = sglang_fleet["node"]
+    server: NatsServer = sglang_fleet["server"]
+    frontend = start_frontend(tmp_path_factory.mktemp("frontend-sglang"), server.url)
     try:
-        node = start_node(
-            tmp,
-            backend="sglang",
-            embedded_nats=False,
-            nats_url=server.url,
-            engine__health={"stall_timeout": 120.0},
-        )
-        frontend = start_frontend(tmp, server.url)
-        node.wait_ready(600)
+        node.wait_ready(300)
         frontend.wait_instances(1, timeout=10)
         yield {"server": server, "node": node, "frontend": frontend}
     finally:
-        if frontend is not None:
-            frontend.kill()
-        if node is not None:
-            node.kill()
-        server.stop()
+        frontend.kill()
 
 
 def test_the_real_engine_answers_paris_through_the_openai_client(fleet: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The node with the real SGLang engine on the CPU and the built-in SmolLM2 model.
 
-One node serves the module (an engine start costs ~25 s); the kill tests restart its
-engine subtree, and the last test stops it with SIGTERM. A second node runs dp_size 2.
+The session's shared real-engine node (tests/conftest.py) serves the module; the kill
+tests restart its engine subtree and wait until it serves again. A second node runs
+dp_size 2 and is stopped with SIGTERM at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,10 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = start_node(
-        tmp_path_factory.mktemp("sglang"), backend="sglang", engine__health={"stall_timeout": 120.0}
-    )
-    try:
-        proc.wait_ready(600)
-        yield proc
-    finally:
-        proc.kill()
+def node(sglang_fleet: dict[str, Any]) -> NodeProcess:
+    node: NodeProcess = sglang_fleet["node"]
+    node.wait_ready(300)
+    return node
 
 
 def chat(max_tokens: int = 32, **kw: Any) -> GenerateRequest:
@@ -279,19 +274,9 @@ def test_kill_9_of_sglangs_scheduler_errors_in_flight_fast_and_the_node_recovers
     assert took < 1.0
 
 
-def test_sigterm_stops_in_order_exit_0_and_no_sglang_process_survives(node: NodeProcess) -> None:
-    pids = descendants(node.proc.pid)
-    assert len(pids) >= 4  # nats-server, engine host, scheduler, detokenizer
-    assert node.stop() == 0
-    deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[-1]
-    host_exit = node.wait_log(
-        lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
-    )[-1]
-    assert deregistered["timestamp"] <= host_exit["timestamp"]
-    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
-
-
-def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path) -> None:
+def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
+    tmp_path: Path,
+) -> None:
     node = start_node(tmp_path, backend="sglang", dp_size=2, name="dp2")
     try:
         node.wait_ready(600)
@@ -332,6 +317,16 @@ def test_dp_size_2_relays_each_ranks_events_stamped_with_its_rank(tmp_path: Path
         assert stored == {0, 1}
         fresh = {m.dp_rank for m in metrics if not m.stale}
         assert fresh == {0, 1}  # each rank's scheduler metrics reach its own socket
+
+        # SIGTERM: deregistered before the engine host goes, exit 0, no SGLang survivor.
+        pids = descendants(node.proc.pid)
+        assert len(pids) >= 5  # nats-server, engine host, 2 schedulers, detokenizer
         assert node.stop() == 0
+        deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[-1]
+        host_exit = node.wait_log(
+            lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
+        )[-1]
+        assert deregistered["timestamp"] <= host_exit["timestamp"]
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
     finally:
         node.kill()

@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,23 +21,16 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client import NodeClient
-from tests.node.harness import NodeProcess, start_node
+from tests.node.harness import NodeProcess
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = start_node(
-        tmp_path_factory.mktemp("surface"),
-        backend="sglang",
-        engine__health={"canary_after_idle": 600.0},
-    )
-    try:
-        proc.wait_ready(600)
-        yield proc
-    finally:
-        proc.kill()
+def node(sglang_fleet: dict[str, Any]) -> NodeProcess:
+    node: NodeProcess = sglang_fleet["node"]  # the session's real-engine node
+    node.wait_ready(300)
+    return node
 
 
 def ask(node: NodeProcess, content: str = QUESTION, **fields: Any) -> list[StreamChunk]:
