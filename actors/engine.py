@@ -449,6 +449,8 @@ class EngineActor(SupervisedActor):
                 self._send(HostAbort(request_id))
                 self._canary_failed(f"canary got no answer within {self.health.canary_timeout:g}s")
             return
+        if self.info is not None and not self.info.accepts_requests:
+            return  # a follower of a multi-node engine: the leader's canaries cover it
         if not busy and now - self._last_activity >= self.health.canary_after_idle:
             self._send_canary(now)
 

@@ -420,11 +420,12 @@ def _check_multinode(config: NodeConfig) -> None:
             f'with node.nnodes = {node.nnodes}, give the leader\'s "host:port" '
             f'(got "{node.dist_init_addr}")',
         )
-    if dp % node.nnodes:
+    if dp % node.nnodes and dp != 1:
         raise ConfigError(
             "engine.dp_size",
-            f"must be a multiple of node.nnodes ({node.nnodes}): each node runs "
-            "dp_size / nnodes DP ranks",
+            f"must be 1 or a multiple of node.nnodes ({node.nnodes}): each node runs "
+            "dp_size / nnodes DP ranks, or the leader runs the one DP rank whose "
+            "tensor-parallel ranks span the nodes",
         )
     if not node.instance_id:
         raise ConfigError(

@@ -24,6 +24,7 @@ __all__ = [
     "cpu_threads_bind",
     "engine_kwargs",
     "is_cpu",
+    "local_engine_ranks",
     "validate_sglang_args",
 ]
 
@@ -123,13 +124,24 @@ def engine_kwargs(spec: HostSpec, model_dir: Path, model_name: str) -> dict[str,
     return kwargs
 
 
-def cpu_threads_bind(dp_size: int) -> str | None:
+def local_engine_ranks(spec: HostSpec) -> int:
+    """How many SGLang ranks (DP x TP x PP) this host runs: all of them on one node, its
+    share on one node of a multi-node engine."""
+    tp = int(spec.sglang.get("tp_size", 1) or 1)
+    pp = int(spec.sglang.get("pp_size", 1) or 1)
+    return max(1, spec.dp_size * tp * pp // spec.nnodes)
+
+
+def cpu_threads_bind(dp_size: int, always: bool = False) -> str | None:
     """SGLANG_CPU_OMP_THREADS_BIND for `dp_size` ranks: this process's cores split into
     contiguous groups, one per rank ("0|1" for two ranks on two cores). None for one rank
-    or when there are fewer cores than ranks (SGLang then says what it needs)."""
+    (unless `always`: a multi-node engine counts every node's ranks against this
+    machine's NUMA nodes without it) or when there are fewer cores than ranks (SGLang then
+    says what it needs)."""
     cores = sorted(os.sched_getaffinity(0))
-    if dp_size <= 1 or len(cores) < dp_size:
+    if (dp_size <= 1 and not always) or len(cores) < dp_size:
         return None
+    dp_size = max(1, dp_size)
     share = len(cores) // dp_size
     groups = [cores[r * share : (r + 1) * share] for r in range(dp_size)]
     return "|".join(

@@ -31,7 +31,13 @@ import structlog
 
 from actors.engine_host import sglang_compat as compat
 from actors.engine_host.builtin_model import resolve_model_path
-from actors.engine_host.sglang_args import SglangArgsError, cpu_threads_bind, engine_kwargs, is_cpu
+from actors.engine_host.sglang_args import (
+    SglangArgsError,
+    cpu_threads_bind,
+    engine_kwargs,
+    is_cpu,
+    local_engine_ranks,
+)
 from actors.engine_host.sglang_children import (
     CPU_ENV,
     METRICS_ENV,
@@ -47,6 +53,22 @@ from messages.request import Usage
 __all__ = ["SglangBackend"]
 
 Emit = Callable[[HostChunk | HostControlReply], None]
+
+# An NCCL library path that does not exist (see `start`).
+NO_NCCL = "/nonexistent/sgl-node/no-nccl-on-the-cpu/libnccl.so.2"
+FOLLOWER_REFUSAL = (
+    "this node runs a follower rank of a multi-node engine: requests go to the leader "
+    "(node_rank 0), which registers the instance"
+)
+
+
+def _refused(request_id: str) -> HostChunk:
+    return HostChunk(
+        request_id,
+        finish_reason="error",
+        error_code="invalid_request",
+        error_message=FOLLOWER_REFUSAL,
+    )
 
 
 class SglangBackend:
@@ -75,14 +97,23 @@ class SglangBackend:
         spec = self.spec
         if is_cpu(spec):
             os.environ[CPU_ENV] = "1"  # inherited by SGLang's children
+            # torch's CUDA wheels bring libnccl along; SGLang then builds NCCL communicators
+            # for CPU tensor-parallel groups and fails ("Expected a cuda device"). Pointing
+            # its NCCL loader at nothing disables them; the groups use gloo.
+            os.environ.setdefault("SGLANG_NCCL_SO_PATH", NO_NCCL)
             prepare_cpu_process()
+        if self.follower:
+            # SGLang's Engine blocks forever on a non-zero node rank unless told not to; it
+            # then returns with the schedulers running and no tokenizer manager.
+            os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"
         cache_dir = spec.model_cache_dir or None
         model_dir = resolve_model_path(spec.model_path, cache_dir, progress=self.log.info)
         self.model_dir = model_dir
         model_name = spec.served_model_name or model_dir.name
         kwargs = engine_kwargs(spec, model_dir, model_name)
         if is_cpu(spec) and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
-            bind = cpu_threads_bind(spec.dp_size)  # without it dp_size > 1 asserts on the CPU
+            # without it, more ranks than NUMA nodes assert on the CPU
+            bind = cpu_threads_bind(local_engine_ranks(spec), always=spec.nnodes > 1)
             if bind is not None:
                 os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
         os.environ[METRICS_ENV] = json.dumps(spec.metrics_endpoints[: spec.dp_size])
@@ -101,6 +132,9 @@ class SglangBackend:
             msg = f"engine.sglang.{key}: not a field of SGLang's ServerArgs"
             raise SglangArgsError(msg) from None
         self._loop = loop = self.engine.loop
+        if self.follower:
+            self._start_follower(model_name, started, previous_sigterm)
+            return
         tm = self.engine.tokenizer_manager
         states = loop.run_until_complete(compat.internal_states(tm))  # the first SGLang call
         self._keep_sigterm(loop, previous_sigterm)
@@ -124,6 +158,35 @@ class SglangBackend:
             model=model_name,
             kv_tokens=self.facts.kv_tokens,
             dp_size=spec.dp_size,
+        )
+
+    def _start_follower(self, model_name: str, started: float, previous_sigterm: Any) -> None:
+        """A follower's engine: SGLang's schedulers for this node's ranks, joined to the
+        leader's; requests reach them only through the leader's engine."""
+        import sglang
+
+        assert self.engine is not None
+        assert self._loop is not None
+        self._keep_sigterm(self._loop, previous_sigterm)
+        info = compat.scheduler_info(self.engine)
+        context = int(info.get("max_req_input_len") or 0) + 1
+        self.facts = EngineFacts(
+            model_name=model_name,
+            context_length=context,
+            max_prompt_tokens=max(0, context - 1),
+            kv_tokens=int(info.get("max_total_num_tokens") or 0),
+            max_batch_size=int(info.get("max_running_requests") or 0),
+            eos_token_ids=[],
+            version=str(sglang.__version__),
+            incremental=True,
+        )
+        self._watch_children()
+        self.log.info(
+            "sglang engine started as a follower",
+            seconds=round(time.monotonic() - started, 1),
+            node_rank=self.spec.node_rank,
+            nnodes=self.spec.nnodes,
+            dist_init_addr=self.spec.dist_init_addr,
         )
 
     def _watch_children(self) -> None:
@@ -171,8 +234,8 @@ class SglangBackend:
         self._serving.set()
         if not self._closing.is_set():
             await self._stopping.wait()
-        assert self._requests is not None
-        await asyncio.gather(*self._requests.stop_all(), return_exceptions=True)
+        if self._requests is not None:  # a follower has none
+            await asyncio.gather(*self._requests.stop_all(), return_exceptions=True)
         current = asyncio.current_task()
         others = [t for t in asyncio.all_tasks() if t is not current]
         for task in others:  # SGLang's output loop and watchdogs on this loop
@@ -221,6 +284,7 @@ class SglangBackend:
             version=facts.version,
             tokenizer=str(self.model_dir) if self.model_dir is not None else "",
             prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
+            accepts_requests=not self.follower,
             kv_replay_endpoints=(
                 [f"tcp://127.0.0.1:{spec.replay_port + r}" for r in ranks]
                 if spec.replay_port is not None
@@ -238,6 +302,9 @@ class SglangBackend:
     def submit(self, cmd: HostGenerate) -> None:
         """Start a streaming generation on the loop."""
         requests = self._requests
+        if self.follower:
+            self._emit(_refused(cmd.request_id))
+            return
         if requests is None or not self._call_soon(requests.start, cmd):
             self._emit(
                 HostChunk(
@@ -250,6 +317,9 @@ class SglangBackend:
 
     def embed(self, cmd: HostEmbed) -> None:
         """Embed texts or token ids (the engine must run an embedding model)."""
+        if self.follower:
+            self._emit(_refused(cmd.request_id))
+            return
         if not self._call_soon(self._start_embed, cmd):
             failed = HostChunk(
                 cmd.request_id,
@@ -258,6 +328,11 @@ class SglangBackend:
                 error_message=STOPPING,
             )
             self._emit(failed)
+
+    @property
+    def follower(self) -> bool:
+        """Whether this host runs a non-zero node rank of a multi-node engine."""
+        return self.spec.nnodes > 1 and self.spec.node_rank > 0
 
     def _start_embed(self, cmd: HostEmbed) -> None:
         assert self._loop is not None
@@ -306,6 +381,8 @@ class SglangBackend:
 
     def control(self, op: str, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
         """A control operation, run on the loop: (ok, message, data)."""
+        if self.follower:
+            return False, f"{op}: {FOLLOWER_REFUSAL}", {}
         return self._control.run(op, args)
 
     def run_on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:

@@ -41,5 +41,7 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
 def local_ranks(dp_size: int, nnodes: int, node_rank: int) -> range:
     """The global DP ranks node `node_rank` of a `nnodes`-node engine runs (all of them
     on a single node)."""
+    if dp_size < nnodes:  # one DP rank whose tensor-parallel ranks span the nodes
+        return range(dp_size) if node_rank == 0 else range(0)
     per_node = dp_size // nnodes
     return range(node_rank * per_node, (node_rank + 1) * per_node)

@@ -67,7 +67,13 @@ class NodeProcess:
     """One running node: its process, ports, and its JSON log lines."""
 
     def __init__(
-        self, config: Path, nats_port: int, system_port: int, kv_port: int, log_path: Path
+        self,
+        config: Path,
+        nats_port: int,
+        system_port: int,
+        kv_port: int,
+        log_path: Path,
+        cpus: set[int] | None = None,
     ) -> None:
         self.config = config
         self.nats_port = nats_port
@@ -86,6 +92,8 @@ class NodeProcess:
             env=env,
             start_new_session=True,
         )
+        if cpus:  # the node, and the processes it starts later, on these cores only
+            os.sched_setaffinity(self.proc.pid, cpus)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -183,6 +191,7 @@ def start_node(
     dp_size: int = 1,
     name: str = "node",
     extra_toml: str = "",
+    cpus: set[int] | None = None,
     **sections: dict[str, Any],
 ) -> NodeProcess:
     """Start a node with free ports and a private NATS store; extra sections override."""
@@ -209,7 +218,7 @@ def start_node(
     path = write_config(tmp_path / f"{name}.toml", config)
     if extra_toml:
         path.write_text(path.read_text() + "\n" + extra_toml)
-    return NodeProcess(path, nats_port, system_port, kv_port, tmp_path / f"{name}.log")
+    return NodeProcess(path, nats_port, system_port, kv_port, tmp_path / f"{name}.log", cpus)
 
 
 def descendants(pid: int) -> list[int]:

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from actors.engine_host.spec import local_ranks
 from messages.kv import BlockStored, KvEventBatch
 from messages.metrics import LoadMetrics
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
 from supervisor.config import ConfigError, loads
+from supervisor.node import local_dp_ranks
 from tests.node.harness import NodeProcess, free_ports, start_node
 from tests.node.test_node_sim import expected_text
 
@@ -230,3 +232,12 @@ def test_multinode_configs_are_checked(change: tuple[str, str], key: str, words:
         loads(text)
     assert info.value.key == key
     assert words in str(info.value)
+
+
+def test_one_dp_rank_may_span_the_nodes_and_belongs_to_the_leader() -> None:
+    # Tensor parallelism across nodes (SGLang's tp_size over nnodes): one DP rank, whose
+    # KV events and metrics come from the leader; the followers relay nothing.
+    for rank in (0, 1):
+        config = loads(BASE.replace("dp_size = 2", "dp_size = 1") + f"node_rank = {rank}\n")
+        assert list(local_dp_ranks(config)) == ([0] if rank == 0 else [])
+    assert list(local_ranks(4, 2, 1)) == [2, 3]  # DP ranks split over the nodes
