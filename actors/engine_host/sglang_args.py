@@ -132,18 +132,17 @@ def local_engine_ranks(spec: HostSpec) -> int:
     return max(1, spec.dp_size * tp * pp // spec.nnodes)
 
 
-def cpu_threads_bind(dp_size: int, always: bool = False) -> str | None:
-    """SGLANG_CPU_OMP_THREADS_BIND for `dp_size` ranks: this process's cores split into
+def cpu_threads_bind(ranks: int, always: bool = False) -> str | None:
+    """SGLANG_CPU_OMP_THREADS_BIND for `ranks` ranks: this process's cores split into
     contiguous groups, one per rank ("0|1" for two ranks on two cores). None for one rank
     (unless `always`: a multi-node engine counts every node's ranks against this
     machine's NUMA nodes without it) or when there are fewer cores than ranks (SGLang then
     says what it needs)."""
     cores = sorted(os.sched_getaffinity(0))
-    if (dp_size <= 1 and not always) or len(cores) < dp_size:
+    if ranks < 1 or (ranks == 1 and not always) or len(cores) < ranks:
         return None
-    dp_size = max(1, dp_size)
-    share = len(cores) // dp_size
-    groups = [cores[r * share : (r + 1) * share] for r in range(dp_size)]
+    share = len(cores) // ranks
+    groups = [cores[r * share : (r + 1) * share] for r in range(ranks)]
     return "|".join(
         str(g[0])
         if len(g) == 1

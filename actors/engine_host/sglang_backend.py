@@ -301,10 +301,10 @@ class SglangBackend:
 
     def submit(self, cmd: HostGenerate) -> None:
         """Start a streaming generation on the loop."""
-        requests = self._requests
         if self.follower:
             self._emit(_refused(cmd.request_id))
             return
+        requests = self._requests
         if requests is None or not self._call_soon(requests.start, cmd):
             self._emit(
                 HostChunk(

@@ -54,13 +54,7 @@ class Killed:
 def killed(tmp_path_factory: pytest.TempPathFactory) -> Killed:
     """A cache dir holding what a build SIGKILLed while converting leaves behind."""
     cache = tmp_path_factory.mktemp("models")
-    builder = subprocess.Popen(
-        module_command(cache),
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    builder = start_builder(cache)
     try:
         read_lines_until(builder, "dequantising", timeout=120)
     finally:
@@ -106,6 +100,17 @@ def module_command(cache: Path) -> list[str]:
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def start_builder(cache: Path) -> subprocess.Popen[str]:
+    """The module's command line building the model into `cache`, output piped."""
+    return subprocess.Popen(
+        module_command(cache),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def read_lines_until(process: subprocess.Popen[str], wanted: str, timeout: float) -> list[str]:
@@ -217,13 +222,7 @@ def test_a_builder_waiting_on_the_lock_uses_the_model_the_other_one_built(
     cache.mkdir()
     with (cache / f".{NAME}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # we are "the other builder"
-        waiter = subprocess.Popen(
-            module_command(cache),
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        waiter = start_builder(cache)
         try:
             read_lines_until(waiter, "waiting for another process", timeout=30)
             shutil.copytree(built.path, cache / NAME)  # ... finishes its build

@@ -15,6 +15,7 @@ from tests.supervision.children import Script, actor
 from tests.supervision.conftest import Tree
 
 FAST = SupervisorFlags(intensity=5, backoff=Backoff(initial=0.0))
+SLOW_RESTART = SupervisorFlags(intensity=5, backoff=Backoff(initial=30, max=60))  # stays down
 
 
 def test_a_failing_ask_crashes_the_actor_and_the_caller_gets_the_error(
@@ -127,9 +128,7 @@ def test_messages_left_in_the_inbox_at_exit_are_handed_to_on_undelivered(
 ) -> None:
     # pykka drops queued tells silently when an actor stops; an actor that owes answers
     # (the EngineActor owes every request one) gets each of them once.
-    tree = make_tree(
-        [actor("a", script)], SupervisorFlags(intensity=5, backoff=Backoff(initial=30, max=60))
-    )
+    tree = make_tree([actor("a", script)], SLOW_RESTART)
     ref = whereis("root/a")
     ref.tell("hang")  # holds the actor's thread while the next messages queue up
     ref.tell("crash")
@@ -147,9 +146,7 @@ def test_an_ask_queued_when_the_actor_exits_fails_at_once_not_at_its_timeout(
 ) -> None:
     # pykka's own loop fails such asks; ours must too, or a sibling asking the actor
     # during its start-up blocks for the whole ask timeout (and misses its own stop).
-    tree = make_tree(
-        [actor("a", script)], SupervisorFlags(intensity=5, backoff=Backoff(initial=30, max=60))
-    )
+    tree = make_tree([actor("a", script)], SLOW_RESTART)
     ref = whereis("root/a")
     ref.tell("hang")
     ref.tell("crash")
