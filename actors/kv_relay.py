@@ -8,16 +8,28 @@ sequence goes back (the publisher restarted), it first publishes a resync
 (`AllBlocksCleared` for this rank) so no subscriber keeps a stale view. At start it
 publishes a resync and then replays the publisher's whole history if it still holds it. Undecodable
 messages are counted and dropped; they never crash the relay.
+
+The socket is read on the NATS link's event loop (a reader on the socket's descriptor),
+so a batch goes from ZMQ to the NATS write buffer in one thread, with no hand-off per
+burst. Work that may block (asking the publisher's replay socket to fill a gap) goes to
+the actor's own thread while reading pauses, then reading resumes where it stopped; an
+injected delay holds the stream the same way, with a timer instead of a sleep. A failure
+in the reader crashes the actor (its supervisor restarts it), never the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import nats.js.errors
+import pykka
 import zmq
 
 from actors import node_metrics
@@ -34,8 +46,24 @@ from supervisor import ChildContext, SupervisedActor, ask
 
 __all__ = ["KvRelayActor", "stream_name"]
 
+T = TypeVar("T")
+
 _RECENT = 10_000  # sequence numbers remembered to skip batches already published
-_DRAIN_MAX = 256  # ZMQ messages taken per wake-up of the reader
+_DRAIN_MAX = 256  # ZMQ messages taken per turn of the reader before other loop work runs
+
+
+@dataclass(frozen=True)
+class _FillGap:
+    """From the reader: `frames` follow a gap the replay buffer may fill (blocking work)."""
+
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
+class _ReaderFailed:
+    """From the reader: it raised; the actor crashes with it."""
+
+    error: Exception
 
 
 def stream_name(subject: str) -> str:
@@ -71,14 +99,17 @@ class KvRelayActor(SupervisedActor):
         self._zmq = zmq.Context()
         self._sub = self._zmq.socket(zmq.SUB)
         self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # the reader is registered on the loop (touched on the loop only)
         self._label = str(dp_rank)
         self._dropped_seen = 0
         self.faults = ZmqFaults()
         self.replay_endpoint: str | None = None
         self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._batches_metric = node_metrics.KV_BATCHES.labels(self._label)
-        self._event_metrics: dict[str, Any] = {}
+        self._event_metrics: dict[type[Any], Any] = {}
+        self._batches_seen = 0
+        self._events_seen: collections.Counter[type[Any]] = collections.Counter()
         self._outbox: list[tuple[str, bytes, str]] | None = None
 
     def on_start_up(self) -> None:
@@ -98,10 +129,9 @@ class KvRelayActor(SupervisedActor):
         if self.info.kv_replay_endpoints:
             self.replay_endpoint = self.info.kv_replay_endpoints[self.dp_rank]
             self._catch_up()
-        self._thread = threading.Thread(
-            target=self._run, name=f"kv-relay-{self.dp_rank}", daemon=True
-        )
-        self._thread.start()
+        self._count()
+        self._loop = self.link.loop
+        self._loop.call_soon_threadsafe(self._start_reading)
         self.log.info("relaying kv events", endpoint=endpoint, subject=self.subject)
 
     def _ensure_stream(self, max_age: float) -> None:
@@ -122,40 +152,126 @@ class KvRelayActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            detached = threading.Event()
+
+            def detach() -> None:
+                self._stop_reading()
+                detached.set()
+
+            try:
+                loop.call_soon_threadsafe(detach)
+                detached.wait(2)
+            except RuntimeError:  # the loop closed meanwhile: it reads nothing any more
+                pass
         self._sub.close(linger=0)
         self._zmq.term()
 
     def handle(self, message: Any) -> Any:
+        if isinstance(message, _FillGap):
+            self.relay(message.frames, blocking=True)
+            self._count()
+            self._resume()
+            return None
+        if isinstance(message, _ReaderFailed):
+            msg = f"kv event reader failed: {type(message.error).__name__}: {message.error}"
+            raise RuntimeError(msg) from message.error
         if isinstance(message, ChaosZmq):
             self.faults.set(message)
             rule = f"dropping {message.drop:.0%}, delaying {message.delay_fraction:.0%}"
             return True, f"kv_relay_{self.dp_rank}: {rule}"
         return super().handle(message)
 
-    def _run(self) -> None:
-        while not self._halt.is_set():
-            if not self._sub.poll(100):
-                continue
-            # Take what is waiting and publish it in one go: one wake-up of the NATS loop
-            # per burst instead of one per batch.
-            self._outbox = []
-            try:
-                for _ in range(_DRAIN_MAX):
-                    try:
-                        frames = self._sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if self.faults.admit():
-                        self.relay(frames)
-            finally:
-                outbox, self._outbox = self._outbox, None
-                if outbox and self.link is not None:
-                    self.link.publish_many(outbox)
+    # --- the reader, on the NATS link's loop ------------------------------------------------
 
-    def relay(self, frames: list[bytes]) -> None:
-        """Decode one ZMQ message and publish it; fill a gap by replay, or resync first."""
+    def _resume(self) -> None:
+        if self._loop is not None and not self._halt.is_set():
+            self._loop.call_soon_threadsafe(self._start_reading)
+
+    def _start_reading(self) -> None:
+        if self._halt.is_set() or self._reading:
+            return
+        assert self._loop is not None
+        self._reading = True
+        self._loop.add_reader(self._sub.FD, self._readable)
+        self._readable()  # the descriptor is edge-triggered: take what came meanwhile
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            assert self._loop is not None
+            self._loop.remove_reader(self._sub.FD)
+
+    def _readable(self) -> None:
+        if self._reading:
+            held = self._turn(self._drain)
+            if held is not None:
+                self._hold(*held)
+
+    def _drain(self) -> tuple[float, list[bytes]] | None:
+        """Relay what is waiting, up to `_DRAIN_MAX` messages; returns a message that must
+        wait (an injected delay, or a gap for the actor to fill), which pauses reading."""
+        assert self._loop is not None
+        for _ in range(_DRAIN_MAX):
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if int(self._sub.EVENTS) & zmq.POLLIN:
+                    self._loop.call_soon(self._readable)
+                return None
+            delay = self.faults.verdict()
+            if delay is None:
+                continue  # an injected drop
+            if delay > 0 or not self.relay(frames, blocking=False):
+                return delay, frames
+        self._loop.call_soon(self._readable)  # more may wait: after other work of the loop
+        return None
+
+    def _hold(self, delay: float, frames: list[bytes]) -> None:
+        """Pause reading: `frames` wait `delay` seconds, or go to the actor to fill a gap."""
+        assert self._loop is not None
+        self._stop_reading()
+        if delay > 0:
+            self._loop.call_later(delay, self._after_delay, frames)
+        else:
+            self._tell(_FillGap(frames))
+
+    def _after_delay(self, frames: list[bytes]) -> None:
+        if self._halt.is_set():
+            return
+        relayed = self._turn(self.relay, frames, False)
+        if relayed:
+            self._start_reading()
+        elif relayed is not None:
+            self._tell(_FillGap(frames))
+
+    def _turn(self, work: Callable[..., T], *args: Any) -> T | None:
+        """One turn of the reader: its publishes go out together at its end. A failure
+        stops reading and crashes the actor (then None is returned)."""
+        self._outbox = []
+        try:
+            return work(*args)
+        except Exception as exc:  # noqa: BLE001 - the actor crashes with it
+            self._stop_reading()
+            self.log.error("kv event reader failed", error=f"{type(exc).__name__}: {exc}")
+            self._tell(_ReaderFailed(exc))
+            return None
+        finally:
+            outbox, self._outbox = self._outbox, None
+            if outbox and self.link is not None:
+                self.link.publish_many(outbox)
+            self._count()
+
+    def _tell(self, message: Any) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):  # exiting: on_exit stops the reader
+            self.actor_ref.tell(message)
+
+    # --- relaying -------------------------------------------------------------------------------
+
+    def relay(self, frames: list[bytes], blocking: bool = True) -> bool:
+        """Decode one ZMQ message and publish it; fill a gap by replay, or resync first.
+        Unless `blocking`, returns False instead for a gap the replay buffer could fill."""
         try:
             if len(frames) != 3:
                 raise DecodeError("KVEventBatch", "", f"expected 3 frames, got {len(frames)}")
@@ -164,11 +280,13 @@ class KvRelayActor(SupervisedActor):
         except DecodeError as exc:
             node_metrics.ZMQ_DROPPED.labels(f"kv_events_{self.dp_rank}").inc()
             self.log.warning("undecodable kv event message dropped", error=str(exc))
-            return
+            return True
         assert self.link is not None
         last = self.last_seq
         if last is not None and seq <= last and self._recent.get(seq) == hash(frames[2]):
-            return  # already published (it came by replay too)
+            return True  # already published (it came by replay too)
+        if not blocking and last is not None and seq > last + 1 and self.replay_endpoint:
+            return False
         if self.link.dropped != self._dropped_seen:
             # Publishes were lost while NATS was away: subscribers' views are stale.
             self._dropped_seen = self.link.dropped
@@ -187,6 +305,7 @@ class KvRelayActor(SupervisedActor):
             self.log.warning("kv event publisher restarted", last=last, got=seq)
             self._resync(Resync(reason="publisher_restart", gaps_total=self.gaps))
         self._publish(seq, batch.ts, batch.events, frames[2])
+        return True
 
     def _publish(self, seq: int, ts: float, events: list[Any], payload: bytes) -> None:
         assert self.link is not None
@@ -198,14 +317,27 @@ class KvRelayActor(SupervisedActor):
         self._recent[seq] = hash(payload)
         if len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
-        self._batches_metric.inc()
-        counts = collections.Counter(type(event).__name__ for event in events)
-        for kind, count in counts.items():
+        # Counted here, added to the metrics once per turn of the reader (`_count`): a
+        # Prometheus counter takes a lock per increment.
+        self._batches_seen += 1
+        kinds = set(map(type, events))
+        if len(kinds) == 1:  # the usual batch: one kind of event
+            self._events_seen[kinds.pop()] += len(events)
+        else:
+            self._events_seen.update(map(type, events))
+
+    def _count(self) -> None:
+        """Add what was published since the last call to the metrics."""
+        if self._batches_seen:
+            self._batches_metric.inc(self._batches_seen)
+            self._batches_seen = 0
+        for kind, count in self._events_seen.items():
             metric = self._event_metrics.get(kind)
             if metric is None:
-                metric = node_metrics.KV_EVENTS.labels(self._label, kind)
+                metric = node_metrics.KV_EVENTS.labels(self._label, kind.__name__)
                 self._event_metrics[kind] = metric
             metric.inc(count)
+        self._events_seen.clear()
 
     def _send(self, data: bytes) -> None:
         if self._outbox is not None:

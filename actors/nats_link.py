@@ -198,7 +198,10 @@ class NatsLink:
             if self._drain_scheduled or not self._flowing or not self._queue:
                 return
             self._drain_scheduled = True
-        self.loop.call_soon_threadsafe(self._start_drain)
+        if threading.get_ident() == self._thread.ident:
+            self.loop.call_soon(self._start_drain)  # a reader on the loop: no wake-up needed
+        else:
+            self.loop.call_soon_threadsafe(self._start_drain)
 
     def _drop(self, subject: str) -> None:
         self.dropped += 1

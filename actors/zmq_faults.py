@@ -1,4 +1,4 @@
-"""Injected ZMQ faults for a reader thread: drop or delay a fraction of messages."""
+"""Injected ZMQ faults for a socket reader: drop or delay a fraction of messages."""
 
 from __future__ import annotations
 
@@ -28,19 +28,29 @@ class ZmqFaults:
 
     def admit(self) -> bool:
         """Called per received message: False to drop it; may sleep to delay it."""
+        delay = self.verdict()
+        if delay is None:
+            return False
+        if delay > 0:
+            time.sleep(delay)
+        return True
+
+    def verdict(self) -> float | None:
+        """Called per received message by a reader that must not sleep (one on an event
+        loop): None to drop it, else the seconds to hold it first (0.0: none)."""
         with self._lock:
             rule = self._rule
             if rule is None:
-                return True
+                return 0.0
             if time.monotonic() >= rule.until:
                 self._rule = None
-                return True
+                return 0.0
             roll = self._random.random()
             delay_roll = self._random.random()
         if roll < rule.drop:
             self.dropped += 1
-            return False
+            return None
         if delay_roll < rule.delay_fraction and rule.delay > 0:
             self.delayed += 1
-            time.sleep(rule.delay)
-        return True
+            return rule.delay
+        return 0.0

@@ -32,8 +32,18 @@ __all__ = [
 ]
 
 
+# The event types hold only numbers, strings and lists of them, so they can never be part
+# of a reference cycle: `gc=False` spares the collector from tracking the many a busy relay
+# decodes (measured: ~10% of a batch's decoding time).
+
+
 class BlockStored(
-    msgspec.Struct, frozen=True, tag_field="type", tag="BlockStored", omit_defaults=True
+    msgspec.Struct,
+    frozen=True,
+    tag_field="type",
+    tag="BlockStored",
+    omit_defaults=True,
+    gc=False,
 ):
     """Pages entered the cache: one hash per page, chained on `parent_block_hash`."""
 
@@ -49,7 +59,12 @@ class BlockStored(
 
 
 class BlockRemoved(
-    msgspec.Struct, frozen=True, tag_field="type", tag="BlockRemoved", omit_defaults=True
+    msgspec.Struct,
+    frozen=True,
+    tag_field="type",
+    tag="BlockRemoved",
+    omit_defaults=True,
+    gc=False,
 ):
     """Pages left the cache (evicted)."""
 
@@ -57,7 +72,9 @@ class BlockRemoved(
     medium: str | None = None
 
 
-class AllBlocksCleared(msgspec.Struct, frozen=True, tag_field="type", tag="AllBlocksCleared"):
+class AllBlocksCleared(
+    msgspec.Struct, frozen=True, tag_field="type", tag="AllBlocksCleared", gc=False
+):
     """The cache was emptied (engine start, flush, or a relay resync)."""
 
 

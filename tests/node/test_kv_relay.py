@@ -15,9 +15,12 @@ import msgspec
 import nats
 import pytest
 import zmq
+from msgspec.structs import replace as struct_replace
 
 from actors.fabric import FabricActor
 from actors.kv_relay import KvRelayActor
+from actors.kv_replay import END_SEQ
+from messages.chaos import ChaosZmq
 from messages.codec import decode_json
 from messages.engine import EngineInfo
 from messages.kv import (
@@ -29,7 +32,16 @@ from messages.kv import (
     encode_sglang_batch,
 )
 from messages.node import GetEngineInfo
-from supervisor import ActorStart, ChildContext, ChildSpec, Root, SupervisedActor, SupervisorFlags
+from supervisor import (
+    ActorStart,
+    Backoff,
+    ChildContext,
+    ChildSpec,
+    Root,
+    SupervisedActor,
+    SupervisorFlags,
+    ask,
+)
 from tests.node.harness import NatsServer, free_ports
 
 SUBJECT = "test.kv.kv_events"
@@ -93,7 +105,12 @@ class Collector:
 
 
 @contextlib.contextmanager
-def relay_tree(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]:
+def relay_tree(
+    tmp_path: Path,
+    replay_endpoint: str | None = None,
+    relay_class: type[KvRelayActor] = KvRelayActor,
+    flags: SupervisorFlags | None = None,
+) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]:
     """A KvRelayActor fed by a test PUB in SGLang's format, relaying to a real NATS."""
     server = NatsServer(tmp_path)
     port = free_ports()
@@ -111,11 +128,12 @@ def relay_tree(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, R
         kv_event_endpoints=[f"tcp://127.0.0.1:{port}"],
         kv_event_topic="kv-events",
         metrics_endpoints=[],
+        kv_replay_endpoints=[replay_endpoint] if replay_endpoint else [],
     )
     collector = Collector(server.url)
     root = Root(
         "relaytest",
-        SupervisorFlags(intensity=0),
+        flags or SupervisorFlags(intensity=0),
         [
             ChildSpec(
                 "fabric", ActorStart(FabricActor, ([server.url], "relay-test", 5.0, 1 << 20))
@@ -124,7 +142,7 @@ def relay_tree(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, R
             ChildSpec(
                 "relay",
                 ActorStart(
-                    KvRelayActor, ("relaytest/fabric", "relaytest/engine", "inst-1", 0, SUBJECT)
+                    relay_class, ("relaytest/fabric", "relaytest/engine", "inst-1", 0, SUBJECT)
                 ),
             ),
         ],
@@ -147,9 +165,12 @@ def relay(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Collector, Root]]
         yield parts
 
 
+def payload_of(events: list[Any], rank: int = 0) -> bytes:
+    return encode_sglang_batch(SglangEventBatch(ts=time.time(), events=events, dp_rank=rank))
+
+
 def send(pub: zmq.Socket[bytes], seq: int, events: list[Any], rank: int = 0) -> None:
-    payload = encode_sglang_batch(SglangEventBatch(ts=time.time(), events=events, dp_rank=rank))
-    pub.send_multipart([b"kv-events", seq.to_bytes(8, "big"), payload])
+    pub.send_multipart([b"kv-events", seq.to_bytes(8, "big"), payload_of(events, rank)])
 
 
 STORED = BlockStored(
@@ -162,16 +183,33 @@ STORED = BlockStored(
 )
 
 
+def kv_metric(name: str, **labels: str) -> float:
+    from actors import node_metrics
+
+    return node_metrics.REGISTRY.get_sample_value(name, {"dp_rank": "0", **labels}) or 0.0
+
+
 def test_the_relay_starts_with_a_resync_then_relays_in_order(relay: Any) -> None:
     pub, collector, _ = relay
+    before = (
+        kv_metric("sgl_node_kv_event_batches_total"),
+        kv_metric("sgl_node_kv_events_total", type="BlockStored"),
+        kv_metric("sgl_node_kv_events_total", type="BlockRemoved"),
+    )
     send(pub, 0, [AllBlocksCleared()])
-    send(pub, 1, [STORED])
-    send(pub, 2, [BlockRemoved(block_hashes=[12], medium="GPU")])
+    send(pub, 1, [STORED, STORED])
+    send(pub, 2, [BlockRemoved(block_hashes=[12], medium="GPU"), STORED])
     batches = collector.wait(4)
+    after = (
+        kv_metric("sgl_node_kv_event_batches_total"),
+        kv_metric("sgl_node_kv_events_total", type="BlockStored"),
+        kv_metric("sgl_node_kv_events_total", type="BlockRemoved"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 1]
     assert batches[0].resync is not None
     assert batches[0].resync.reason == "relay_start"
     assert [b.seq for b in batches[1:]] == [0, 1, 2]
-    assert batches[2].events == [STORED]
+    assert batches[2].events == [STORED, STORED]
     assert all((b.instance_id, b.dp_rank) == ("inst-1", 0) for b in batches)
 
 
@@ -227,3 +265,135 @@ def test_garbage_is_dropped_and_counted_and_the_relay_carries_on(relay: Any) -> 
         >= 4
     )
     assert all(row.restarts == 0 for row in root.which_children())
+
+
+class ReplayServer:
+    """SGLang's replay ROUTER, on a real socket: serves `buffer` (seq → payload) from the
+    asked sequence number on, then the end marker; counts the requests."""
+
+    def __init__(self) -> None:
+        self.buffer: dict[int, bytes] = {}
+        self.requests: list[int] = []
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        port = free_ports()
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.sock.bind(self.endpoint)
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.halt.is_set():
+            if not self.sock.poll(50):
+                continue
+            identity, _, start = self.sock.recv_multipart()
+            first = int.from_bytes(start, "big")
+            self.requests.append(first)
+            for seq in sorted(self.buffer):
+                if seq >= first:
+                    self.sock.send_multipart(
+                        [identity, b"", b"kv-events", seq.to_bytes(8, "big"), self.buffer[seq]]
+                    )
+            self.sock.send_multipart([identity, b"", b"", END_SEQ, b""])
+
+    def close(self) -> None:
+        self.halt.set()
+        self.thread.join(5)
+        self.sock.close(0)
+        self.context.term()
+
+
+def test_the_relay_catches_up_at_start_and_fills_a_gap_from_the_replay_buffer(
+    tmp_path: Path,
+) -> None:
+    server = ReplayServer()
+    events = {seq: [struct_replace(STORED, block_hashes=[100 + seq])] for seq in range(6)}
+    for seq in range(3):
+        server.buffer[seq] = payload_of(events[seq])
+    try:
+        with relay_tree(tmp_path, replay_endpoint=server.endpoint) as (pub, collector, root):
+            caught_up = collector.wait(4)
+            assert caught_up[0].resync is not None
+            assert [b.seq for b in caught_up[1:]] == [0, 1, 2]
+            # 3 and 4 never reach the relay live: it finds them in the replay buffer
+            for seq in (3, 4, 5):
+                server.buffer[seq] = payload_of(events[seq])
+            send(pub, 5, events[5])
+            send(pub, 6, [BlockRemoved(block_hashes=[100])])
+            batches = collector.wait(8)
+            assert [b.seq for b in batches[1:]] == [0, 1, 2, 3, 4, 5, 6]
+            assert [b.events for b in batches[1:7]] == [events[seq] for seq in range(6)]
+            assert all(b.resync is None for b in batches[1:])
+            assert server.requests == [0, 3]
+            assert all(row.restarts == 0 for row in root.which_children())
+    finally:
+        server.close()
+
+
+def test_a_gap_the_replay_buffer_cannot_fill_gets_a_resync(tmp_path: Path) -> None:
+    server = ReplayServer()
+    try:
+        with relay_tree(tmp_path, replay_endpoint=server.endpoint) as (pub, collector, _):
+            send(pub, 0, [STORED])
+            send(pub, 4, [STORED])  # 1..3 are not in the (empty) buffer
+            batches = collector.wait(4)
+            assert batches[2].resync is not None
+            assert (batches[2].resync.reason, batches[2].resync.missed_batches) == ("gap", 3)
+            assert batches[3].seq == 4
+            assert server.requests == [0, 1]
+    finally:
+        server.close()
+
+
+def test_an_injected_delay_holds_the_stream_in_order(relay: Any) -> None:
+    pub, collector, _ = relay
+    collector.wait(1)  # the start resync
+    ok, detail = ask(
+        "relaytest/relay",
+        ChaosZmq(drop=0.0, delay_fraction=1.0, delay=0.2, until=time.monotonic() + 30),
+        timeout=5,
+    )
+    assert ok, detail
+    started = time.monotonic()
+    for seq in range(3):
+        send(pub, seq, [struct_replace(STORED, block_hashes=[seq])])
+    batches = collector.wait(4)
+    elapsed = time.monotonic() - started
+    assert [b.seq for b in batches[1:]] == [0, 1, 2]
+    assert elapsed >= 0.55, elapsed  # three messages, each held 0.2 s, one after another
+    assert all(b.resync is None for b in batches[1:])
+
+
+class FailingRelay(KvRelayActor):
+    """A relay whose reader raises on one payload: a bug in the reader, injected."""
+
+    def relay(self, frames: list[bytes], blocking: bool = True) -> bool:
+        if frames[2] == b"boom":
+            msg = "injected reader failure"
+            raise RuntimeError(msg)
+        return super().relay(frames, blocking)
+
+
+def test_a_failing_reader_crashes_the_actor_and_its_restart_relays_again(
+    tmp_path: Path,
+) -> None:
+    flags = SupervisorFlags(intensity=3, backoff=Backoff(initial=0.0))
+    with relay_tree(tmp_path, relay_class=FailingRelay, flags=flags) as (pub, collector, root):
+        send(pub, 0, [STORED])
+        collector.wait(2)
+        pub.send_multipart([b"kv-events", (1).to_bytes(8, "big"), b"boom"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = {row.id: row for row in root.which_children()}
+            if rows["relay"].restarts == 1 and rows["relay"].state == "running":
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the relay was not restarted: {root.which_children()}")
+        batches = collector.wait(3)  # the new relay's start resync
+        assert batches[2].resync is not None
+        assert batches[2].resync.reason == "relay_start"
+        time.sleep(0.3)  # the new SUB connects (ZMQ's slow joiner)
+        send(pub, 2, [STORED])
+        assert collector.wait(4)[3].seq == 2
