@@ -32,19 +32,14 @@ __all__ = [
 ]
 
 
-# The event types hold only numbers, strings and lists of them, so they can never be part
-# of a reference cycle: `gc=False` spares the collector from tracking the many a busy relay
-# decodes (measured: ~10% of a batch's decoding time).
+class _Event(msgspec.Struct, frozen=True, tag_field="type", tag=True, omit_defaults=True, gc=False):
+    """What the event types share: tagged by `type` (the class name), defaults
+    left out. They hold only numbers, strings and lists of them, so they can never be part
+    of a reference cycle: `gc=False` spares the collector from tracking the many a busy
+    relay decodes (measured: ~10% of a batch's decoding time)."""
 
 
-class BlockStored(
-    msgspec.Struct,
-    frozen=True,
-    tag_field="type",
-    tag="BlockStored",
-    omit_defaults=True,
-    gc=False,
-):
+class BlockStored(_Event, frozen=True):
     """Pages entered the cache: one hash per page, chained on `parent_block_hash`."""
 
     block_hashes: list[int]
@@ -58,23 +53,14 @@ class BlockStored(
     lora_name: str | None = None
 
 
-class BlockRemoved(
-    msgspec.Struct,
-    frozen=True,
-    tag_field="type",
-    tag="BlockRemoved",
-    omit_defaults=True,
-    gc=False,
-):
+class BlockRemoved(_Event, frozen=True):
     """Pages left the cache (evicted)."""
 
     block_hashes: list[int]
     medium: str | None = None
 
 
-class AllBlocksCleared(
-    msgspec.Struct, frozen=True, tag_field="type", tag="AllBlocksCleared", gc=False
-):
+class AllBlocksCleared(_Event, frozen=True):
     """The cache was emptied (engine start, flush, or a relay resync)."""
 
 

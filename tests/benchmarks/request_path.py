@@ -29,6 +29,7 @@ from messages.request import GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
 from tests.benchmarks import _workload
 from tests.benchmarks._common import ROOT, median, percentile, python, table, write_section
+from tests.frontend.harness import parse_metric
 from tests.node.harness import free_ports, start_node
 
 RUNS = int(os.environ.get("SGL_NODE_BENCH_RUNS", "5"))
@@ -144,15 +145,6 @@ TTFT_HISTOGRAMS = {
 }
 
 
-def metric_total(body: bytes, name: str) -> float:
-    """The sum of a metric's samples over all label sets in a Prometheus text page."""
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith((name + "{", name + " ")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 class Node:
     def __init__(self, tmp: Path) -> None:
         self.node = start_node(tmp, backend="sglang", logging={"level": "warning"})
@@ -173,8 +165,9 @@ class Node:
     def ttft_sums(self) -> dict[str, tuple[float, float]]:
         """(sum, count) of the node's and SGLang's TTFT histograms, from the node's /metrics."""
         _, body = self.node.http("/metrics")
+        text = body.decode()
         return {
-            key: (metric_total(body, f"{name}_sum"), metric_total(body, f"{name}_count"))
+            key: (parse_metric(text, f"{name}_sum"), parse_metric(text, f"{name}_count"))
             for key, name in TTFT_HISTOGRAMS.items()
         }
 
