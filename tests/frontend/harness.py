@@ -100,8 +100,15 @@ class Frontend:
 
     def wait_instances(self, count: int, timeout: float = 30.0) -> float:
         """Wait until discovery shows `count` live instances; the seconds it took."""
+
+        def seen() -> bool:
+            try:
+                return self.health().get("instances") == count
+            except OSError:  # not listening yet: the node can be ready before its frontend
+                return False
+
         return wait_until(
-            lambda: self.health().get("instances") == count,
+            seen,
             timeout,
             f"{count} live instances in the frontend ({self.proc.log_path})",
         )
