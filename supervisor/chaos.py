@@ -2,8 +2,9 @@
 
 Starts a node (or attaches to one), drives it with concurrent streaming clients, injects
 the scenario's faults through the admin subject, and prints a verdict: requests sent,
-completed, ended with an error (by code) and **lost** (no terminal chunk by the request's
-deadline), restarts per child, the time from each fault until the tree is all running and
+completed, ended with an error (by code; `stream_lost` is the client's own verdict on a
+request no node holds any more) and **lost** (the stream never ended: no terminal chunk
+and no error), restarts per child, the time from each fault until the tree is all running and
 the instance registered again, and whether a KV-event subscriber's view equals the
 engine's at the end (sim engine). Exit 1 if anything was lost, the tree did not recover,
 or the KV views differ; 0 otherwise. Scenarios ship in `configs/chaos/`.
@@ -248,8 +249,14 @@ class Runner:
             why = ""
             sent_at = time.monotonic() - self.started
             try:
-                async with asyncio.timeout(load.deadline + 5.0):
-                    async for chunk in client.generate(request, idle_timeout=load.deadline + 5.0):
+                # A request lost on its way to the node (sent as NATS is cut) ends with the
+                # client's own `stream_lost`, `lost_after` seconds after it last heard of it
+                # (plus one resume round, ~3 s). The guard around it only catches a client
+                # that never ends a stream; it must not race that verdict.
+                async with asyncio.timeout(load.deadline + 15.0):
+                    async for chunk in client.generate(
+                        request, idle_timeout=load.deadline + 5.0, lost_after=load.deadline
+                    ):
                         last = chunk
                         chunks += 1
             except NoRespondersError:

@@ -136,3 +136,47 @@ def test_a_nats_server_restart_mid_stream_loses_no_chunk(tmp_path: Path) -> None
     finally:
         node.kill()
         server.stop()
+
+
+def test_a_stream_whose_node_died_ends_with_stream_lost_not_silence(tmp_path: Path) -> None:
+    """The node is killed (SIGKILL, the whole process group) with a stream in flight; no
+    node holds the stream any more, so the client's resume asks go unanswered and, once
+    `lost_after` passes without a word from any node, the client ends the stream itself
+    with a `stream_lost` error chunk at the next index — not a hang, not a bare timeout."""
+    server = NatsServer(tmp_path)
+    node = start_node(
+        tmp_path,
+        embedded_nats=False,
+        nats_url=server.url,
+        engine__sim={"decode_time_per_step": 0.05},
+    )
+    try:
+        node.wait_ready(60)
+
+        async def go() -> tuple[list[StreamChunk], float]:
+            async with NodeClient(server.url) as client:
+                chunks: list[StreamChunk] = []
+                killed_at = 0.0
+                stream = client.generate(
+                    _request("cut short", 200), probe_after=0.5, lost_after=2.0
+                )
+                async with asyncio.timeout(30):
+                    async for chunk in stream:
+                        chunks.append(chunk)
+                        if len(chunks) == 3:
+                            node.kill()
+                            killed_at = time.monotonic()
+                return chunks, time.monotonic() - killed_at
+
+        chunks, waited = asyncio.run(go())
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+        last = chunks[-1]
+        assert last.finish_reason == "error", last
+        assert last.error is not None
+        assert last.error.code == "stream_lost"
+        assert last.index >= 3
+        # No word for lost_after (2 s), decided at the next failed resume ask (≤ 2 s each).
+        assert 2.0 <= waited < 8.0, waited
+    finally:
+        node.kill()
+        server.stop()
