@@ -38,6 +38,8 @@ class ZmqFaults:
     def verdict(self) -> float | None:
         """Called per received message by a reader that must not sleep (one on an event
         loop): None to drop it, else the seconds to hold it first (0.0: none)."""
+        if self._rule is None:  # the usual case, read without the lock: one attribute load
+            return 0.0
         with self._lock:
             rule = self._rule
             if rule is None:
