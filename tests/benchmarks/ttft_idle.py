@@ -1,0 +1,127 @@
+"""What the node adds to TTFT, per request, by how long the machine sat idle before it.
+
+One node with the real engine; a client process sends one request at a time, after an idle
+gap that cycles through GAPS (so drift hits every gap alike). Before and after each request
+the node's /metrics give SGLang's own TTFT (its tokenizer manager taking the request →
+first token, the span the in-process contender of `request_path` measures) and the node's
+(its NATS callback → first chunk handed to NATS) for exactly that request, so each request
+yields two exact differences: node − SGLang (the node and its engine host) and client −
+SGLang (all the node adds, NATS included). Medians per gap.
+
+    python3 supervisor/bootstrap.py exec python -m tests.benchmarks.ttft_idle
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from messages.request import GenerateRequest, SamplingOptions, StopConditions
+from supervisor.client import NodeClient
+from tests.benchmarks import _workload
+from tests.benchmarks._common import median, percentile, table, write_section
+from tests.benchmarks.request_path import Node
+
+GAPS = (0.0, 0.25, 1.0, 3.0)  # seconds of idle before a request
+ROUNDS = 20  # requests per gap
+
+
+def _request() -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt=_workload.PROMPT,
+        sampling=SamplingOptions(temperature=0.0),
+        stop=StopConditions(max_tokens=_workload.MAX_TOKENS, ignore_eos=True),
+    )
+
+
+def measure(node: Node) -> dict[float, list[dict[str, float]]]:
+    samples: dict[float, list[dict[str, float]]] = {gap: [] for gap in GAPS}
+
+    async def one(client: NodeClient) -> float:
+        sent = time.monotonic()
+        first = None
+        async for chunk in client.generate(_request()):
+            if first is None and chunk.token_ids:
+                first = time.monotonic() - sent
+        assert first is not None, "the stream ended without a token"
+        return first
+
+    async def go() -> None:
+        async with NodeClient(node.node.url) as client:
+            for _ in range(3):  # warm up
+                await one(client)
+            for round_ in range(ROUNDS):
+                print(f"round {round_ + 1}/{ROUNDS}", flush=True)
+                for gap in GAPS:
+                    before = node.ttft_sums()
+                    await asyncio.sleep(gap)
+                    client_ttft = await one(client)
+                    after = node.ttft_sums()
+                    if any(after[k][1] - before[k][1] != 1 for k in after):
+                        continue  # not exactly one request in the histograms: skip it
+                    node_ttft = after["node"][0] - before["node"][0]
+                    sglang_ttft = after["sglang"][0] - before["sglang"][0]
+                    samples[gap].append(
+                        {"client": client_ttft, "node": node_ttft, "sglang": sglang_ttft}
+                    )
+
+    asyncio.run(go())
+    return samples
+
+
+def main() -> None:
+    node = Node(Path(tempfile.mkdtemp(prefix="bench-ttft-idle-")))
+    try:
+        samples = measure(node)
+    finally:
+        node.stop()
+    rows = []
+    for gap, runs in samples.items():
+        ms = {k: [r[k] * 1000 for r in runs] for k in ("client", "node", "sglang")}
+        node_added = [n - s for n, s in zip(ms["node"], ms["sglang"], strict=True)]
+        all_added = [c - s for c, s in zip(ms["client"], ms["sglang"], strict=True)]
+        rows.append(
+            (
+                f"{gap:g}",
+                len(runs),
+                median(ms["sglang"]),
+                median(ms["client"]),
+                median(node_added),
+                percentile(node_added, 90),
+                median(all_added),
+                percentile(all_added, 90),
+            )
+        )
+    body = (
+        f"SmolLM2-135M-Instruct, SGLang on the CPU with the node's engine settings; prompt of "
+        f"{len(_workload.PROMPT)} characters, {_workload.MAX_TOKENS} output tokens (EOS ignored, greedy); "
+        f"one request at a time, each after an idle gap cycling through {', '.join(f'{g:g}' for g in GAPS)} s; "
+        f"{ROUNDS} requests per gap. Per request, from the node's /metrics: SGLang's own TTFT "
+        "and the node's (NATS callback → first chunk handed to NATS); the client's TTFT from the "
+        "client process. Medians (and p90) of the per-request differences, in ms. The node's "
+        "engine host tokenizes the prompt before SGLang's span starts, so node − SGLang includes "
+        "one tokenization that an in-process caller pays inside SGLang's span.\n\n"
+        + table(
+            [
+                "idle before, s",
+                "requests",
+                "SGLang TTFT p50",
+                "client TTFT p50",
+                "node − SGLang p50",
+                "p90",
+                "client − SGLang p50",
+                "p90",
+            ],
+            rows,
+        )
+        + "\n\nTarget (from the request path): the node adds ≤ 2 ms to TTFT at p50."
+    )
+    write_section("ttft_idle", "TTFT added by the node, by idle time before the request", body)
+
+
+if __name__ == "__main__":
+    main()
