@@ -1,12 +1,18 @@
 """What the node adds to TTFT, per request, by how long the machine sat idle before it.
 
 One node with the real engine; a client process sends one request at a time, after an idle
-gap that cycles through GAPS (so drift hits every gap alike). Before and after each request
+gap that cycles through GAPS (so drift hits every gap alike). Each measured request follows
+an unmeasured one to the same target after the same gap, so the gap is exactly how long
+that target sat idle. Before and after each request
 the node's /metrics give SGLang's own TTFT (its tokenizer manager taking the request →
 first token, the span the in-process contender of `request_path` measures) and the node's
 (its NATS callback → first chunk handed to NATS) for exactly that request, so each request
 yields two exact differences: node − SGLang (the node and its engine host) and client −
 SGLang (all the node adds, NATS included). Medians per gap.
+
+The baseline, in the same run and after the same gaps: a bare nats-py request/reply to a
+responder in a process of its own (one NATS hop each way, nothing else) — what waking an
+idle process costs on this machine, whatever the process.
 
     python3 supervisor/bootstrap.py exec python -m tests.benchmarks.ttft_idle
 """
@@ -14,6 +20,7 @@ SGLang (all the node adds, NATS included). Medians per gap.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import tempfile
 import time
 import uuid
@@ -22,11 +29,24 @@ from pathlib import Path
 from messages.request import GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
 from tests.benchmarks import _workload
-from tests.benchmarks._common import median, percentile, table, write_section
+from tests.benchmarks._common import median, percentile, python, table, write_section
 from tests.benchmarks.request_path import Node
 
 GAPS = (0.0, 0.25, 1.0, 3.0)  # seconds of idle before a request
-ROUNDS = 20  # requests per gap
+ROUNDS = 15  # measured requests per gap and target
+_ECHO = "bench.ttft_idle.echo"
+_RESPONDER = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def on(msg):
+        await msg.respond(b"x")
+    await nc.subscribe(sys.argv[2], cb=on)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
 
 
 def _request() -> GenerateRequest:
@@ -38,8 +58,9 @@ def _request() -> GenerateRequest:
     )
 
 
-def measure(node: Node) -> dict[float, list[dict[str, float]]]:
+def measure(node: Node) -> tuple[dict[float, list[dict[str, float]]], dict[float, list[float]]]:
     samples: dict[float, list[dict[str, float]]] = {gap: [] for gap in GAPS}
+    bare: dict[float, list[float]] = {gap: [] for gap in GAPS}
 
     async def one(client: NodeClient) -> float:
         sent = time.monotonic()
@@ -50,13 +71,21 @@ def measure(node: Node) -> dict[float, list[dict[str, float]]]:
         assert first is not None, "the stream ended without a token"
         return first
 
+    async def echo(client: NodeClient) -> float:
+        assert client.nc is not None
+        sent = time.monotonic()
+        await client.nc.request(_ECHO, b"y", timeout=10)
+        return time.monotonic() - sent
+
     async def go() -> None:
         async with NodeClient(node.node.url) as client:
             for _ in range(3):  # warm up
                 await one(client)
+                await echo(client)
             for round_ in range(ROUNDS):
                 print(f"round {round_ + 1}/{ROUNDS}", flush=True)
                 for gap in GAPS:
+                    await one(client)  # then the node sat idle exactly `gap` seconds
                     before = node.ttft_sums()
                     await asyncio.sleep(gap)
                     client_ttft = await one(client)
@@ -68,15 +97,25 @@ def measure(node: Node) -> dict[float, list[dict[str, float]]]:
                     samples[gap].append(
                         {"client": client_ttft, "node": node_ttft, "sglang": sglang_ttft}
                     )
+                    await echo(client)  # the same for the bare responder
+                    await asyncio.sleep(gap)
+                    bare[gap].append(await echo(client))
 
-    asyncio.run(go())
-    return samples
+    responder = python("-c", _RESPONDER, node.node.url, _ECHO, stdout=subprocess.PIPE)
+    try:
+        assert responder.stdout is not None
+        responder.stdout.readline()
+        asyncio.run(go())
+    finally:
+        responder.kill()
+        responder.wait()
+    return samples, bare
 
 
 def main() -> None:
     node = Node(Path(tempfile.mkdtemp(prefix="bench-ttft-idle-")))
     try:
-        samples = measure(node)
+        samples, bare = measure(node)
     finally:
         node.stop()
     rows = []
@@ -94,6 +133,7 @@ def main() -> None:
                 percentile(node_added, 90),
                 median(all_added),
                 percentile(all_added, 90),
+                median([b * 1000 for b in bare[gap]]),
             )
         )
     body = (
@@ -104,7 +144,9 @@ def main() -> None:
         "and the node's (NATS callback → first chunk handed to NATS); the client's TTFT from the "
         "client process. Medians (and p90) of the per-request differences, in ms. The node's "
         "engine host tokenizes the prompt before SGLang's span starts, so node − SGLang includes "
-        "one tokenization that an in-process caller pays inside SGLang's span.\n\n"
+        "one tokenization that an in-process caller pays inside SGLang's span. The baseline: "
+        "a bare nats-py request/reply to a responder in its own process, after the same gaps "
+        f"({ROUNDS} each).\n\n"
         + table(
             [
                 "idle before, s",
@@ -115,6 +157,7 @@ def main() -> None:
                 "p90",
                 "client − SGLang p50",
                 "p90",
+                "bare NATS request/reply p50",
             ],
             rows,
         )
