@@ -54,7 +54,7 @@ from messages.kv import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatc
 from messages.request import GenerateRequest, StopConditions
 from supervisor.client import NodeClient, NoRespondersError
 
-__all__ = ["Scenario", "main", "run_scenario"]
+__all__ = ["Scenario", "free_ports", "main", "run_scenario"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Faults after which the tree restarts something (recovery = back to all running + ready).
@@ -108,13 +108,25 @@ class Verdict(msgspec.Struct):
         return self.lost == 0 and self.recovered and self.kv_view_equal is not False
 
 
-def _free_port(count: int = 1) -> int:
-    while True:
+def free_ports(count: int = 1) -> int:
+    """A port p such that p .. p+count-1 are all free now (a node's port ranges: the KV
+    publishers and their replay sockets). Every port of the range is tried: the kernel
+    hands out ports next to a free one to outgoing connections too."""
+    for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = int(s.getsockname()[1])
-        if base + count < 65000:
-            return base
+        if base + count > 65000:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    msg = "no free port range"
+    raise RuntimeError(msg)
 
 
 class NodeUnderTest:
@@ -122,9 +134,10 @@ class NodeUnderTest:
 
     def __init__(self, scenario: Scenario, workdir: Path, token: str) -> None:
         base = tomllib.loads((ROOT / scenario.config).read_text()) if scenario.config else {}
-        self.nats_port, self.system_port = _free_port(), _free_port()
+        self.nats_port, self.system_port = free_ports(), free_ports()
         dp = base.get("engine", {}).get("dp_size", 1)
-        base.setdefault("engine", {})["kv_events_port"] = _free_port(dp)
+        # the publishers on kv_events_port + rank, their replay sockets on + dp_size + rank
+        base.setdefault("engine", {})["kv_events_port"] = free_ports(2 * dp)
         base["nats"] = {
             **base.get("nats", {}),
             "embedded": True,

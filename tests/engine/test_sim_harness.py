@@ -9,7 +9,6 @@ import contextlib
 import io
 import pickle
 import shutil
-import socket
 import tempfile
 import threading
 from collections import defaultdict
@@ -23,6 +22,7 @@ import zmq
 from actors.engine_host.sim import END_SEQ, KV_METRICS_MODULE, SimEngine
 from messages.engine import HostChunk, HostOutput
 from messages.kv import SglangEventBatch, decode_sglang_batch
+from supervisor.chaos import free_ports
 from supervisor.config import SimSection
 
 WAIT = 10.0  # seconds: generous upper bound for anything that should happen "soon"
@@ -75,29 +75,6 @@ def text_of(chunks: list[HostChunk]) -> str:
 
 def tokens_of(chunks: list[HostChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
-
-
-def free_ports(n: int) -> int:
-    """A base port with `n` consecutive ports free on 127.0.0.1 (checked by binding)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        if base + n > 65535:
-            continue
-        held = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 @contextlib.contextmanager

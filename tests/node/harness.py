@@ -17,29 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
+
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def free_ports(count: int = 1) -> int:
-    """A port p such that p .. p+count-1 are free now (for DP-rank port ranges)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65000:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    msg = "no free port range"
-    raise RuntimeError(msg)
 
 
 def toml_value(value: Any) -> str:
