@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from messages.request import GenerateRequest, SamplingOptions, StopConditions
 
 PROMPT = "Write a short story about a lighthouse keeper and a cat."
 MAX_TOKENS = 32
@@ -19,6 +22,16 @@ SINGLE_WORKER_REQUESTS = 8
 
 def requests_per_worker(concurrency: int) -> int:
     return SINGLE_WORKER_REQUESTS if concurrency == 1 else REQUESTS_PER_WORKER
+
+
+def node_request() -> GenerateRequest:
+    """The workload's request as the node's client sends it (a fresh id each time)."""
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt=PROMPT,
+        sampling=SamplingOptions(temperature=0.0),
+        stop=StopConditions(max_tokens=MAX_TOKENS, ignore_eos=True),
+    )
 
 
 # A stream yields (tokens in this chunk) per chunk.

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ import aiohttp
 
 from actors.engine_host.builtin_model import resolve_model_path
 from actors.engine_host.sglang_args import CPU_DEFAULTS
-from messages.request import GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
 from tests.benchmarks import _workload
 from tests.benchmarks._common import ROOT, median, percentile, python, table, write_section
@@ -176,13 +174,7 @@ class Node:
             async with NodeClient(self.node.url) as client:
 
                 async def stream() -> AsyncIterator[int]:
-                    request = GenerateRequest(
-                        request_id=uuid.uuid4().hex,
-                        prompt=_workload.PROMPT,
-                        sampling=SamplingOptions(temperature=0.0),
-                        stop=StopConditions(max_tokens=_workload.MAX_TOKENS, ignore_eos=True),
-                    )
-                    async for chunk in client.generate(request):
+                    async for chunk in client.generate(_workload.node_request()):
                         yield len(chunk.token_ids)
 
                 return await _workload.run(stream, concurrency)

@@ -23,10 +23,8 @@ import asyncio
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from messages.request import GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
 from tests.benchmarks import _workload
 from tests.benchmarks._common import median, percentile, python, table, write_section
@@ -49,15 +47,6 @@ asyncio.run(main())
 """
 
 
-def _request() -> GenerateRequest:
-    return GenerateRequest(
-        request_id=uuid.uuid4().hex,
-        prompt=_workload.PROMPT,
-        sampling=SamplingOptions(temperature=0.0),
-        stop=StopConditions(max_tokens=_workload.MAX_TOKENS, ignore_eos=True),
-    )
-
-
 def measure(node: Node) -> tuple[dict[float, list[dict[str, float]]], dict[float, list[float]]]:
     samples: dict[float, list[dict[str, float]]] = {gap: [] for gap in GAPS}
     bare: dict[float, list[float]] = {gap: [] for gap in GAPS}
@@ -65,7 +54,7 @@ def measure(node: Node) -> tuple[dict[float, list[dict[str, float]]], dict[float
     async def one(client: NodeClient) -> float:
         sent = time.monotonic()
         first = None
-        async for chunk in client.generate(_request()):
+        async for chunk in client.generate(_workload.node_request()):
             if first is None and chunk.token_ids:
                 first = time.monotonic() - sent
         assert first is not None, "the stream ended without a token"

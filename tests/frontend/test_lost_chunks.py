@@ -15,17 +15,11 @@ import time
 from pathlib import Path
 
 from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend
-from tests.node.harness import NatsServer, start_node
+from tests.node.harness import NatsServer, sim_node_on_own_nats
 
 
 def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path)
-    node = start_node(
-        tmp_path,
-        embedded_nats=False,
-        nats_url=server.url,
-        engine__sim={"decode_time_per_step": 0.05},
-    )
+    server, node = sim_node_on_own_nats(tmp_path)
     frontend = None
     try:
         node.wait_ready(60)

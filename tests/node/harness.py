@@ -265,3 +265,20 @@ class NatsServer:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def sim_node_on_own_nats(tmp_path: Path) -> tuple[NatsServer, NodeProcess]:
+    """A nats-server of its own (for a test to stop, restart or outlive) and a sim node on
+    it at 50 ms per decode step, so streams last long enough to cut into. Not yet ready."""
+    server = NatsServer(tmp_path)
+    try:
+        node = start_node(
+            tmp_path,
+            embedded_nats=False,
+            nats_url=server.url,
+            engine__sim={"decode_time_per_step": 0.05},
+        )
+    except BaseException:
+        server.stop()
+        raise
+    return server, node

@@ -23,7 +23,7 @@ from messages.request import (
 )
 from supervisor.client import NodeClient
 from tests.frontend.harness import node_metric
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.node.harness import NatsServer, NodeProcess, sim_node_on_own_nats, start_node
 from tests.node.test_node_sim import expected_text
 
 RESUME = "dynamo.backend.resume"
@@ -95,13 +95,7 @@ def test_a_nats_server_restart_mid_stream_loses_no_chunk(tmp_path: Path) -> None
     after the node has sent what it held, so chunks published meanwhile reach nobody:
     the client sees the gap or the silence, asks again, and every stream ends complete,
     in order, each chunk once."""
-    server = NatsServer(tmp_path)
-    node = start_node(
-        tmp_path,
-        embedded_nats=False,
-        nats_url=server.url,
-        engine__sim={"decode_time_per_step": 0.05},
-    )
+    server, node = sim_node_on_own_nats(tmp_path)
     try:
         node.wait_ready(60)
         prompts = [f"through the outage {i}" for i in range(4)]
@@ -143,13 +137,7 @@ def test_a_stream_whose_node_died_ends_with_stream_lost_not_silence(tmp_path: Pa
     node holds the stream any more, so the client's resume asks go unanswered and, once
     `lost_after` passes without a word from any node, the client ends the stream itself
     with a `stream_lost` error chunk at the next index — not a hang, not a bare timeout."""
-    server = NatsServer(tmp_path)
-    node = start_node(
-        tmp_path,
-        embedded_nats=False,
-        nats_url=server.url,
-        engine__sim={"decode_time_per_step": 0.05},
-    )
+    server, node = sim_node_on_own_nats(tmp_path)
     try:
         node.wait_ready(60)
 
