@@ -18,10 +18,9 @@ from actors.admin_ops import AdminOps
 from actors.nats_link import NatsLink
 from messages.chaos import AdminReply, AdminRequest
 from messages.codec import DecodeError, decode_json, encode_json
-from messages.control import ExitReason
 from messages.node import GetLink, IncomingRequest
-from supervisor import ChildContext, SupervisedActor, ask
 from supervisor.config import AdminSection, ConfigError, read_secret
+from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
 
 __all__ = ["AdminActor"]
 

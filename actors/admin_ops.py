@@ -16,10 +16,9 @@ from typing import Any
 import msgspec
 
 from messages.chaos import AdminReply, Fault, InjectFault
-from messages.control import WhichChildren
 from messages.engine import HostControlReply
 from messages.node import EngineControl, Tick
-from supervisor import ask, whereis
+from supervisor.core import WhichChildren, ask, whereis
 
 __all__ = ["ENGINE_OPS", "AdminOps"]
 

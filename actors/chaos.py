@@ -18,18 +18,23 @@ from typing import Any
 
 from actors import node_metrics
 from messages.chaos import (
-    ChaosCrash,
     ChaosCutNats,
     ChaosFailProbes,
-    ChaosHang,
     ChaosZmq,
     Fault,
     InjectFault,
 )
-from messages.control import ChildInfo, WhichChildren
 from messages.engine import HostControlReply
 from messages.node import EngineControl, Tick
-from supervisor import ChildContext, SupervisedActor, ask, whereis
+from supervisor.core import (
+    ChildContext,
+    ChildInfo,
+    SupervisedActor,
+    WhichChildren,
+    ask,
+    crash,
+    suspend,
+)
 
 __all__ = ["ChaosActor", "scheduler_pids"]
 
@@ -131,14 +136,13 @@ class ChaosActor(SupervisedActor):
         kind = fault.fault
         if kind in ("crash_actor", "hang_actor"):
             path = self._path(fault.target)
-            ref = whereis(path)
-            if ref is None:
-                return False, f"no actor is running at {path}"
-            ref.tell(
-                ChaosCrash(f"injected crash of {path}")
+            done = (
+                crash(path, f"injected crash of {path}")
                 if kind == "crash_actor"
-                else ChaosHang(fault.duration)
+                else suspend(path, fault.duration)
             )
+            if not done:
+                return False, f"no actor is running at {path}"
             return True, f"{kind} {path}"
         if kind in ("kill_engine_host", "stop_engine_host", "kill_scheduler"):
             return self._signal_engine(fault)

@@ -21,7 +21,6 @@ import zmq
 from actors import node_metrics
 from messages.chaos import ChaosFailProbes
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
-from messages.control import ExitReason
 from messages.engine import (
     EngineInfo,
     HostAbort,
@@ -46,8 +45,8 @@ from messages.node import (
     Tick,
 )
 from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, StopConditions
-from supervisor import ChildContext, SupervisedActor, whereis
 from supervisor.config import HealthSection
+from supervisor.core import ChildContext, ExitReason, SupervisedActor, whereis
 
 __all__ = ["INFO_TIMEOUT", "EngineActor", "EngineUnhealthyError"]
 

@@ -17,10 +17,9 @@ from actors.nats_auth import connect_options
 from actors.nats_link import NatsLink
 from actors.nats_proxy import NatsCutProxy
 from messages.chaos import ChaosCutNats
-from messages.control import ExitReason
 from messages.node import GetLink, LinkChanged
-from supervisor import ChildContext, SupervisedActor
 from supervisor.config import NatsAuthSection
+from supervisor.core import ChildContext, ExitReason, SupervisedActor
 
 __all__ = ["FabricActor"]
 

@@ -27,7 +27,6 @@ from actors import node_metrics
 from actors.nats_link import NatsLink
 from actors.serving_modes import shape_request
 from messages.codec import DecodeError, decode_json, encode_json
-from messages.control import ExitReason, Shutdown, StopRequest
 from messages.discovery import Subjects
 from messages.engine import HostChunk
 from messages.node import (
@@ -52,9 +51,17 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor import ChildContext, SupervisedActor, ask, whereis
-from supervisor._clock import Timer
 from supervisor.config import DisaggregationSection, HandlersSection
+from supervisor.core import (
+    ChildContext,
+    ExitReason,
+    Shutdown,
+    StopRequest,
+    SupervisedActor,
+    Timer,
+    ask,
+    whereis,
+)
 
 __all__ = ["HandlerActor"]
 

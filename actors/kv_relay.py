@@ -38,11 +38,10 @@ from actors.nats_link import NatsLink
 from actors.zmq_faults import ZmqFaults
 from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
-from messages.control import ExitReason
 from messages.engine import EngineInfo
 from messages.kv import AllBlocksCleared, KvEventBatch, Resync, decode_sglang_batch, sequence_number
 from messages.node import GetEngineInfo, GetLink
-from supervisor import ChildContext, SupervisedActor, ask
+from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
 
 __all__ = ["KvRelayActor", "stream_name"]
 

@@ -20,11 +20,10 @@ from actors.nats_link import NatsLink
 from actors.zmq_faults import ZmqFaults
 from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
-from messages.control import ExitReason
 from messages.engine import EngineInfo
 from messages.metrics import LoadMetrics, SchedulerMetrics, decode_scheduler_metrics
 from messages.node import GetEngineInfo, GetLink, Tick
-from supervisor import ChildContext, SupervisedActor, ask
+from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
 
 __all__ = ["MetricsActor"]
 

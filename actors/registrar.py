@@ -23,7 +23,6 @@ from nats.js.kv import KeyValue
 from actors import node_metrics
 from actors.nats_link import NatsLink
 from messages.codec import encode_json
-from messages.control import ExitReason, StopRequest, WhichChildren
 from messages.discovery import InstanceRecord, ModelCard, Subjects
 from messages.engine import EngineInfo
 from messages.node import (
@@ -34,9 +33,19 @@ from messages.node import (
     RegistrationStatus,
     Tick,
 )
-from messages.supervision import ChildExitedEvent, ChildReadyEvent, SupervisionEvent
-from supervisor import ChildContext, SupervisedActor, ask, whereis
 from supervisor.config import DisaggregationSection, DiscoverySection
+from supervisor.core import (
+    ChildContext,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ExitReason,
+    StopRequest,
+    SupervisedActor,
+    SupervisionEvent,
+    WhichChildren,
+    ask,
+    whereis,
+)
 
 __all__ = ["RegistrarActor", "instance_key"]
 

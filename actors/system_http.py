@@ -22,10 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from actors import node_metrics
 from actors.admin_ops import AdminOps
-from messages.control import ExitReason, WhichChildren
 from messages.node import EngineStatus, GetEngineStatus, GetRegistration, RegistrationStatus
-from supervisor import ChildContext, SupervisedActor, whereis
 from supervisor.config import AdminSection, read_secret
+from supervisor.core import ChildContext, ExitReason, SupervisedActor, WhichChildren, whereis
 
 __all__ = ["SystemHttpActor"]
 

@@ -14,10 +14,8 @@ __all__ = [
     "FAULT_KINDS",
     "AdminReply",
     "AdminRequest",
-    "ChaosCrash",
     "ChaosCutNats",
     "ChaosFailProbes",
-    "ChaosHang",
     "ChaosZmq",
     "Fault",
     "InjectFault",
@@ -59,18 +57,6 @@ class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaul
 
 
 # --- what the chaos actor sends to the actor at fault -----------------------------------
-
-
-class ChaosCrash(msgspec.Struct, frozen=True):
-    """Raise an exception inside the receiving actor."""
-
-    detail: str = "injected crash"
-
-
-class ChaosHang(msgspec.Struct, frozen=True):
-    """Block the receiving actor's thread for `seconds`."""
-
-    seconds: float
 
 
 class ChaosZmq(msgspec.Struct, frozen=True):

@@ -15,9 +15,8 @@ from types import FrameType
 
 import structlog
 
-from supervisor._process import kill_all_process_groups
-from supervisor._root import Root, exit_code_for
 from supervisor.config import ConfigError, NodeConfig, load
+from supervisor.core import Root, exit_code_for, kill_all_process_groups
 from supervisor.logs import configure_logging
 from supervisor.tomlout import dumps
 
@@ -59,7 +58,7 @@ def build(config: NodeConfig) -> Root:
         flags, children = build_frontend_tree(config)
         return Root("frontend", flags, children)
     from actors import node_metrics
-    from supervisor._metrics import SupervisionMetrics
+    from supervisor.core import SupervisionMetrics
     from supervisor.node import ROOT_NAME, build_node_tree, plan_node
 
     plan = plan_node(config)
@@ -73,7 +72,7 @@ def build(config: NodeConfig) -> Root:
     )
     flags, children = build_node_tree(config, plan)
     root = Root(ROOT_NAME, flags, children)
-    SupervisionMetrics(root.bus, node_metrics.REGISTRY)
+    SupervisionMetrics(root.bus, node_metrics.REGISTRY, prefix="sgl_node")
     return root
 
 

@@ -15,18 +15,19 @@ import sys
 import threading
 from typing import Any
 
-from messages.control import StopRequest
-from supervisor._actor import ChildContext, SupervisedActor
-from supervisor._spec import (
+from supervisor.config import NodeConfig
+from supervisor.core import (
     ActorStart,
     Backoff,
+    ChildContext,
     ChildSpec,
     ProcessStart,
     ReadyOnLine,
+    StopRequest,
+    SupervisedActor,
+    Supervisor,
     SupervisorFlags,
 )
-from supervisor._supervisor import Supervisor
-from supervisor.config import NodeConfig
 
 __all__ = ["DemoWorker", "Heartbeat", "build_demo_tree"]
 

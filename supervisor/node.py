@@ -50,7 +50,8 @@ from actors.metrics import MetricsActor
 from actors.registrar import RegistrarActor
 from actors.system_http import SystemHttpActor
 from messages.discovery import Subjects
-from supervisor._spec import (
+from supervisor.config import NodeConfig, cache_dir, read_secret
+from supervisor.core import (
     ActorStart,
     Backoff,
     ChildSpec,
@@ -58,10 +59,9 @@ from supervisor._spec import (
     ReadyOnLine,
     ReadyOnPort,
     Strategy,
+    Supervisor,
     SupervisorFlags,
 )
-from supervisor._supervisor import Supervisor
-from supervisor.config import NodeConfig, cache_dir, read_secret
 
 __all__ = ["NodePlan", "build_node_tree", "nats_server_binary", "nats_server_child", "plan_node"]
 

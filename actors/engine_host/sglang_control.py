@@ -14,14 +14,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from actors.engine_host import sglang_compat as compat
 from actors.engine_host.builtin_model import ModelPathError, resolve_model_path
 from actors.engine_host.sglang_args import is_cpu
-
-if TYPE_CHECKING:
-    from actors.engine_host.sglang_backend import SglangBackend
+from actors.engine_host.spec import HostSpec
 
 __all__ = ["TIMEOUTS", "ControlOps"]
 
@@ -45,10 +43,24 @@ _CPU_MEMORY = (
 )
 
 
-class ControlOps:
-    """The control operations of one `SglangBackend`."""
+class EngineAccess(Protocol):
+    """What the control operations need of the backend that runs them."""
 
-    def __init__(self, backend: SglangBackend) -> None:
+    spec: HostSpec
+    engine: Any  # SGLang's Engine
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight."""
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        """Await `coro` on the Engine's loop from another thread."""
+
+
+class ControlOps:
+    """The control operations of one sglang backend."""
+
+    def __init__(self, backend: EngineAccess) -> None:
         self.backend = backend
         self._ops: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Reply]]] = {
             "probe": self.probe,

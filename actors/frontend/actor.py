@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from actors.frontend.server import FrontendServer
-from messages.control import ExitReason, StopRequest
 from messages.node import FrontendFailed, GetFrontendPort
-from supervisor import ChildContext, SupervisedActor
 from supervisor.config import NodeConfig
+from supervisor.core import ChildContext, ExitReason, StopRequest, SupervisedActor
 
 __all__ = ["FrontendActor"]
 

@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 from actors.frontend.actor import FrontendActor
-from supervisor._spec import ActorStart, Backoff, ChildSpec, SupervisorFlags
 from supervisor.config import NodeConfig
+from supervisor.core import ActorStart, Backoff, ChildSpec, SupervisorFlags
 
 __all__ = ["ROOT_NAME", "build_frontend_tree", "frontend_child"]
 

@@ -11,7 +11,7 @@ import time
 from actors.fabric import FabricActor
 from actors.kv_relay import KvRelayActor
 from messages.engine import EngineInfo
-from supervisor import ActorStart, ChildSpec, Root, SupervisorFlags
+from supervisor.core import ActorStart, ChildSpec, Root, SupervisorFlags
 from supervisor.logs import configure_logging
 from tests.node.test_kv_relay import EngineInfoOnly
 

@@ -16,8 +16,8 @@ import actors.engine
 from actors.engine import EngineActor
 from actors.engine_host.channel import HostChannel
 from messages.engine import EngineInfo, HostControl, HostControlReply
-from supervisor import ActorStart, ChildSpec, Root, SupervisorFlags
 from supervisor.config import HealthSection
+from supervisor.core import ActorStart, ChildSpec, Root, SupervisorFlags
 
 INFO = EngineInfo(
     backend="sim",

@@ -32,7 +32,7 @@ from messages.kv import (
     encode_sglang_batch,
 )
 from messages.node import GetEngineInfo
-from supervisor import (
+from supervisor.core import (
     ActorStart,
     Backoff,
     ChildContext,

@@ -11,13 +11,16 @@ import threading
 import time
 from typing import Any
 
-from messages.control import ExitReason, Normal, Shutdown, StopRequest
-from supervisor import (
+from supervisor.core import (
     ActorStart,
     ChildContext,
     ChildSpec,
+    ExitReason,
+    Normal,
     ProcessStart,
     ReadyOnLine,
+    Shutdown,
+    StopRequest,
     SupervisedActor,
 )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import (
+from supervisor.core import (
     ChildSpec,
     Clock,
     EventBus,

@@ -6,20 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from messages.control import (
+from supervisor.core import (
+    Backoff,
+    BackoffState,
     Crash,
     ExitReason,
+    FakeClock,
     Killed,
     Normal,
     RestartIntensityExceeded,
     Shutdown,
     StartFailed,
     StartTimeout,
-)
-from supervisor import (
-    Backoff,
-    BackoffState,
-    FakeClock,
     add_restart,
     auto_shutdown_due,
     children_to_restart,

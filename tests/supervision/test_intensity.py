@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from messages.control import RestartIntensityExceeded, StartFailed
-from messages.supervision import (
+from supervisor.core import (
+    ActorStart,
+    Backoff,
     ChildExitedEvent,
     ChildReadyEvent,
     ChildRestarted,
-    ChildStarted,
-    RestartIntensityExceededEvent,
-    SupervisorStopped,
-)
-from supervisor import (
-    ActorStart,
-    Backoff,
     ChildSpec,
+    ChildStarted,
     FakeClock,
+    RestartIntensityExceeded,
+    RestartIntensityExceededEvent,
+    StartFailed,
     Supervisor,
     SupervisorFlags,
+    SupervisorStopped,
     exit_code_for,
     whereis,
 )

@@ -116,7 +116,7 @@ def test_sigterm_stops_the_demo_tree_in_order_exits_0_and_leaves_no_process(
 SLOW_TREE = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from supervisor import ActorStart, ChildSpec, Root, SupervisedActor, SupervisorFlags
+from supervisor.core import ActorStart, ChildSpec, Root, SupervisedActor, SupervisorFlags
 from supervisor.__main__ import serve
 from supervisor.logs import configure_logging
 from tests.supervision.children import process, SLEEPER
@@ -162,7 +162,7 @@ def test_a_second_signal_while_stopping_stops_brutally_with_128_plus_signal(
 ESCALATING_TREE = """
 import sys
 sys.path.insert(0, {repo!r})
-from supervisor import ActorStart, Backoff, ChildSpec, Root, SupervisedActor, SupervisorFlags
+from supervisor.core import ActorStart, Backoff, ChildSpec, Root, SupervisedActor, SupervisorFlags
 from supervisor.__main__ import serve
 from supervisor.logs import configure_logging
 

@@ -13,9 +13,20 @@ from pathlib import Path
 
 import structlog
 
-from messages.control import Crash, Killed, Normal, Shutdown
-from messages.supervision import ChildExitedEvent, ChildReadyEvent
-from supervisor import Backoff, ChildSpec, ProcessStart, ReadyOnFile, ReadyOnPort, SupervisorFlags
+from supervisor.core import (
+    Backoff,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildSpec,
+    Crash,
+    Killed,
+    Normal,
+    ProcessStart,
+    ReadyOnFile,
+    ReadyOnPort,
+    Shutdown,
+    SupervisorFlags,
+)
 from tests.supervision.children import (
     EXIT_WITH,
     SLEEPER,
@@ -138,7 +149,7 @@ def test_children_die_with_the_node_even_when_it_is_killed_with_sigkill(
         f"""
         import sys
         sys.path.insert(0, {str(repo_root)!r})
-        from supervisor import Root, SupervisorFlags
+        from supervisor.core import Root, SupervisorFlags
         from supervisor.logs import configure_logging
         configure_logging("warning", "json")
         from tests.supervision.children import process, SLEEPER

@@ -8,9 +8,15 @@ from collections.abc import Callable
 import pykka
 import pytest
 
-from messages.control import Crash, StartFailed
-from messages.supervision import ChildExitedEvent, ChildReadyEvent
-from supervisor import Backoff, SupervisorFlags, whereis
+from supervisor.core import (
+    Backoff,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    Crash,
+    StartFailed,
+    SupervisorFlags,
+    whereis,
+)
 from tests.supervision.children import Script, actor
 from tests.supervision.conftest import Tree
 
@@ -107,11 +113,11 @@ def test_supervision_events_are_counted_as_prometheus_metrics(
 ) -> None:
     from prometheus_client import CollectorRegistry
 
-    from supervisor import SupervisionMetrics
+    from supervisor.core import SupervisionMetrics
 
     registry = CollectorRegistry()
     tree = make_tree([actor("a", script)], FAST)
-    SupervisionMetrics(tree.root.bus, registry)
+    SupervisionMetrics(tree.root.bus, registry, prefix="sgl_node")
     whereis("root/a").tell("crash")
     tree.wait(ChildReadyEvent, "a", count=2)
     labels = {"supervisor": "root", "child": "a"}

@@ -6,9 +6,18 @@ from collections.abc import Callable
 
 import pytest
 
-from messages.control import Crash, Normal, Shutdown
-from messages.supervision import ChildExitedEvent, ChildReadyEvent, ChildRestarted, ChildStarted
-from supervisor import Backoff, SupervisorFlags, whereis
+from supervisor.core import (
+    Backoff,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildRestarted,
+    ChildStarted,
+    Crash,
+    Normal,
+    Shutdown,
+    SupervisorFlags,
+    whereis,
+)
 from tests.supervision.children import EXIT_WITH, Script, actor, process
 from tests.supervision.conftest import Tree
 

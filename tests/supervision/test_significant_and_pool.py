@@ -6,9 +6,21 @@ from collections.abc import Callable
 
 import pytest
 
-from messages.control import AddChild, RemoveChild, Shutdown, WhichChildren
-from messages.supervision import ChildExitedEvent, ChildReadyEvent, SupervisorStopped
-from supervisor import ActorStart, Backoff, ChildSpec, Supervisor, SupervisorFlags, whereis
+from supervisor.core import (
+    ActorStart,
+    AddChild,
+    Backoff,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildSpec,
+    RemoveChild,
+    Shutdown,
+    Supervisor,
+    SupervisorFlags,
+    SupervisorStopped,
+    WhichChildren,
+    whereis,
+)
 from tests.supervision.children import Script, actor
 from tests.supervision.conftest import Tree
 

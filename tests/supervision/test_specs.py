@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from messages.control import StartFailed
-from supervisor import (
+from supervisor.core import (
     ActorStart,
     Backoff,
     ChildSpec,
@@ -17,6 +16,7 @@ from supervisor import (
     ReadyOnLine,
     ReadyOnPort,
     Root,
+    StartFailed,
     SupervisorFlags,
     validate_child_spec,
     validate_flags,

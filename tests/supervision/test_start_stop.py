@@ -5,9 +5,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from messages.control import Killed, Shutdown, StartFailed, StartTimeout
-from messages.supervision import ChildExitedEvent, ChildReadyEvent, ChildStarted, SupervisorStopped
-from supervisor import ChildSpec, ProcessStart, ReadyOnLine, whereis
+from supervisor.core import (
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildSpec,
+    ChildStarted,
+    Killed,
+    ProcessStart,
+    ReadyOnLine,
+    Shutdown,
+    StartFailed,
+    StartTimeout,
+    SupervisorStopped,
+    whereis,
+)
 from tests.supervision.children import Script, actor
 from tests.supervision.conftest import Tree
 

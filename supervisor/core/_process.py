@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from messages.control import (
+from supervisor.core._protocol import (
     ChildExited,
     ChildReady,
     Crash,
@@ -37,7 +37,7 @@ from messages.control import (
     Normal,
     Shutdown,
 )
-from supervisor._spec import (
+from supervisor.core._spec import (
     ProcessStart,
     ReadyImmediately,
     ReadyOnFile,

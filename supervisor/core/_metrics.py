@@ -4,40 +4,41 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from messages.supervision import (
+from supervisor.core._events import (
     ChildExitedEvent,
     ChildReadyEvent,
     ChildRestarted,
     ChildStarted,
+    EventBus,
     RestartIntensityExceededEvent,
     SupervisionEvent,
 )
-from supervisor._events import EventBus
 
 __all__ = ["SupervisionMetrics"]
 
 
 class SupervisionMetrics:
-    """Subscribes to a bus and keeps the supervision counters of one tree."""
+    """Subscribes to a bus and keeps the supervision counters of one tree, named
+    `{prefix}_child_starts_total` and so on."""
 
-    def __init__(self, bus: EventBus, registry: CollectorRegistry) -> None:
+    def __init__(self, bus: EventBus, registry: CollectorRegistry, prefix: str) -> None:
         labels = ["supervisor", "child"]
         self.starts = Counter(
-            "sgl_node_child_starts", "Child incarnations started", labels, registry=registry
+            f"{prefix}_child_starts", "Child incarnations started", labels, registry=registry
         )
         self.exits = Counter(
-            "sgl_node_child_exits", "Child exits by reason", [*labels, "reason"], registry=registry
+            f"{prefix}_child_exits", "Child exits by reason", [*labels, "reason"], registry=registry
         )
         self.restarts = Counter(
-            "sgl_node_child_restarts", "Child restarts decided", labels, registry=registry
+            f"{prefix}_child_restarts", "Child restarts decided", labels, registry=registry
         )
         self.escalations = Counter(
-            "sgl_node_restart_intensity_exceeded",
+            f"{prefix}_restart_intensity_exceeded",
             "Supervisors that gave up (escalations)",
             ["supervisor"],
             registry=registry,
         )
-        self.up = Gauge("sgl_node_child_up", "1 while a child is ready", labels, registry=registry)
+        self.up = Gauge(f"{prefix}_child_up", "1 while a child is ready", labels, registry=registry)
         self._unsubscribe = bus.subscribe(self._on_event)
 
     def _on_event(self, event: SupervisionEvent) -> None:

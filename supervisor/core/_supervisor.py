@@ -19,7 +19,29 @@ from typing import Any, Literal, cast
 
 import pykka
 
-from messages.control import (
+from supervisor.core import _names
+from supervisor.core._actor import ChildContext, SupervisedActor, crash_reason
+from supervisor.core._clock import Timer
+from supervisor.core._decisions import (
+    BackoffState,
+    add_restart,
+    auto_shutdown_due,
+    children_to_restart,
+    intensity_exceeded,
+    next_backoff,
+    should_restart,
+)
+from supervisor.core._events import (
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildRestarted,
+    ChildStarted,
+    RestartIntensityExceededEvent,
+    SupervisionEvent,
+    SupervisorStopped,
+)
+from supervisor.core._process import ProcessChild
+from supervisor.core._protocol import (
     AddChild,
     ChildExited,
     ChildInfo,
@@ -35,29 +57,7 @@ from messages.control import (
     TimerFired,
     WhichChildren,
 )
-from messages.supervision import (
-    ChildExitedEvent,
-    ChildReadyEvent,
-    ChildRestarted,
-    ChildStarted,
-    RestartIntensityExceededEvent,
-    SupervisionEvent,
-    SupervisorStopped,
-)
-from supervisor import _names
-from supervisor._actor import ChildContext, SupervisedActor, crash_reason
-from supervisor._clock import Timer
-from supervisor._decisions import (
-    BackoffState,
-    add_restart,
-    auto_shutdown_due,
-    children_to_restart,
-    intensity_exceeded,
-    next_backoff,
-    should_restart,
-)
-from supervisor._process import ProcessChild
-from supervisor._spec import ActorStart, ChildSpec, SupervisorFlags, validate_supervisor
+from supervisor.core._spec import ActorStart, ChildSpec, SupervisorFlags, validate_supervisor
 
 __all__ = ["Supervisor"]
 
@@ -122,6 +122,7 @@ class Supervisor(SupervisedActor):
     """A supervisor actor; itself a child of another supervisor or of the root."""
 
     deferred_ready = True
+    is_supervisor = True  # what `ChildSpec.kind` reads
 
     def __init__(
         self,

@@ -14,7 +14,12 @@ from typing import Any, cast
 
 import pykka
 
-from messages.control import (
+from supervisor.core import _names
+from supervisor.core._actor import ChildContext
+from supervisor.core._clock import REAL_CLOCK, Clock
+from supervisor.core._events import EventBus
+from supervisor.core._process import kill_all_process_groups
+from supervisor.core._protocol import (
     ChildExited,
     ChildInfo,
     ChildReady,
@@ -24,13 +29,8 @@ from messages.control import (
     StopRequest,
     WhichChildren,
 )
-from supervisor import _names
-from supervisor._actor import ChildContext
-from supervisor._clock import REAL_CLOCK, Clock
-from supervisor._events import EventBus
-from supervisor._process import kill_all_process_groups
-from supervisor._spec import ChildSpec, SupervisorFlags
-from supervisor._supervisor import Supervisor
+from supervisor.core._spec import ChildSpec, SupervisorFlags
+from supervisor.core._supervisor import Supervisor
 
 __all__ = ["Root", "exit_code_for"]
 

@@ -31,8 +31,10 @@ from typing import Any
 import pykka
 import structlog
 
-from messages.chaos import ChaosCrash, ChaosHang
-from messages.control import (
+from supervisor.core._clock import Clock, Timer
+from supervisor.core._events import EventBus
+from supervisor.core._faults import InjectCrash, Suspend
+from supervisor.core._protocol import (
     ChildExited,
     ChildReady,
     Crash,
@@ -41,8 +43,6 @@ from messages.control import (
     StartFailed,
     StopRequest,
 )
-from supervisor._clock import Clock
-from supervisor._events import EventBus
 
 __all__ = [
     "ActorCrashed",
@@ -97,6 +97,8 @@ class SupervisedActor(pykka.ThreadingActor):
         self._ready_reported = False
         self._exited = False
         self._exit_lock = threading.Lock()
+        self._send_timers: set[_ActorTimer] = set()
+        self._send_timers_lock = threading.Lock()
 
     # --- hooks for subclasses -------------------------------------------------------------
 
@@ -126,6 +128,34 @@ class SupervisedActor(pykka.ThreadingActor):
             self._ready_reported = True
             self.context.notify(ChildReady(self.context.child_id, self.context.generation))
 
+    def send_after(self, delay: float, message: Any) -> Timer:
+        """Tell this actor `message` after `delay` seconds of the context's clock (Erlang's
+        `erlang:send_after`). The timer is cancelled when the actor exits."""
+        return self._timer(delay, message, repeat=False)
+
+    def send_every(self, interval: float, message: Any) -> Timer:
+        """Tell this actor `message` every `interval` seconds of the context's clock, the
+        first after one interval (Erlang's `timer:send_interval`), until cancelled or the
+        actor exits."""
+        if interval <= 0:
+            msg = f"send_every needs a positive interval, got {interval!r}"
+            raise ValueError(msg)
+        return self._timer(interval, message, repeat=True)
+
+    def _timer(self, delay: float, message: Any, repeat: bool) -> Timer:
+        timer = _ActorTimer(self, delay, message, repeat)
+        with self._send_timers_lock:
+            if self._exited:
+                timer.cancelled = True
+                return timer
+            self._send_timers.add(timer)
+        timer.arm()
+        return timer
+
+    def _forget_timer(self, timer: _ActorTimer) -> None:
+        with self._send_timers_lock:
+            self._send_timers.discard(timer)
+
     def exit(self, reason: ExitReason) -> None:
         """End this actor from inside its own thread with `reason` (e.g. `Normal()`)."""
         self._supervised_finish(reason)
@@ -146,10 +176,10 @@ class SupervisedActor(pykka.ThreadingActor):
         if isinstance(message, StopRequest):
             return self.on_stop_request(message)
         try:
-            if isinstance(message, ChaosHang):  # fault injection: stop answering for a while
+            if isinstance(message, Suspend):  # a fault hook: stop answering for a while
                 time.sleep(message.seconds)
                 return None
-            if isinstance(message, ChaosCrash):  # fault injection: crash right here
+            if isinstance(message, InjectCrash):  # a fault hook: crash right here
                 raise InjectedFaultError(message.detail)
             return self.handle(message)
         except BaseException as exc:
@@ -186,6 +216,10 @@ class SupervisedActor(pykka.ThreadingActor):
             if self._exited:
                 return
             self._exited = True
+        with self._send_timers_lock:
+            timers, self._send_timers = self._send_timers, set()
+        for timer in timers:
+            timer.cancel()
         try:
             self.on_exit(reason)
         except BaseException as exc:  # noqa: BLE001
@@ -210,3 +244,44 @@ class SupervisedActor(pykka.ThreadingActor):
                 with contextlib.suppress(queue.Full):  # answered already
                     envelope.reply_to.set_exception((type(dead), dead, None))
         self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))
+
+
+class _ActorTimer:
+    """A `send_after` / `send_every` timer of one actor (see those methods)."""
+
+    def __init__(self, actor: SupervisedActor, delay: float, message: Any, repeat: bool) -> None:
+        self._actor = actor
+        self._ref = actor.actor_ref
+        self._delay = delay
+        self._message = message
+        self._repeat = repeat
+        self._pending: Timer | None = None
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def arm(self) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._pending = self._actor.context.clock.call_later(self._delay, self._fire)
+
+    def _fire(self) -> None:
+        if self.cancelled:
+            return
+        try:
+            self._ref.tell(self._message)
+        except pykka.ActorDeadError:
+            self.cancel()
+            return
+        if self._repeat:
+            self.arm()
+        else:
+            self._actor._forget_timer(self)
+
+    def cancel(self) -> None:
+        """Drop the timer (idempotent); a message already told stays in the inbox."""
+        with self._lock:
+            self.cancelled = True
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self._actor._forget_timer(self)

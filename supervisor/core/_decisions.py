@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from messages.control import ExitReason, is_abnormal
-from supervisor._spec import AutoShutdown, Backoff, Restart, Strategy
+from supervisor.core._protocol import ExitReason, is_abnormal
+from supervisor.core._spec import AutoShutdown, Backoff, Restart, Strategy
 
 __all__ = [
     "BackoffState",

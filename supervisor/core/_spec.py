@@ -146,9 +146,7 @@ class ChildSpec:
         """`process`, `supervisor` or `actor`."""
         if isinstance(self.start, ProcessStart):
             return "process"
-        from supervisor._supervisor import Supervisor
-
-        return "supervisor" if issubclass(self.start.actor_class, Supervisor) else "actor"
+        return "supervisor" if getattr(self.start.actor_class, "is_supervisor", False) else "actor"
 
     @property
     def effective_shutdown(self) -> ShutdownSpec:
@@ -213,7 +211,7 @@ def validate_child_spec(spec: ChildSpec) -> None:
     if not isinstance(spec.id, str) or not _ID.match(spec.id):
         raise InvalidSpec("id", spec.id, "expected a non-empty name of letters, digits, _.-[]")
     if isinstance(spec.start, ActorStart):
-        from supervisor._actor import SupervisedActor
+        from supervisor.core._actor import SupervisedActor
 
         cls = spec.start.actor_class
         if not (isinstance(cls, type) and issubclass(cls, SupervisedActor)):
