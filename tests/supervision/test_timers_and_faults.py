@@ -73,7 +73,7 @@ def test_send_after_delivers_once_when_the_clock_reaches_the_delay(
     make_tree: Callable[..., Tree],
 ) -> None:
     clock = FakeClock()
-    _tree_, seen = _tree(make_tree, clock)
+    _, seen = _tree(make_tree, clock)
     _ask(("after", 5.0, "late"))
     clock.advance(4.9)
     _ask("marker")  # everything told before the marker is handled before it
@@ -89,7 +89,7 @@ def test_send_every_repeats_at_its_interval_until_cancelled(
     make_tree: Callable[..., Tree],
 ) -> None:
     clock = FakeClock()
-    _tree_, seen = _tree(make_tree, clock)
+    _, seen = _tree(make_tree, clock)
     _ask(("every", 2.0, "tick"))
     for _ in range(3):
         clock.advance(2.0)
