@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from supervisor.core._postmortem import explain_signal_death, oom_kill_count
 from supervisor.core._protocol import (
     ChildExited,
     ChildReady,
@@ -139,6 +140,7 @@ class ProcessChild:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid: int | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL)
+        self._oom_at_spawn: int | None = None
         self._stop_requested = False
         self._killed = False
         self._kill_detail = ""
@@ -168,6 +170,7 @@ class ProcessChild:
             stderr=subprocess.PIPE,
         )
         self.pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
+        self._oom_at_spawn = oom_kill_count()
         with _groups_lock:
             _live_groups.add(self.pgid)
         self.log.info("process spawned", pid=self.proc.pid, command=" ".join(spec.command))
@@ -238,6 +241,13 @@ class ProcessChild:
         with _groups_lock:
             _live_groups.discard(self.pgid)
         reason = self._reason(code)
+        if isinstance(reason, Killed) and reason.output:
+            self.log.warning(
+                "process killed by a signal the supervisor did not send",
+                pid=self.proc.pid,
+                reason=reason.describe(),
+                last_output=reason.output,
+            )
         self.log.info("process exited", pid=self.proc.pid, code=code, reason=reason.describe())
         self.notify(ChildExited(self.child_id, self.generation, reason))
 
@@ -248,8 +258,15 @@ class ProcessChild:
             return Shutdown(detail=f"exit status {code}")
         if code == 0:
             return Normal()
-        if code < 0:
-            return Killed(signal=-code, detail=signal.Signals(-code).name)
+        if code < 0:  # a signal the tree did not send: say what can be read of its sender
+            assert self.proc is not None
+            why = explain_signal_death(self.proc.pid, self._oom_at_spawn)
+            name = signal.Signals(-code).name
+            return Killed(
+                signal=-code,
+                detail=f"{name}, not sent by the supervisor; {why}" if why else name,
+                output="\n".join(self._tail),
+            )
         return Crash(
             error_type="ExitStatus",
             message=f"exited with status {code}",

@@ -84,6 +84,7 @@ class Killed(_Reason, frozen=True, tag="killed"):
 
     signal: int = 0
     detail: str = ""
+    output: str = ""  # a process's last lines of output, when nobody in the tree killed it
 
     def describe(self) -> str:
         parts = ["killed"]

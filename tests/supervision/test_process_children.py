@@ -27,6 +27,7 @@ from supervisor.core import (
     Shutdown,
     SupervisorFlags,
 )
+from supervisor.core._postmortem import oom_kill_count
 from tests.supervision.children import (
     EXIT_WITH,
     SLEEPER,
@@ -58,13 +59,22 @@ def test_a_non_zero_exit_is_a_crash_naming_the_status(make_tree: Callable[..., T
     assert (reason.error_type, reason.message) == ("ExitStatus", "exited with status 7")
 
 
-def test_death_by_a_signal_is_killed_with_the_signal(make_tree: Callable[..., Tree]) -> None:
+def test_death_by_a_signal_is_killed_with_the_signal_and_what_can_be_read_of_its_sender(
+    make_tree: Callable[..., Tree],
+) -> None:
     tree = make_tree([process("p", SLEEPER)], SLOW)
     pid = tree.children()["p"].pid
     os.kill(pid, signal.SIGKILL)
     reason = tree.wait(ChildExitedEvent, "p")[0].reason
     assert isinstance(reason, Killed)
     assert reason.signal == signal.SIGKILL
+    # Nobody in the tree sent it: the reason says so, with the evidence that can be read
+    # here (the memory cgroup's OOM-kill counter, the memory left) and the last output.
+    assert reason.detail.startswith("SIGKILL, not sent by the supervisor")
+    if oom_kill_count() is not None:
+        assert "not the cgroup's OOM killer" in reason.detail
+    assert "memory available now" in reason.detail
+    assert "ready" in reason.output
 
 
 def test_output_lines_go_to_the_structured_log_with_the_child_path(
