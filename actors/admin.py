@@ -19,8 +19,9 @@ from actors.nats_link import NatsLink
 from messages.chaos import AdminReply, AdminRequest
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.node import GetLink, IncomingRequest
-from supervisor.config import AdminSection, ConfigError, read_secret
+from supervisor.config import ConfigError, read_secret
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
+from supervisor.plan import AdminSettings
 
 __all__ = ["AdminActor"]
 
@@ -28,25 +29,16 @@ __all__ = ["AdminActor"]
 class AdminActor(SupervisedActor):
     """Serves the admin subject; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        fabric_path: str,
-        subject: str,
-        admin: AdminSection,
-        root_path: str,
-        engine_path: str,
-        chaos_path: str | None,
-        registrar_path: str = "",
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: AdminSettings) -> None:
         super().__init__(context)
-        self.ops = AdminOps(root_path, engine_path, registrar_path, chaos_path)
-        self.fabric_path = fabric_path
-        self.subject = subject
-        self.admin = admin
-        self.root_path = root_path
-        self.engine_path = engine_path
-        self.chaos_path = chaos_path
+        paths = settings.paths
+        self.ops = AdminOps(paths.root, paths.engine_actor, paths.registrar, paths.chaos or None)
+        self.fabric_path = paths.fabric
+        self.subject = settings.subject
+        self.admin = settings.admin
+        self.root_path = paths.root
+        self.engine_path = paths.engine_actor
+        self.chaos_path = paths.chaos or None
         self.link: NatsLink | None = None
         self._token = b""
         self._subscription: Any = None

@@ -35,6 +35,7 @@ from supervisor.core import (
     crash,
     suspend,
 )
+from supervisor.plan import ChaosSettings
 
 __all__ = ["ChaosActor", "scheduler_pids"]
 
@@ -73,12 +74,12 @@ def _descends(pid: int, ancestor: int) -> bool:
 class ChaosActor(SupervisedActor):
     """Injects faults; see the module docstring."""
 
-    def __init__(self, context: ChildContext, root: str, faults: list[Fault], seed: int) -> None:
+    def __init__(self, context: ChildContext, settings: ChaosSettings) -> None:
         super().__init__(context)
-        self.root = root
-        self.engine = f"{root}/core/engine"
-        self.faults = faults
-        self.random = random.Random(seed)
+        self.root = settings.root
+        self.engine = f"{settings.root}/core/engine"
+        self.faults = settings.faults
+        self.random = random.Random(settings.seed)
 
     def on_start_up(self) -> None:
         for index, fault in enumerate(self.faults):

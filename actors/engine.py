@@ -45,8 +45,8 @@ from messages.node import (
     Tick,
 )
 from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, StopConditions
-from supervisor.config import HealthSection
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, whereis
+from supervisor.plan import EngineSettings
 
 __all__ = ["INFO_TIMEOUT", "EngineActor", "EngineUnhealthyError"]
 
@@ -75,20 +75,13 @@ class _Inflight:
 class EngineActor(SupervisedActor):
     """Owns the channel to the engine host; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        command_endpoint: str,
-        output_endpoint: str,
-        health: HealthSection,
-        max_inflight: int,
-        max_streams_per_client: int = 0,
-        mode: str = "aggregated",
-        warmup_timeout: float = 120.0,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: EngineSettings) -> None:
         super().__init__(context)
-        self.mode = mode
-        self.warmup_timeout = warmup_timeout
+        self.mode = settings.mode
+        self.warmup_timeout = settings.warmup_timeout
+        max_streams_per_client = settings.max_streams_per_client
+        command_endpoint, output_endpoint = settings.command_endpoint, settings.output_endpoint
+        health, max_inflight = settings.health, settings.max_inflight
         self._warmup: tuple[threading.Event, list[HostChunk]] = (threading.Event(), [])
         self.max_streams_per_client = max_streams_per_client
         self._per_client: dict[str, int] = {}

@@ -18,8 +18,8 @@ from actors.nats_link import NatsLink
 from actors.nats_proxy import NatsCutProxy
 from messages.chaos import ChaosCutNats
 from messages.node import GetLink, LinkChanged
-from supervisor.config import NatsAuthSection
 from supervisor.core import ChildContext, ExitReason, SupervisedActor
+from supervisor.plan import FabricSettings
 
 __all__ = ["FabricActor"]
 
@@ -27,27 +27,18 @@ __all__ = ["FabricActor"]
 class FabricActor(SupervisedActor):
     """The NATS connection as a supervised child."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        servers: list[str],
-        client_name: str,
-        connect_timeout: float,
-        pending_size: int,
-        auth: NatsAuthSection | None = None,
-        cut_proxy: bool = False,
-        resume_delay: float = 1.0,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: FabricSettings) -> None:
         super().__init__(context)
-        self.resume_delay = resume_delay
-        self.servers = servers
-        self.client_name = client_name
-        self.connect_timeout = connect_timeout
-        self.pending_size = pending_size
-        self.auth = auth or NatsAuthSection()
+        self.settings = settings
+        self.resume_delay = settings.resume_delay
+        self.servers = settings.servers
+        self.client_name = settings.client_name
+        self.connect_timeout = settings.connect_timeout
+        self.pending_size = settings.pending_size
+        self.auth = settings.auth
         self.proxy: NatsCutProxy | None = None
-        if cut_proxy:
-            url = urlparse(servers[0])
+        if settings.cut_proxy:
+            url = urlparse(self.servers[0])
             self.proxy = NatsCutProxy(url.hostname or "127.0.0.1", url.port or 4222)
         self.link: NatsLink | None = None
 

@@ -27,7 +27,6 @@ from actors import node_metrics
 from actors.nats_link import NatsLink
 from actors.serving_modes import shape_request
 from messages.codec import DecodeError, decode_json, encode_json
-from messages.discovery import Subjects
 from messages.engine import HostChunk
 from messages.node import (
     AbortGenerate,
@@ -51,7 +50,7 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor.config import DisaggregationSection, HandlersSection
+from supervisor.config import HandlersSection
 from supervisor.core import (
     ChildContext,
     ExitReason,
@@ -62,6 +61,7 @@ from supervisor.core import (
     ask,
     whereis,
 )
+from supervisor.plan import HandlerSettings
 
 __all__ = ["HandlerActor"]
 
@@ -93,25 +93,15 @@ class _Ended:
 class HandlerActor(SupervisedActor):
     """Serves generate requests for the node; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        fabric_path: str,
-        engine_path: str,
-        subjects: Subjects,
-        limits: HandlersSection,
-        drain_timeout: float,
-        mode: str = "aggregated",
-        disaggregation: DisaggregationSection | None = None,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: HandlerSettings) -> None:
         super().__init__(context)
-        self.mode = mode
-        self.disaggregation = disaggregation or DisaggregationSection()
-        self.fabric_path = fabric_path
-        self.engine_path = engine_path
-        self.subjects = subjects
-        self.limits = limits
-        self.drain_timeout = drain_timeout
+        self.mode = settings.mode
+        self.disaggregation = settings.disaggregation
+        self.fabric_path = settings.fabric
+        self.engine_path = settings.engine_actor
+        self.subjects = settings.subjects
+        self.limits = settings.limits
+        self.drain_timeout = settings.drain_timeout
         self.link: NatsLink | None = None
         self._subscriptions: list[Any] = []
         self._streams: dict[str, _Stream] = {}

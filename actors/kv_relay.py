@@ -42,6 +42,7 @@ from messages.engine import EngineInfo
 from messages.kv import AllBlocksCleared, KvEventBatch, Resync, decode_sglang_batch, sequence_number
 from messages.node import GetEngineInfo, GetLink
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
+from supervisor.plan import RelaySettings
 
 __all__ = ["KvRelayActor", "stream_name"]
 
@@ -86,23 +87,14 @@ def stream_name(subject: str) -> str:
 class KvRelayActor(SupervisedActor):
     """Relays one DP rank's KV events; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        fabric_path: str,
-        engine_path: str,
-        instance_id: str,
-        dp_rank: int,
-        subject: str,
-        durable_max_age: float | None = None,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: RelaySettings) -> None:
         super().__init__(context)
-        self.durable_max_age = durable_max_age
-        self.fabric_path = fabric_path
-        self.engine_path = engine_path
-        self.instance_id = instance_id
-        self.dp_rank = dp_rank
-        self.subject = subject
+        self.durable_max_age = settings.durable_max_age
+        self.fabric_path = settings.fabric
+        self.engine_path = settings.engine_actor
+        self.instance_id = settings.instance_id
+        self.dp_rank = dp_rank = settings.dp_rank
+        self.subject = settings.subject
         self.link: NatsLink | None = None
         self.info: EngineInfo | None = None
         self.last_seq: int | None = None

@@ -24,6 +24,7 @@ from messages.engine import EngineInfo
 from messages.metrics import LoadMetrics, SchedulerMetrics, decode_scheduler_metrics
 from messages.node import GetEngineInfo, GetLink, Tick
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
+from supervisor.plan import MetricsSettings
 
 __all__ = ["MetricsActor"]
 
@@ -34,18 +35,14 @@ class MetricsActor(SupervisedActor):
     def __init__(
         self,
         context: ChildContext,
-        fabric_path: str,
-        engine_path: str,
-        instance_id: str,
-        subject: str,
-        interval: float,
+        settings: MetricsSettings,
     ) -> None:
         super().__init__(context)
-        self.fabric_path = fabric_path
-        self.engine_path = engine_path
-        self.instance_id = instance_id
-        self.subject = subject
-        self.interval = interval
+        self.fabric_path = settings.fabric
+        self.engine_path = settings.engine_actor
+        self.instance_id = settings.instance_id
+        self.subject = settings.subject
+        self.interval = settings.interval
         self.link: NatsLink | None = None
         self.info: EngineInfo | None = None
         self._zmq = zmq.Context()

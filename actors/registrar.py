@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from actors import node_metrics
 from actors.nats_link import NatsLink
 from messages.codec import encode_json
-from messages.discovery import InstanceRecord, ModelCard, Subjects
+from messages.discovery import InstanceRecord, ModelCard
 from messages.engine import EngineInfo
 from messages.node import (
     GetEngineInfo,
@@ -33,7 +33,6 @@ from messages.node import (
     RegistrationStatus,
     Tick,
 )
-from supervisor.config import DisaggregationSection, DiscoverySection
 from supervisor.core import (
     ChildContext,
     ChildExitedEvent,
@@ -46,6 +45,7 @@ from supervisor.core import (
     ask,
     whereis,
 )
+from supervisor.plan import RegistrarSettings
 
 __all__ = ["RegistrarActor", "instance_key"]
 
@@ -60,36 +60,22 @@ def instance_key(namespace: str, component: str, endpoint: str, instance_id: str
 class RegistrarActor(SupervisedActor):
     """Registers the instance; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        fabric_path: str,
-        engine_supervisor_path: str,
-        root_path: str,
-        instance_id: str,
-        namespace: str,
-        component: str,
-        endpoint: str,
-        subjects: Subjects,
-        mode: str,
-        discovery: DiscoverySection,
-        engine_children: list[str],
-        disaggregation: DisaggregationSection | None = None,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: RegistrarSettings) -> None:
         super().__init__(context)
-        self.disaggregation = disaggregation or DisaggregationSection()
-        self.fabric_path = fabric_path
-        self.engine_supervisor_path = engine_supervisor_path
-        self.root_path = root_path
-        self.instance_id = instance_id
-        self.namespace = namespace
-        self.component = component
-        self.endpoint = endpoint
-        self.subjects = subjects
-        self.mode = mode
-        self.discovery = discovery
-        self.engine_children = engine_children
-        self.key = instance_key(namespace, component, endpoint, instance_id)
+        self.disaggregation = settings.disaggregation
+        self.fabric_path = settings.fabric
+        self.engine_supervisor_path = settings.engine
+        self.engine_actor_path = settings.engine_actor
+        self.engine_last_child = settings.engine_last_child
+        self.root_path = settings.root
+        self.instance_id = settings.instance_id
+        self.namespace = settings.namespace
+        self.component = settings.component
+        self.endpoint = settings.endpoint
+        self.subjects = settings.subjects
+        self.mode = settings.mode
+        self.discovery = settings.discovery
+        self.key = instance_key(self.namespace, self.component, self.endpoint, self.instance_id)
         self.link: NatsLink | None = None
         self.kv: KeyValue | None = None
         self.registered = False
@@ -171,7 +157,7 @@ class RegistrarActor(SupervisedActor):
             return
         if isinstance(event, ChildExitedEvent) and self.engine_up:
             self.actor_ref.tell(Tick("engine_down"))
-        elif isinstance(event, ChildReadyEvent) and event.child_id == self.engine_children[-1]:
+        elif isinstance(event, ChildReadyEvent) and event.child_id == self.engine_last_child:
             self.actor_ref.tell(Tick("engine_up"))
 
     def _heartbeat(self) -> None:
@@ -182,9 +168,7 @@ class RegistrarActor(SupervisedActor):
     # --- the record ---------------------------------------------------------------------
 
     def _record(self) -> InstanceRecord:
-        info: EngineInfo = ask(
-            f"{self.engine_supervisor_path}/engine_actor", GetEngineInfo(), timeout=10
-        )
+        info: EngineInfo = ask(self.engine_actor_path, GetEngineInfo(), timeout=10)
         card = ModelCard(
             name=info.model_name,
             context_length=info.context_length,

@@ -23,8 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from actors import node_metrics
 from actors.admin_ops import AdminOps
 from messages.node import EngineStatus, GetEngineStatus, GetRegistration, RegistrationStatus
-from supervisor.config import AdminSection, read_secret
+from supervisor.config import read_secret
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, WhichChildren, whereis
+from supervisor.plan import SystemSettings
 
 __all__ = ["SystemHttpActor"]
 
@@ -34,28 +35,19 @@ _ASK_TIMEOUT = 1.0
 class SystemHttpActor(SupervisedActor):
     """Serves /health, /ready, /metrics and /tree; see the module docstring."""
 
-    def __init__(
-        self,
-        context: ChildContext,
-        host: str,
-        port: int,
-        root_path: str,
-        registrar_path: str,
-        engine_path: str,
-        prometheus_dir: str = "",
-        admin: AdminSection | None = None,
-        chaos_path: str | None = None,
-    ) -> None:
+    def __init__(self, context: ChildContext, settings: SystemSettings) -> None:
         super().__init__(context)
-        self.admin = admin or AdminSection()
-        self.ops = AdminOps(root_path, engine_path, registrar_path, chaos_path)
+        paths = settings.paths
+        registrar = paths.registrar if settings.leader else ""  # a follower registers nothing
+        self.admin = settings.admin
+        self.ops = AdminOps(paths.root, paths.engine_actor, registrar, paths.chaos or None)
         self._token = b""
-        self.host = host
-        self.port = port
-        self.root_path = root_path
-        self.registrar_path = registrar_path
-        self.engine_path = engine_path
-        self.prometheus_dir = prometheus_dir
+        self.host = settings.host
+        self.port = settings.port
+        self.root_path = paths.root
+        self.registrar_path = registrar
+        self.engine_path = paths.engine_actor
+        self.prometheus_dir = settings.sglang_metrics_dir
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -16,7 +16,7 @@ from types import FrameType
 import structlog
 
 from supervisor.config import ConfigError, NodeConfig, load
-from supervisor.core import Root, exit_code_for, kill_all_process_groups
+from supervisor.core import Root, SupervisionMetrics, exit_code_for, kill_all_process_groups
 from supervisor.logs import configure_logging
 from supervisor.tomlout import dumps
 
@@ -43,26 +43,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build(config: NodeConfig) -> Root:
-    """Start the tree the configuration describes."""
+    """Plan, prepare and start the tree the configuration describes (config -> plan ->
+    tree -> run). Raises ConfigError when what the plan needs cannot be prepared."""
     if config.node.tree == "demo":
         from supervisor.demo import build_demo_tree
 
         flags, children = build_demo_tree(config)
         return Root("demo", flags, children)
-    if config.node.tree == "frontend":
-        from actors.frontend import build_frontend_tree
-
-        structlog.get_logger().bind(path="main").info(
-            "starting frontend", routing=config.frontend.routing, port=config.frontend.port
-        )
-        flags, children = build_frontend_tree(config)
-        return Root("frontend", flags, children)
     from actors import node_metrics
-    from supervisor.core import SupervisionMetrics
-    from supervisor.node import ROOT_NAME, build_node_tree, plan_node
+    from supervisor.plan import ROOT_NAME, plan_node, prepare
+    from supervisor.tree import FRONTEND_ROOT, build_frontend_tree, build_node_tree
 
     plan = plan_node(config)
+    prepare(config, plan)
     log = structlog.get_logger().bind(path="main")
+    if config.node.tree == "frontend":
+        log.info("starting frontend", routing=config.frontend.routing, port=config.frontend.port)
+        flags, children = build_frontend_tree(config, plan)
+        return Root(FRONTEND_ROOT, flags, children)
     log.info(
         "starting node",
         instance_id=plan.instance_id,
@@ -91,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
-    return serve(build(config))
+    try:
+        root = build(config)
+    except ConfigError as exc:
+        print(f"sgl-node: configuration error in {args.config}: {exc}", file=sys.stderr)
+        return 2
+    return serve(root)
 
 
 def serve(root: Root) -> int:

@@ -18,7 +18,6 @@ from typing import Any
 from supervisor.config import NodeConfig
 from supervisor.core import (
     ActorStart,
-    Backoff,
     ChildContext,
     ChildSpec,
     ProcessStart,
@@ -28,6 +27,7 @@ from supervisor.core import (
     Supervisor,
     SupervisorFlags,
 )
+from supervisor.flags import supervisor_flags
 
 __all__ = ["DemoWorker", "Heartbeat", "build_demo_tree"]
 
@@ -84,18 +84,8 @@ class Heartbeat(SupervisedActor):
 
 def build_demo_tree(config: NodeConfig) -> tuple[SupervisorFlags, list[ChildSpec]]:
     """The demonstration tree's top flags and children."""
-    sup = config.supervision
-    backoff = Backoff(
-        initial=sup.backoff_initial,
-        max=sup.backoff_max,
-        multiplier=sup.backoff_multiplier,
-        jitter=sup.backoff_jitter,
-        reset_after=sup.backoff_reset_after,
-    )
-    flags = SupervisorFlags(
-        strategy="rest_for_one", intensity=sup.intensity, period=sup.period, backoff=backoff
-    )
-    pool_flags = SupervisorFlags(strategy="pool", intensity=sup.intensity, period=sup.period)
+    flags = supervisor_flags(config.supervision, "rest_for_one")
+    pool_flags = supervisor_flags(config.supervision, "pool")
     children = [
         ChildSpec(
             "ticker",

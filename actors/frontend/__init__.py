@@ -8,10 +8,10 @@ holds most of its prompt (or round-robin / random). See README.md, "Frontend".
 Modules: `actor` (the supervised child), `server` (HTTP + NATS on their own loop),
 `routes` / `generation` / `http_io` (HTTP), `openai_formats` / `openai_responses`
 (OpenAI's bodies), `tokenizers`, `discovery`, `indexer`, `router`, `dispatch` /
-`streams` / `replies` / `embeddings` (the request path), `state`, `metrics`, `errors`, `tree`.
+`streams` / `replies` / `embeddings` (the request path), `state`, `metrics`, `errors`.
+Its place in a tree is built by `supervisor/tree.py`.
 """
 
 from actors.frontend.actor import FrontendActor
-from actors.frontend.tree import build_frontend_tree, frontend_child
 
-__all__ = ["FrontendActor", "build_frontend_tree", "frontend_child"]
+__all__ = ["FrontendActor"]

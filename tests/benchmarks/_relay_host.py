@@ -13,6 +13,7 @@ from actors.kv_relay import KvRelayActor
 from messages.engine import EngineInfo
 from supervisor.core import ActorStart, ChildSpec, Root, SupervisorFlags
 from supervisor.logs import configure_logging
+from supervisor.plan import FabricSettings, RelaySettings
 from tests.node.test_kv_relay import EngineInfoOnly
 
 
@@ -34,11 +35,32 @@ def main(endpoint: str, url: str, subject: str) -> None:
         "bench",
         SupervisorFlags(),
         [
-            ChildSpec("fabric", ActorStart(FabricActor, ([url], "bench-relay", 5.0, 64 << 20))),
+            ChildSpec(
+                "fabric",
+                ActorStart(
+                    FabricActor,
+                    (
+                        FabricSettings(
+                            servers=[url], client_name="bench-relay", pending_size=64 << 20
+                        ),
+                    ),
+                ),
+            ),
             ChildSpec("engine", ActorStart(EngineInfoOnly, (info,))),
             ChildSpec(
                 "relay",
-                ActorStart(KvRelayActor, ("bench/fabric", "bench/engine", "bench-1", 0, subject)),
+                ActorStart(
+                    KvRelayActor,
+                    (
+                        RelaySettings(
+                            fabric="bench/fabric",
+                            engine_actor="bench/engine",
+                            instance_id="bench-1",
+                            dp_rank=0,
+                            subject=subject,
+                        ),
+                    ),
+                ),
             ),
         ],
     )

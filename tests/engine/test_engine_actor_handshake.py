@@ -18,6 +18,7 @@ from actors.engine_host.channel import HostChannel
 from messages.engine import EngineInfo, HostControl, HostControlReply
 from supervisor.config import HealthSection
 from supervisor.core import ActorStart, ChildSpec, Root, SupervisorFlags
+from supervisor.plan import EngineSettings
 
 INFO = EngineInfo(
     backend="sim",
@@ -72,7 +73,11 @@ def run_host(endpoints: tuple[str, str], ignore: int) -> Iterator[ScriptedHost]:
 
 def engine_root(endpoints: tuple[str, str]) -> Root:
     health = HealthSection(canary_after_idle=600.0)
-    spec = ChildSpec("engine", ActorStart(EngineActor, (*endpoints, health, 16)))
+    command, output = endpoints
+    settings = EngineSettings(
+        command_endpoint=command, output_endpoint=output, health=health, max_inflight=16
+    )
+    spec = ChildSpec("engine", ActorStart(EngineActor, (settings,)))
     return Root("handshake", SupervisorFlags(intensity=0), [spec])
 
 

@@ -246,7 +246,7 @@ class NatsServer:
         raise RuntimeError(msg)
 
     def _command(self) -> list[str]:
-        from supervisor.node import nats_server_binary
+        from supervisor.tree import nats_server_binary
 
         return [
             nats_server_binary(),

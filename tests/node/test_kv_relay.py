@@ -42,6 +42,7 @@ from supervisor.core import (
     SupervisorFlags,
     ask,
 )
+from supervisor.plan import FabricSettings, RelaySettings
 from tests.node.harness import NatsServer, free_ports
 
 SUBJECT = "test.kv.kv_events"
@@ -136,13 +137,30 @@ def relay_tree(
         flags or SupervisorFlags(intensity=0),
         [
             ChildSpec(
-                "fabric", ActorStart(FabricActor, ([server.url], "relay-test", 5.0, 1 << 20))
+                "fabric",
+                ActorStart(
+                    FabricActor,
+                    (
+                        FabricSettings(
+                            servers=[server.url], client_name="relay-test", pending_size=1 << 20
+                        ),
+                    ),
+                ),
             ),
             ChildSpec("engine", ActorStart(EngineInfoOnly, (info,))),
             ChildSpec(
                 "relay",
                 ActorStart(
-                    relay_class, ("relaytest/fabric", "relaytest/engine", "inst-1", 0, SUBJECT)
+                    relay_class,
+                    (
+                        RelaySettings(
+                            fabric="relaytest/fabric",
+                            engine_actor="relaytest/engine",
+                            instance_id="inst-1",
+                            dp_rank=0,
+                            subject=SUBJECT,
+                        ),
+                    ),
                 ),
             ),
         ],

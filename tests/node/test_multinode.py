@@ -18,7 +18,7 @@ from messages.metrics import LoadMetrics
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
 from supervisor.config import ConfigError, loads
-from supervisor.node import local_dp_ranks
+from supervisor.plan import plan_node
 from tests.node.harness import NodeProcess, free_ports, start_node
 from tests.node.test_node_sim import expected_text
 
@@ -239,5 +239,5 @@ def test_one_dp_rank_may_span_the_nodes_and_belongs_to_the_leader() -> None:
     # KV events and metrics come from the leader; the followers relay nothing.
     for rank in (0, 1):
         config = loads(BASE.replace("dp_size = 2", "dp_size = 1") + f"node_rank = {rank}\n")
-        assert list(local_dp_ranks(config)) == ([0] if rank == 0 else [])
+        assert plan_node(config).local_dp_ranks == ([0] if rank == 0 else [])
     assert list(local_ranks(4, 2, 1)) == [2, 3]  # DP ranks split over the nodes
