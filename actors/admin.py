@@ -13,9 +13,9 @@ import hmac
 import threading
 from typing import Any
 
-from actors import node_metrics
-from actors.admin_ops import AdminOps
-from actors.nats_link import NatsLink
+from actors.control.admin_ops import AdminOps
+from actors.nats.link import NatsLink
+from actors.telemetry import node_metrics
 from messages.chaos import AdminReply, AdminRequest
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.node import GetLink, IncomingRequest

@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from actors import node_metrics
+from actors.telemetry import node_metrics
 from messages.chaos import (
     ChaosCutNats,
     ChaosFailProbes,

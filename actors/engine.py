@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from actors import node_metrics
+from actors.telemetry import node_metrics
 from messages.chaos import ChaosFailProbes
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.engine import (
@@ -55,7 +55,7 @@ _WARMUP_PREFIX = "warmup-"
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: a request that transfers no KV (warm-up, health)
 _DRAIN_MAX = 256  # host messages taken per wake-up of the reader
 # The host answers `info` at once; the margin is for a machine busy starting many
-# processes. The engine_actor's start timeout (supervisor/node.py) covers this plus the
+# processes. The engine_actor's start timeout (supervisor/tree.py) covers this plus the
 # prefill warm-up.
 INFO_TIMEOUT = 60.0
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from actors import node_metrics
-from actors.nats_auth import connect_options
-from actors.nats_link import NatsLink
-from actors.nats_proxy import NatsCutProxy
+from actors.nats.auth import connect_options
+from actors.nats.link import NatsLink
+from actors.nats.proxy import NatsCutProxy
+from actors.telemetry import node_metrics
 from messages.chaos import ChaosCutNats
 from messages.node import GetLink, LinkChanged
 from supervisor.core import ChildContext, ExitReason, SupervisedActor

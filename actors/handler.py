@@ -23,9 +23,9 @@ from typing import Any
 import msgspec
 import pykka
 
-from actors import node_metrics
-from actors.nats_link import NatsLink
-from actors.serving_modes import shape_request
+from actors.nats.link import NatsLink
+from actors.streams.modes import shape_request
+from actors.telemetry import node_metrics
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.engine import HostChunk
 from messages.node import (

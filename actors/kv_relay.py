@@ -32,10 +32,10 @@ import nats.js.errors
 import pykka
 import zmq
 
-from actors import node_metrics
-from actors.kv_replay import fetch_replay
-from actors.nats_link import NatsLink
-from actors.zmq_faults import ZmqFaults
+from actors.faults.zmq_faults import ZmqFaults
+from actors.kv.replay import fetch_replay
+from actors.nats.link import NatsLink
+from actors.telemetry import node_metrics
 from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
 from messages.engine import EngineInfo

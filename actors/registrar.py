@@ -20,8 +20,8 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from actors import node_metrics
-from actors.nats_link import NatsLink
+from actors.nats.link import NatsLink
+from actors.telemetry import node_metrics
 from messages.codec import encode_json
 from messages.discovery import InstanceRecord, ModelCard
 from messages.engine import EngineInfo

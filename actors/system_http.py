@@ -20,8 +20,8 @@ import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from actors import node_metrics
-from actors.admin_ops import AdminOps
+from actors.control.admin_ops import AdminOps
+from actors.telemetry import node_metrics
 from messages.node import EngineStatus, GetEngineStatus, GetRegistration, RegistrationStatus
 from supervisor.config import read_secret
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, WhichChildren, whereis

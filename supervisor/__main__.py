@@ -50,7 +50,7 @@ def build(config: NodeConfig) -> Root:
 
         flags, children = build_demo_tree(config)
         return Root("demo", flags, children)
-    from actors import node_metrics
+    from actors.telemetry import node_metrics
     from supervisor.plan import ROOT_NAME, plan_node, prepare
     from supervisor.tree import FRONTEND_ROOT, build_frontend_tree, build_node_tree
 

@@ -24,7 +24,7 @@ import uvicorn
 
 from actors.frontend.routes import create_app
 from actors.frontend.state import FrontendState
-from actors.nats_auth import connect_options
+from actors.nats.auth import connect_options
 from supervisor.config import NodeConfig
 
 __all__ = ["FrontendServer", "nats_servers"]

@@ -18,8 +18,8 @@ import zmq
 from msgspec.structs import replace as struct_replace
 
 from actors.fabric import FabricActor
+from actors.kv.replay import END_SEQ
 from actors.kv_relay import KvRelayActor
-from actors.kv_replay import END_SEQ
 from messages.chaos import ChaosZmq
 from messages.codec import decode_json
 from messages.engine import EngineInfo
@@ -202,7 +202,7 @@ STORED = BlockStored(
 
 
 def kv_metric(name: str, **labels: str) -> float:
-    from actors import node_metrics
+    from actors.telemetry import node_metrics
 
     return node_metrics.REGISTRY.get_sample_value(name, {"dp_rank": "0", **labels}) or 0.0
 
@@ -274,7 +274,7 @@ def test_garbage_is_dropped_and_counted_and_the_relay_carries_on(relay: Any) -> 
             lora_id=None,
         )
     ]
-    from actors import node_metrics
+    from actors.telemetry import node_metrics
 
     assert (
         node_metrics.REGISTRY.get_sample_value(

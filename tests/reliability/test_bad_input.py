@@ -198,7 +198,7 @@ def test_arbitrary_zmq_frames_at_a_relay_are_dropped_and_counted(
 def test_after_the_garbage_the_relay_still_relays_and_never_restarted(
     relay: tuple[zmq.Socket[bytes], Any, Any],
 ) -> None:
-    from actors import node_metrics
+    from actors.telemetry import node_metrics
     from messages.kv import AllBlocksCleared, SglangEventBatch, encode_sglang_batch
 
     pub, collector, root = relay

@@ -1,4 +1,4 @@
-"""Pykka's quirks must not leak into supervision (see supervisor/_actor.py)."""
+"""Pykka's quirks must not leak into supervision (see supervisor/core/_actor.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The node's Prometheus metrics, defined in one place (`node_metrics`)."""
