@@ -11,13 +11,15 @@ Chunks can be lost in transit (a NATS server restart drops what it was carrying)
 handler keeps every stream's chunks while it runs and for `handlers.resume_window` seconds
 after it ended (within `handlers.resume_buffer_bytes`); a client that sees a gap, or hears
 nothing for a while, asks on the resume subject and gets them again.
+
+What to do with each stream is decided by its pure core, `actors.streams.table`; this
+actor decodes, calls the core, and carries out what it returns (publish, abort, timers).
 """
 
 from __future__ import annotations
 
-import collections
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,6 +27,7 @@ import pykka
 
 from actors.nats.link import NatsLink
 from actors.streams.modes import shape_request
+from actors.streams.table import Progress, StreamTable
 from actors.telemetry import node_metrics
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.engine import HostChunk
@@ -37,18 +40,17 @@ from messages.node import (
     IncomingResume,
     SubmitEmbed,
     SubmitGenerate,
-    Tick,
 )
 from messages.request import (
-    ERROR_CODES,
     CancelRequest,
     EmbedRequest,
     EmbedResponse,
-    ErrorInfo,
+    ErrorCode,
     GenerateRequest,
     ResumeRequest,
     StreamChunk,
     error_chunk,
+    error_info,
 )
 from supervisor.config import HandlersSection
 from supervisor.core import (
@@ -57,7 +59,6 @@ from supervisor.core import (
     Shutdown,
     StopRequest,
     SupervisedActor,
-    Timer,
     ask,
     whereis,
 )
@@ -66,28 +67,26 @@ from supervisor.plan import HandlerSettings
 __all__ = ["HandlerActor"]
 
 _DEADLINE_GRACE = 1.0  # after aborting a late request, wait this long for the engine to end it
+_RESTARTING = "the engine is (re)starting; retry shortly"
 
 
-@dataclass
-class _Stream:
-    request: GenerateRequest | EmbedRequest
-    reply: str
-    received_at: float
-    index: int = 0
-    first_token_at: float | None = None
-    last_chunk_at: float | None = None
-    ending: str = ""  # why we asked the engine to stop it: cancelled | deadline_exceeded | shutdown
-    timers: list[Timer] = field(default_factory=list)
-    sent: list[bytes] = field(default_factory=list)  # the chunks published, for resume
+@dataclass(frozen=True)
+class _Deadline:
+    """A stream's timeout ran out: ask the engine to stop it."""
+
+    request_id: str
 
 
-@dataclass
-class _Ended:
-    """An ended stream's chunks, kept for resume requests."""
+@dataclass(frozen=True)
+class _DeadlineGrace:
+    """The engine did not end a late stream in time: end it here."""
 
-    ended_at: float
-    sent: list[bytes]
-    size: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _DrainDeadline:
+    """The drain timeout ran out: end the streams left with `shutdown`."""
 
 
 class HandlerActor(SupervisedActor):
@@ -104,11 +103,14 @@ class HandlerActor(SupervisedActor):
         self.drain_timeout = settings.drain_timeout
         self.link: NatsLink | None = None
         self._subscriptions: list[Any] = []
-        self._streams: dict[str, _Stream] = {}
+        self.table = StreamTable(
+            self.limits.default_deadline,
+            self.limits.resume_window,
+            self.limits.resume_buffer_bytes,
+        )
+        self._timers: dict[str, list[Any]] = {}
         self._outbox: list[tuple[str, bytes, str]] | None = None
         self._draining = False
-        self._ended: collections.OrderedDict[str, _Ended] = collections.OrderedDict()
-        self._ended_bytes = 0
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -142,33 +144,24 @@ class HandlerActor(SupervisedActor):
             return
         self._draining = True
         self._unsubscribe()
-        if not self._streams:
+        if not self.table:
             self.exit(Shutdown(detail=request.reason))
             return
-        self.log.info("draining", inflight=len(self._streams), timeout=self.drain_timeout)
-        self._later(self.drain_timeout, Tick("drain_deadline"))
+        self.log.info("draining", inflight=len(self.table), timeout=self.drain_timeout)
+        self.send_after(self.drain_timeout, _DrainDeadline())
 
     def on_exit(self, reason: ExitReason) -> None:
         self._unsubscribe()
-        why = (
-            "the node is stopping"
-            if isinstance(reason, Shutdown)
-            else f"handler failed: {reason.describe()}"
-        )
-        for request_id in list(self._streams):
-            self._abort_in_engine(request_id, "shutdown")
-            if isinstance(reason, Shutdown):
-                self._end_stream(
-                    request_id,
-                    StreamChunk(
-                        request_id, self._streams[request_id].index, finish_reason="shutdown"
-                    ),
-                )
-            else:
-                self._end_stream(
-                    request_id,
-                    error_chunk(request_id, self._streams[request_id].index, "internal", why),
-                )
+        error: tuple[ErrorCode, str] | None = None
+        if not isinstance(reason, Shutdown):
+            error = ("internal", f"handler failed: {reason.describe()}")
+        self._close_all(error)
+
+    def _close_all(self, error: tuple[ErrorCode, str] | None) -> None:
+        """End every stream in flight (`shutdown`, or `error`), aborting it in the engine."""
+        for chunk in self.table.closing_chunks(error):
+            self._abort_in_engine(chunk.request_id, "shutdown")
+            self._end(chunk.request_id, chunk)
 
     def _unsubscribe(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []
@@ -202,15 +195,26 @@ class HandlerActor(SupervisedActor):
                 self._on_cancel(data)
             case IncomingResume():
                 self._on_resume(message)
-            case Tick(kind=kind) if kind.startswith("deadline:"):
-                self._on_deadline(kind.removeprefix("deadline:"))
-            case Tick(kind=kind) if kind.startswith("deadline_grace:"):
-                self._on_deadline_grace(kind.removeprefix("deadline_grace:"))
-            case Tick(kind="drain_deadline"):
-                self._on_drain_deadline()
+            case _Deadline(request_id=request_id):
+                if self.table.stopping(request_id, "deadline_exceeded"):
+                    self._abort_in_engine(request_id, "deadline_exceeded")
+                    self._stream_timer(request_id, _DEADLINE_GRACE, _DeadlineGrace(request_id))
+            case _DeadlineGrace(request_id=request_id):
+                late = self.table.deadline_chunk(request_id)
+                if late is not None:
+                    self._end(request_id, late)
+            case _DrainDeadline():
+                if self.table:
+                    self.log.warning(
+                        "drain timeout: ending the rest with shutdown", remaining=len(self.table)
+                    )
+                self._close_all(None)
+                self.exit(Shutdown(detail="drained"))
             case _:
                 return super().handle(message)
         return None
+
+    # --- requests -----------------------------------------------------------------------
 
     def _on_request(self, message: IncomingRequest) -> None:
         reply = message.reply
@@ -223,13 +227,11 @@ class HandlerActor(SupervisedActor):
             return
         size = len(message.data)
         if size > self.limits.max_request_bytes:
-            self._reject(
-                reply,
-                "",
-                "invalid_request",
+            why = (
                 f"the request is {size} bytes; the limit is "
-                f"{self.limits.max_request_bytes} (handlers.max_request_bytes)",
+                f"{self.limits.max_request_bytes} (handlers.max_request_bytes)"
             )
+            self._reject(reply, "", "invalid_request", why)
             return
         if self.mode == "embedding":
             self._on_embed_request(message)
@@ -237,9 +239,8 @@ class HandlerActor(SupervisedActor):
         try:
             request = decode_json(message.data, GenerateRequest)
         except DecodeError as exc:
-            self._reject(
-                reply, _request_id_of(message.data), "invalid_request", str(exc), exc.field
-            )
+            rid = _request_id_of(message.data)
+            self._reject(reply, rid, "invalid_request", str(exc), exc.field)
             return
         shaped = shape_request(request, self.mode, self.disaggregation)
         problem = _limit_problem(request, self.limits) or shaped.problem
@@ -248,36 +249,34 @@ class HandlerActor(SupervisedActor):
             self._reject(reply, request.request_id, "invalid_request", text, field_name)
             return
         request = shaped.request
-        if request.request_id in self._streams:
-            self._reject(
-                reply,
-                request.request_id,
-                "invalid_request",
-                "request_id is already in flight",
-                "request_id",
-            )
+        engine = self._admissible(reply, request.request_id)
+        if engine is None:
             return
+        stream = self._open(request, message)
+        if shaped.first is not None:
+            self._publish(stream.reply, self.table.send(stream, shaped.first))
+        submit = SubmitGenerate(
+            request, reply_path=self.context.path, max_prompt_tokens=self.limits.max_prompt_tokens
+        )
+        self._tell_engine(engine, request.request_id, submit)
+
+    def _admissible(self, reply: str, request_id: str) -> Any:
+        """The engine actor to submit to, or None after refusing the request (a duplicate
+        id in flight, or no engine now)."""
+        if request_id in self.table:
+            why = "request_id is already in flight"
+            self._reject(reply, request_id, "invalid_request", why, "request_id")
+            return None
         engine = whereis(self.engine_path)
         if engine is None:
-            self._reject(
-                reply,
-                request.request_id,
-                "engine_restarting",
-                "the engine is (re)starting; retry shortly",
-            )
-            return
-        stream = self._open_stream(request, message)
-        if shaped.first is not None:
-            self._publish(stream, shaped.first)
-        self._tell_engine(
-            engine,
-            request.request_id,
-            SubmitGenerate(
-                request,
-                reply_path=self.context.path,
-                max_prompt_tokens=self.limits.max_prompt_tokens,
-            ),
-        )
+            self._reject(reply, request_id, "engine_restarting", _RESTARTING)
+        return engine
+
+    def _open(self, request: GenerateRequest | EmbedRequest, message: IncomingRequest) -> Any:
+        stream = self.table.open(request, message.reply, message.received_at)
+        remaining = stream.deadline_at - self.context.clock.now()
+        self._stream_timer(request.request_id, max(0.0, remaining), _Deadline(request.request_id))
+        return stream
 
     def _tell_engine(
         self, engine: Any, request_id: str, message: SubmitGenerate | SubmitEmbed
@@ -289,21 +288,9 @@ class HandlerActor(SupervisedActor):
                 request_id,
                 finish_reason="error",
                 error_code="engine_restarting",
-                error_message="the engine is (re)starting; retry shortly",
+                error_message=_RESTARTING,
             )
             self._on_output(gone)
-
-    def _open_stream(
-        self, request: GenerateRequest | EmbedRequest, message: IncomingRequest
-    ) -> _Stream:
-        stream = _Stream(request=request, reply=message.reply, received_at=message.received_at)
-        self._streams[request.request_id] = stream
-        timeout = request.timeout or self.limits.default_deadline
-        remaining = timeout - (self.context.clock.now() - message.received_at)
-        stream.timers.append(
-            self._later(max(0.0, remaining), Tick(f"deadline:{request.request_id}"))
-        )
-        return stream
 
     def _on_embed_request(self, message: IncomingRequest) -> None:
         try:
@@ -317,102 +304,47 @@ class HandlerActor(SupervisedActor):
                 why = "this is an embedding node: send an EmbedRequest (input)"
                 self._reject(message.reply, generate.request_id, "invalid_request", why)
                 return
-            self._reject_embed(
-                message.reply, _request_id_of(message.data), "invalid_request", str(exc), exc.field
-            )
+            rid = _request_id_of(message.data)
+            self._reject_embed(message.reply, rid, "invalid_request", str(exc), exc.field)
             return
         texts, token_ids, problem = request.normalized()
         if problem is not None:
-            self._reject_embed(
-                message.reply, request.request_id, "invalid_request", problem, "input"
-            )
+            rid = request.request_id
+            self._reject_embed(message.reply, rid, "invalid_request", problem, "input")
             return
         engine = whereis(self.engine_path)
-        if engine is None or request.request_id in self._streams:
-            code = "engine_restarting" if engine is None else "invalid_request"
-            why = (
-                "the engine is (re)starting; retry shortly"
-                if engine is None
-                else "request_id is already in flight"
-            )
+        if engine is None or request.request_id in self.table:
+            code: ErrorCode = "engine_restarting" if engine is None else "invalid_request"
+            why = _RESTARTING if engine is None else "request_id is already in flight"
             self._reject_embed(message.reply, request.request_id, code, why)
             return
-        self._open_stream(request, message)
-        self._tell_engine(
-            engine,
-            request.request_id,
-            SubmitEmbed(
-                request,
-                texts,
-                token_ids,
-                reply_path=self.context.path,
-                max_prompt_tokens=self.limits.max_prompt_tokens,
-            ),
+        self._open(request, message)
+        submit = SubmitEmbed(
+            request,
+            texts,
+            token_ids,
+            reply_path=self.context.path,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
         )
+        self._tell_engine(engine, request.request_id, submit)
 
-    def _reject_embed(
-        self, reply: str, request_id: str, code: str, message: str, field_name: str = ""
-    ) -> None:
-        node_metrics.REQUESTS.labels(code).inc()
-        error = ErrorInfo(
-            code=code, message=message, retryable=ERROR_CODES.get(code, False), field=field_name
-        )
-        assert self.link is not None
-        self.link.publish(reply, encode_json(EmbedResponse(request_id=request_id, error=error)))
+    # --- engine output, cancel, resume ----------------------------------------------------
 
     def _on_output(self, chunk: HostChunk) -> None:
-        stream = self._streams.get(chunk.request_id)
-        if stream is None:
+        progress = self.table.output(chunk, self.context.clock.now())
+        if progress is None:
             return  # a late chunk for a request already ended (deadline, shutdown)
-        if chunk.embeddings is not None:
-            final = StreamChunk(
-                request_id=chunk.request_id, index=0, finish_reason="stop", usage=chunk.usage
-            )
-            self._end_stream(chunk.request_id, final, chunk.embeddings)
-            return
-        now = self.context.clock.now()
-        if chunk.token_ids:
-            if stream.first_token_at is None:
-                stream.first_token_at = now
-                node_metrics.TTFT.observe(now - stream.received_at)
-            elif stream.last_chunk_at is not None:
-                node_metrics.ITL.observe(now - stream.last_chunk_at)
-            stream.last_chunk_at = now
-            node_metrics.TOKENS_OUT.inc(len(chunk.token_ids))
-        finish = chunk.finish_reason
-        error = None
-        if finish == "cancelled" and stream.ending in ("deadline_exceeded", "shutdown"):
-            finish = "error" if stream.ending == "deadline_exceeded" else "shutdown"
-            if stream.ending == "deadline_exceeded":
-                error = _deadline_error(stream)
-        elif finish == "error":
-            code = chunk.error_code or "engine_error"
-            error = ErrorInfo(
-                code=code, message=chunk.error_message, retryable=ERROR_CODES.get(code, False)
-            )
-        out = StreamChunk(
-            request_id=chunk.request_id,
-            index=stream.index,
-            token_ids=chunk.token_ids,
-            text=chunk.text,
-            finish_reason=finish,  # type: ignore[arg-type]
-            error=error,
-            usage=chunk.usage,
-            logprobs=chunk.logprobs,
-        )
-        if finish is None:
-            self._publish(stream, out)
-        else:
-            self._end_stream(chunk.request_id, out)
+        _observe(progress)
+        self._publish(progress.stream.reply, progress.data)
+        if progress.ended is not None:
+            self._after_end(progress.ended.request_id)
 
     def _on_cancel(self, data: bytes) -> None:
         try:
             cancel = decode_json(data, CancelRequest)
         except DecodeError:
             return  # another node's business to complain; ours only if we know the id
-        stream = self._streams.get(cancel.request_id)
-        if stream is not None and not stream.ending:
-            stream.ending = "cancelled"
+        if self.table.stopping(cancel.request_id, "cancelled"):
             self._abort_in_engine(cancel.request_id, "cancelled")
 
     def _on_resume(self, message: IncomingResume) -> None:
@@ -422,18 +354,15 @@ class HandlerActor(SupervisedActor):
             asked = decode_json(message.data, ResumeRequest)
         except DecodeError:
             return  # not ours to answer: nobody knows who should
-        self._prune_ended()
-        stream = self._streams.get(asked.request_id)
-        if stream is not None:
-            sent, ended = stream.sent, False
-        else:
-            kept = self._ended.get(asked.request_id)
-            if kept is None:
-                return  # another handler's or node's, or forgotten: the client hears silence
-            sent, ended = kept.sent, True
+        try:
+            chunks, ended = self.table.resume(
+                asked.request_id, asked.from_index, self.context.clock.now()
+            )
+        except KeyError:
+            return  # another handler's or node's, or forgotten: the client hears silence
         answer = {
             "request_id": asked.request_id,
-            "chunks": [msgspec.Raw(chunk) for chunk in sent[asked.from_index :]],
+            "chunks": [msgspec.Raw(chunk) for chunk in chunks],
             "ended": ended,
         }
         node_metrics.RESUMES.labels("ended" if ended else "running").inc()
@@ -441,135 +370,76 @@ class HandlerActor(SupervisedActor):
             "stream resumed",
             request_id=asked.request_id,
             from_index=asked.from_index,
-            chunks=len(sent) - min(asked.from_index, len(sent)),
+            chunks=len(chunks),
             ended=ended,
         )
         assert self.link is not None
         self.link.publish(message.reply, msgspec.json.encode(answer))
 
-    def _keep_ended(self, request_id: str, sent: list[bytes]) -> None:
-        kept = _Ended(self.context.clock.now(), sent, sum(len(chunk) for chunk in sent))
-        self._ended[request_id] = kept
-        self._ended_bytes += kept.size
-        self._prune_ended()
+    # --- carrying out the core's decisions -------------------------------------------------
 
-    def _prune_ended(self) -> None:
-        now = self.context.clock.now()
-        while self._ended:
-            oldest = next(iter(self._ended.values()))
-            expired = now - oldest.ended_at > self.limits.resume_window
-            if not expired and self._ended_bytes <= self.limits.resume_buffer_bytes:
-                break
-            self._ended_bytes -= self._ended.popitem(last=False)[1].size
+    def _end(self, request_id: str, chunk: StreamChunk) -> None:
+        ended = self.table.end(request_id, chunk, self.context.clock.now())
+        _count_end(ended.outcome, ended.seconds, ended.usage)
+        self._publish(ended.reply, ended.data)
+        self._after_end(request_id)
 
-    def _on_deadline(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None or stream.ending:
-            return
-        stream.ending = "deadline_exceeded"
-        self._abort_in_engine(request_id, "deadline_exceeded")
-        stream.timers.append(self._later(_DEADLINE_GRACE, Tick(f"deadline_grace:{request_id}")))
+    def _after_end(self, request_id: str) -> None:
+        for timer in self._timers.pop(request_id, []):
+            timer.cancel()
+        if self._draining and not self.table:
+            self.exit(Shutdown(detail="drained"))
 
-    def _on_deadline_grace(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:  # the engine did not end it in time: end it here
-            self._end_stream(
-                request_id,
-                StreamChunk(
-                    request_id, stream.index, finish_reason="error", error=_deadline_error(stream)
-                ),
-            )
-
-    def _on_drain_deadline(self) -> None:
-        if self._streams:
-            self.log.warning(
-                "drain timeout: ending the rest with shutdown", remaining=len(self._streams)
-            )
-        for request_id in list(self._streams):
-            self._abort_in_engine(request_id, "shutdown")
-            self._end_stream(
-                request_id,
-                StreamChunk(request_id, self._streams[request_id].index, finish_reason="shutdown"),
-            )
-        self.exit(Shutdown(detail="drained"))
-
-    # --- helpers --------------------------------------------------------------------------
+    def _stream_timer(self, request_id: str, delay: float, message: Any) -> None:
+        self._timers.setdefault(request_id, []).append(self.send_after(delay, message))
 
     def _abort_in_engine(self, request_id: str, reason: str) -> None:
         engine = whereis(self.engine_path)
         if engine is not None:
             engine.tell(AbortGenerate(request_id, reason))
 
-    def _publish(self, stream: _Stream, chunk: StreamChunk) -> None:
+    def _publish(self, reply: str, data: bytes) -> None:
         assert self.link is not None
-        data = encode_json(chunk)
         if self._outbox is not None:
-            self._outbox.append((stream.reply, data, ""))
+            self._outbox.append((reply, data, ""))
         else:
-            self.link.publish(stream.reply, data)
-        stream.sent.append(data)
-        stream.index += 1
-
-    def _end_stream(
-        self, request_id: str, chunk: StreamChunk, vectors: list[list[float]] | None = None
-    ) -> None:
-        stream = self._streams.pop(request_id)
-        for timer in stream.timers:
-            timer.cancel()
-        if isinstance(stream.request, EmbedRequest):
-            error = chunk.error
-            if error is None and chunk.finish_reason not in ("stop", "length"):
-                why = f"the request ended: {chunk.finish_reason}"
-                error = ErrorInfo(
-                    code="not_ready" if chunk.finish_reason == "shutdown" else "engine_error",
-                    message=why,
-                )
-            answer = EmbedResponse(
-                request_id=request_id, embeddings=vectors or [], usage=chunk.usage, error=error
-            )
-            assert self.link is not None
-            self.link.publish(stream.reply, encode_json(answer))
-        else:
-            self._publish(stream, chunk)
-            self._keep_ended(request_id, stream.sent)
-        outcome = chunk.error.code if chunk.error else (chunk.finish_reason or "unknown")
-        node_metrics.REQUESTS.labels(outcome).inc()
-        node_metrics.E2E.observe(self.context.clock.now() - stream.received_at)
-        if chunk.usage is not None:
-            node_metrics.TOKENS_IN.inc(chunk.usage.prompt_tokens)
-            node_metrics.CACHED_TOKENS.inc(chunk.usage.cached_tokens)
-        if self._draining and not self._streams:
-            self.exit(Shutdown(detail="drained"))
+            self.link.publish(reply, data)
 
     def _reject(
-        self, reply: str, request_id: str, code: str, message: str, field_name: str = ""
+        self, reply: str, request_id: str, code: ErrorCode, message: str, field_name: str = ""
     ) -> None:
         node_metrics.REQUESTS.labels(code).inc()
-        assert self.link is not None
         data = encode_json(error_chunk(request_id, 0, code, message, field_name))
-        self.link.publish(reply, data)
-        if request_id and request_id not in self._streams and request_id not in self._ended:
-            self._keep_ended(request_id, [data])
+        self._publish(reply, data)
+        self.table.refused(request_id, data, self.context.clock.now())
 
-    def _later(self, delay: float, tick: Tick) -> Timer:
-        ref = self.actor_ref
-
-        def fire() -> None:
-            if ref.is_alive():
-                ref.tell(tick)
-
-        return self.context.clock.call_later(delay, fire)
+    def _reject_embed(
+        self, reply: str, request_id: str, code: ErrorCode, message: str, field_name: str = ""
+    ) -> None:
+        node_metrics.REQUESTS.labels(code).inc()
+        error = error_info(code, message, field_name)
+        self._publish(reply, encode_json(EmbedResponse(request_id=request_id, error=error)))
 
 
-def _deadline_error(stream: _Stream) -> ErrorInfo:
-    timeout = stream.request.timeout
-    return ErrorInfo(
-        code="deadline_exceeded",
-        message=f"the request did not finish within its timeout ({timeout:g}s)"
-        if timeout
-        else "the request did not finish within the default deadline",
-        retryable=False,
-    )
+def _observe(progress: Progress) -> None:
+    """The node's metrics for one engine output."""
+    if progress.ttft is not None:
+        node_metrics.TTFT.observe(progress.ttft)
+    if progress.itl is not None:
+        node_metrics.ITL.observe(progress.itl)
+    if progress.tokens:
+        node_metrics.TOKENS_OUT.inc(progress.tokens)
+    if progress.ended is not None:
+        ended = progress.ended
+        _count_end(ended.outcome, ended.seconds, ended.usage)
+
+
+def _count_end(outcome: str, seconds: float, usage: Any) -> None:
+    node_metrics.REQUESTS.labels(outcome).inc()
+    node_metrics.E2E.observe(seconds)
+    if usage is not None:
+        node_metrics.TOKENS_IN.inc(usage.prompt_tokens)
+        node_metrics.CACHED_TOKENS.inc(usage.cached_tokens)
 
 
 def _limit_problem(request: GenerateRequest, limits: HandlersSection) -> tuple[str, str] | None:

@@ -9,7 +9,7 @@ gets exactly one chunk, with `finish_reason = "error"` and an `error`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -21,7 +21,9 @@ __all__ = [
     "ChatMessage",
     "EmbedRequest",
     "EmbedResponse",
+    "ErrorCode",
     "ErrorInfo",
+    "FinishReason",
     "GenerateRequest",
     "OutputOptions",
     "ResumeReply",
@@ -32,6 +34,7 @@ __all__ = [
     "TokenLogprob",
     "Usage",
     "error_chunk",
+    "error_info",
 ]
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
@@ -42,19 +45,33 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 FinishReason = Literal["stop", "length", "cancelled", "shutdown", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "shutdown", "error")
 
-# Stable error codes (README: "Error codes"). `retryable` says whether the same request
-# may succeed if sent again (on this node later, or on another node).
-ERROR_CODES: dict[str, bool] = {
-    "invalid_request": False,  # the request is malformed or breaks a limit; see `field`
-    "overloaded": True,  # the node is at max_inflight; try another node or later
-    "too_many_streams": True,  # this client_id has max_streams_per_client streams open
-    "engine_restarting": True,  # the engine died or is (re)starting; in-flight work is lost
-    "engine_error": False,  # the engine refused or failed this request
-    "deadline_exceeded": False,  # the request's timeout ran out
-    "not_ready": True,  # the node is starting or stopping
-    "internal": False,  # a bug; the node logs it with the request id
-    "stream_lost": True,  # chunks were lost in transit and no node holds them any more
+ErrorCode = Literal[
+    "invalid_request",  # the request is malformed or breaks a limit; see `field`
+    "overloaded",  # the node is at max_inflight; try another node or later
+    "too_many_streams",  # this client_id has max_streams_per_client streams open
+    "engine_restarting",  # the engine died or is (re)starting; in-flight work is lost
+    "engine_error",  # the engine refused or failed this request
+    "deadline_exceeded",  # the request's timeout ran out
+    "not_ready",  # the node is starting or stopping
+    "internal",  # a bug; the node logs it with the request id
+    "stream_lost",  # made by a client: chunks were lost and no node holds them any more
+    "node_lost",  # made by the frontend: the node serving the stream is gone
+]
+# Stable error codes (README: "Error codes") and whether each is retryable: whether the
+# same request may succeed if sent again (on this node later, or on another node).
+ERROR_CODES: dict[ErrorCode, bool] = {
+    "invalid_request": False,
+    "overloaded": True,
+    "too_many_streams": True,
+    "engine_restarting": True,
+    "engine_error": False,
+    "deadline_exceeded": False,
+    "not_ready": True,
+    "internal": False,
+    "stream_lost": True,
+    "node_lost": True,
 }
+assert set(ERROR_CODES) == set(get_args(ErrorCode)), "every ErrorCode says if it is retryable"
 
 
 class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -243,15 +260,18 @@ class ResumeReply(_Wire, frozen=True):
     ended: bool = False
 
 
+def error_info(code: ErrorCode, message: str, field: str = "") -> ErrorInfo:
+    """The error of a stream that ends in `code` (retryable as `ERROR_CODES` says)."""
+    return ErrorInfo(code=code, message=message, retryable=ERROR_CODES[code], field=field)
+
+
 def error_chunk(
-    request_id: str, index: int, code: str, message: str, field: str = ""
+    request_id: str, index: int, code: ErrorCode, message: str, field: str = ""
 ) -> StreamChunk:
     """The terminal chunk for a request that ends in error `code`."""
     return StreamChunk(
         request_id=request_id,
         index=index,
         finish_reason="error",
-        error=ErrorInfo(
-            code=code, message=message, retryable=ERROR_CODES.get(code, False), field=field
-        ),
+        error=error_info(code, message, field),
     )

@@ -131,7 +131,7 @@ class SupervisedActor(pykka.ThreadingActor):
     def send_after(self, delay: float, message: Any) -> Timer:
         """Tell this actor `message` after `delay` seconds of the context's clock (Erlang's
         `erlang:send_after`). The timer is cancelled when the actor exits."""
-        return self._timer(delay, message, repeat=False)
+        return self._new_actor_timer(delay, message, repeat=False)
 
     def send_every(self, interval: float, message: Any) -> Timer:
         """Tell this actor `message` every `interval` seconds of the context's clock, the
@@ -140,9 +140,9 @@ class SupervisedActor(pykka.ThreadingActor):
         if interval <= 0:
             msg = f"send_every needs a positive interval, got {interval!r}"
             raise ValueError(msg)
-        return self._timer(interval, message, repeat=True)
+        return self._new_actor_timer(interval, message, repeat=True)
 
-    def _timer(self, delay: float, message: Any, repeat: bool) -> Timer:
+    def _new_actor_timer(self, delay: float, message: Any, repeat: bool) -> Timer:
         timer = _ActorTimer(self, delay, message, repeat)
         with self._send_timers_lock:
             if self._exited:
