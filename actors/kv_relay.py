@@ -34,6 +34,7 @@ import zmq
 
 from actors.faults.zmq_faults import ZmqFaults
 from actors.kv.replay import fetch_replay
+from actors.kv.sequence import SequenceTracker, consecutive_from_zero
 from actors.nats.link import NatsLink
 from actors.telemetry import node_metrics
 from messages.chaos import ChaosZmq
@@ -48,7 +49,6 @@ __all__ = ["KvRelayActor", "stream_name"]
 
 T = TypeVar("T")
 
-_RECENT = 10_000  # sequence numbers remembered to skip batches already published
 _DRAIN_MAX = 256  # ZMQ messages taken per turn of the reader before other loop work runs
 
 
@@ -97,20 +97,15 @@ class KvRelayActor(SupervisedActor):
         self.subject = settings.subject
         self.link: NatsLink | None = None
         self.info: EngineInfo | None = None
-        self.last_seq: int | None = None
-        self.gaps = 0
+        self.tracker = SequenceTracker()
         self._zmq = zmq.Context()
         self._sub = self._zmq.socket(zmq.SUB)
         self._halt = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False  # the reader is registered on the loop (touched on the loop only)
         self._label = str(dp_rank)
-        self._dropped_seen = 0
         self.faults = ZmqFaults()
         self.replay_endpoint: str | None = None
-        # (seq, hash of the payload) of recent batches, in a ring indexed by seq: a batch that
-        # comes again (by replay too) is recognised and skipped
-        self._recent: list[tuple[int, int] | None] = [None] * _RECENT
         self._batches_metric = node_metrics.KV_BATCHES.labels(self._label)
         self._event_metrics: dict[type[Any], Any] = {}
         self._batches_seen = 0
@@ -129,8 +124,7 @@ class KvRelayActor(SupervisedActor):
         self._sub.connect(endpoint)
         if self.durable_max_age is not None:
             self._ensure_stream(self.durable_max_age)
-        self._dropped_seen = self.link.dropped
-        self._resync(Resync(reason="relay_start"))
+        self._resync(self.tracker.start(self.link.dropped))
         if self.info.kv_replay_endpoints:
             self.replay_endpoint = self.info.kv_replay_endpoints[self.dp_rank]
             self._catch_up()
@@ -287,32 +281,25 @@ class KvRelayActor(SupervisedActor):
             self.log.warning("undecodable kv event message dropped", error=str(exc))
             return True
         assert self.link is not None
-        last = self.last_seq
-        if (
-            last is not None
-            and seq <= last
-            and self._recent[seq % _RECENT] == (seq, hash(frames[2]))
-        ):
-            return True  # already published (it came by replay too)
-        if not blocking and last is not None and seq > last + 1 and self.replay_endpoint:
+        can_replay = self.replay_endpoint is not None
+        verdict = self.tracker.check(seq, hash(frames[2]), self.link.dropped, can_replay, blocking)
+        if verdict.skip:
+            return True
+        if verdict.wait:
             return False
-        if self.link.dropped != self._dropped_seen:
-            # Publishes were lost while NATS was away: subscribers' views are stale.
-            self._dropped_seen = self.link.dropped
-            self._resync(Resync(reason="gap", gaps_total=self.gaps))
-        if last is not None and seq > last + 1:
-            self.gaps += 1
+        if verdict.lost is not None:
+            self._resync(verdict.lost)
+        if verdict.fill is not None:
+            start, end = verdict.fill
             node_metrics.KV_GAPS.labels(self._label).inc()
-            if self._fill_gap(last + 1, seq):
-                self.log.info("kv event gap filled by replay", start=last + 1, end=seq - 1)
+            if self._fill_gap(start, end):
+                self.log.info("kv event gap filled by replay", start=start, end=end - 1)
             else:
-                self.log.warning("kv event sequence gap", expected=last + 1, got=seq)
-                self._resync(
-                    Resync(reason="gap", missed_batches=seq - last - 1, gaps_total=self.gaps)
-                )
-        elif last is not None and seq <= last:
-            self.log.warning("kv event publisher restarted", last=last, got=seq)
-            self._resync(Resync(reason="publisher_restart", gaps_total=self.gaps))
+                self.log.warning("kv event sequence gap", expected=start, got=end)
+                self._resync(self.tracker.unfilled(start, end))
+        if verdict.restart is not None:
+            self.log.warning("kv event publisher restarted", last=self.tracker.last_seq, got=seq)
+            self._resync(verdict.restart)
         self._publish(seq, batch.ts, batch.events, frames[2])
         return True
 
@@ -322,8 +309,7 @@ class KvRelayActor(SupervisedActor):
             instance_id=self.instance_id, dp_rank=self.dp_rank, seq=seq, ts=ts, events=events
         )
         self._send(encode_json(out))
-        self.last_seq = seq
-        self._recent[seq % _RECENT] = (seq, hash(payload))
+        self.tracker.published(seq, hash(payload))
         # Counted here, added to the metrics once per turn of the reader (`_count`): a
         # Prometheus counter takes a lock per increment.
         self._batches_seen += 1
@@ -374,18 +360,17 @@ class KvRelayActor(SupervisedActor):
     def _catch_up(self) -> None:
         """At start: replay the publisher's history from 0 if it still holds all of it, so
         subscribers rebuild the engine's cache exactly instead of starting blind."""
-        batches = self._replayed(0)
-        if not batches or batches[0][0] != 0:
+        batches = self._replayed(0) or []
+        usable = consecutive_from_zero([seq for seq, _ in batches])
+        if not usable:
             return
-        for expected, (seq, payload) in enumerate(batches):
-            if seq != expected:
-                return  # a hole: keep the resync (the view under-reports, never lies)
+        for seq, payload in batches[:usable]:  # up to a hole: the resync stands for the rest
             try:
                 batch = decode_sglang_batch(payload)
             except DecodeError:
                 return
             self._publish(seq, batch.ts, batch.events, payload)
-        self.log.info("caught up from the replay buffer", batches=len(batches))
+        self.log.info("caught up from the replay buffer", batches=usable, held=len(batches))
 
     def _resync(self, why: Resync) -> None:
         assert self.link is not None
