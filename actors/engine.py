@@ -18,6 +18,15 @@ from typing import Any
 
 import zmq
 
+from actors.engine_state.admission import InflightTable
+from actors.engine_state.health import (
+    CanaryFailed,
+    CanaryOk,
+    Decision,
+    Health,
+    SendCanary,
+    Unhealthy,
+)
 from actors.telemetry import node_metrics
 from messages.chaos import ChaosFailProbes
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
@@ -42,7 +51,6 @@ from messages.node import (
     GetEngineStatus,
     SubmitEmbed,
     SubmitGenerate,
-    Tick,
 )
 from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, StopConditions
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, whereis
@@ -64,12 +72,9 @@ class EngineUnhealthyError(RuntimeError):
     """The engine failed its canaries or stopped making progress."""
 
 
-@dataclass
-class _Inflight:
-    reply_path: str
-    submitted: float
-    last_progress: float
-    client_id: str = ""
+@dataclass(frozen=True)
+class _HealthTick:
+    """Time for the periodic health check."""
 
 
 class EngineActor(SupervisedActor):
@@ -77,43 +82,30 @@ class EngineActor(SupervisedActor):
 
     def __init__(self, context: ChildContext, settings: EngineSettings) -> None:
         super().__init__(context)
+        self.settings = settings
         self.mode = settings.mode
-        self.warmup_timeout = settings.warmup_timeout
-        max_streams_per_client = settings.max_streams_per_client
-        command_endpoint, output_endpoint = settings.command_endpoint, settings.output_endpoint
-        health, max_inflight = settings.health, settings.max_inflight
         self._warmup: tuple[threading.Event, list[HostChunk]] = (threading.Event(), [])
-        self.max_streams_per_client = max_streams_per_client
-        self._per_client: dict[str, int] = {}
-        self.command_endpoint = command_endpoint
-        self.output_endpoint = output_endpoint
-        self.health = health
-        self.max_inflight = max_inflight
         self.info: EngineInfo | None = None
         self._zmq = zmq.Context()
         self._commands = self._zmq.socket(zmq.PUSH)
         self._outputs = self._zmq.socket(zmq.PULL)
-        self._inflight: dict[str, _Inflight] = {}
-        self._lock = threading.Lock()  # inflight is shared with the reader thread
+        # The in-flight table is shared with the reader thread: touched under the lock.
+        self._inflight = InflightTable(settings.max_inflight, settings.max_streams_per_client)
+        self._lock = threading.Lock()
+        self.health = Health(settings.health, context.clock.now())
         self._pending: dict[int, Future[HostControlReply]] = {}
         self._op_ids = itertools.count(1)
         self._halt = threading.Event()
         self._reader: threading.Thread | None = None
-        self._ticker: threading.Thread | None = None
-        self._last_activity = time.monotonic()
-        self._canary: tuple[str, float] | None = None
         self._canary_count = itertools.count(1)
-        self._failures = 0
-        self._status_detail = ""
-        self._inject_canary_failures = 0
 
     # --- start and stop ------------------------------------------------------------------
 
     def on_start_up(self) -> None:
         self._commands.setsockopt(zmq.SNDHWM, 0)
         self._commands.setsockopt(zmq.LINGER, 0)
-        self._commands.connect(self.command_endpoint)
-        self._outputs.connect(self.output_endpoint)
+        self._commands.connect(self.settings.command_endpoint)
+        self._outputs.connect(self.settings.output_endpoint)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
         reply = self._handshake()
@@ -123,8 +115,7 @@ class EngineActor(SupervisedActor):
         self.info = EngineInfo(**reply.data)
         if self.mode == "prefill":
             self._warm_up()
-        self._ticker = threading.Thread(target=self._tick, name="engine-health", daemon=True)
-        self._ticker.start()
+        self.send_every(1.0, _HealthTick())
         self.log.info(
             "engine connected",
             backend=self.info.backend,
@@ -137,20 +128,21 @@ class EngineActor(SupervisedActor):
         """Ask the host for its info, again every second until it answers: our two
         connections come up in either order, and an answer sent before the output one is
         up finds no peer and is dropped (the host never blocks on a missing reader)."""
-        deadline = time.monotonic() + INFO_TIMEOUT
+        clock = self.context.clock
+        deadline = clock.now() + INFO_TIMEOUT
         while True:
             op_id = next(self._op_ids)
             future: Future[HostControlReply] = Future()
             self._pending[op_id] = future
             self._send(HostControl(op_id=op_id, op="info", args={}))
             try:
-                return future.result(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                return future.result(timeout=max(0.0, min(1.0, deadline - clock.now())))
             except TimeoutError:
                 self._pending.pop(op_id, None)
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 msg = (
-                    f"the engine host at {self.command_endpoint} did not answer 'info' within "
-                    f"{INFO_TIMEOUT:g}s although it printed ready"
+                    f"the engine host at {self.settings.command_endpoint} did not answer "
+                    f"'info' within {INFO_TIMEOUT:g}s although it printed ready"
                 )
                 raise TimeoutError(msg)
 
@@ -168,16 +160,18 @@ class EngineActor(SupervisedActor):
     def _warm_up(self) -> None:
         """Prefill nodes serve only after a short request through a fake bootstrap."""
         done, chunks = self._warmup
-        started = time.monotonic()
+        started = self.context.clock.now()
+        timeout = self.settings.warmup_timeout
         self._send(self._probe(f"{_WARMUP_PREFIX}{time.time_ns()}"))
-        if not done.wait(self.warmup_timeout):
-            msg = f"the prefill warm-up did not finish within {self.warmup_timeout:g}s"
+        if not done.wait(timeout):
+            msg = f"the prefill warm-up did not finish within {timeout:g}s"
             raise TimeoutError(msg)
         last = chunks[-1]
         if last.finish_reason not in ("stop", "length"):
             msg = f"the prefill warm-up failed: {last.error_code} {last.error_message}"
             raise RuntimeError(msg)
-        self.log.info("prefill warm-up done", seconds=round(time.monotonic() - started, 3))
+        seconds = round(self.context.clock.now() - started, 3)
+        self.log.info("prefill warm-up done", seconds=seconds)
 
     def _probe(self, request_id: str) -> HostGenerate | HostEmbed:
         """A one-token request in this mode's shape (canaries and the warm-up)."""
@@ -199,8 +193,7 @@ class EngineActor(SupervisedActor):
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
         with self._lock:
-            inflight, self._inflight = self._inflight, {}
-            self._per_client.clear()
+            inflight = self._inflight.take_all()
         why = f"the engine stopped ({reason.describe()}); it restarts by policy, retry"
         for request_id, entry in inflight.items():
             self._deliver(
@@ -241,21 +234,21 @@ class EngineActor(SupervisedActor):
                 with self._lock:
                     inflight = len(self._inflight)
                 return EngineStatus(
-                    healthy=self._failures < self.health.failures_before_unhealthy,
+                    healthy=self.health.healthy,
                     inflight=inflight,
-                    consecutive_probe_failures=self._failures,
-                    detail=self._status_detail,
+                    consecutive_probe_failures=self.health.failures,
+                    detail=self.health.detail,
                 )
             case EngineControl(op=op, args=args):
                 return self._control(op, args)  # a Future: the caller waits, not this actor
-            case Tick(kind="health"):
+            case _HealthTick():
                 self._check_health()
             case EngineOutput(chunk=chunk):
                 self._canary_done(chunk)
             case ChaosFailProbes(count=count):
-                self._inject_canary_failures += count
-                if self._canary is None:
-                    self._send_canary(time.monotonic())
+                self.health.inject_failures(count)
+                if self.health.canary is None:
+                    self._send_canary()
                 return True, f"the next {count} canaries fail"
             case _:
                 return super().handle(message)
@@ -284,22 +277,20 @@ class EngineActor(SupervisedActor):
 
     def _admit(self, request_id: str, client: str, reply_path: str) -> bool:
         """Enter a request in the table, or answer its refusal at once."""
-        now = time.monotonic()
+        now = self.context.clock.now()
         with self._lock:
-            refusal = self._refusal(request_id, client)
-            if refusal is None:
-                self._inflight[request_id] = _Inflight(reply_path, now, now, client)
-                if client:
-                    self._per_client[client] = self._per_client.get(client, 0) + 1
-                node_metrics.INFLIGHT.set(len(self._inflight))
+            refusal = self._inflight.admit(request_id, client, reply_path, now)
+            node_metrics.INFLIGHT.set(len(self._inflight))
         if refusal is not None:
-            code, text = refusal
             chunk = HostChunk(
-                request_id, finish_reason="error", error_code=code, error_message=text
+                request_id,
+                finish_reason="error",
+                error_code=refusal.code,
+                error_message=refusal.message,
             )
             self._deliver(reply_path, chunk)
             return False
-        self._last_activity = now
+        self.health.active(now)
         return True
 
     def _submit_embed(self, message: SubmitEmbed) -> None:
@@ -313,34 +304,6 @@ class EngineActor(SupervisedActor):
                     max_prompt_tokens=message.max_prompt_tokens,
                 )
             )
-
-    def _refusal(self, request_id: str, client: str) -> tuple[str, str] | None:
-        """Why a request cannot be admitted now (code, message), or None. Under the lock."""
-        if request_id in self._inflight:
-            return "invalid_request", f"request_id {request_id!r} is already in flight"
-        if len(self._inflight) >= self.max_inflight:
-            return (
-                "overloaded",
-                f"the node has {self.max_inflight} requests in flight (handlers.max_inflight)",
-            )
-        limit = self.max_streams_per_client
-        if client and limit and self._per_client.get(client, 0) >= limit:
-            return "too_many_streams", (
-                f"client {client!r} has {limit} streams open (handlers.max_streams_per_client)"
-            )
-        return None
-
-    def _forget(self, request_id: str) -> _Inflight | None:
-        """Drop a finished request from the table. Under the lock."""
-        entry = self._inflight.pop(request_id, None)
-        if entry is not None and entry.client_id:
-            left = self._per_client.get(entry.client_id, 1) - 1
-            if left > 0:
-                self._per_client[entry.client_id] = left
-            else:
-                self._per_client.pop(entry.client_id, None)
-        node_metrics.INFLIGHT.set(len(self._inflight))
-        return entry
 
     # --- the channel ----------------------------------------------------------------------
 
@@ -384,8 +347,8 @@ class EngineActor(SupervisedActor):
 
     def _route(self, chunks: list[HostChunk]) -> None:
         """Hand chunks to the handlers that asked for them: one message per handler."""
-        now = time.monotonic()
-        self._last_activity = now
+        now = self.context.clock.now()
+        self.health.active(now)
         by_handler: dict[str, list[HostChunk]] = {}
         with self._lock:
             for chunk in chunks:
@@ -397,13 +360,12 @@ class EngineActor(SupervisedActor):
                 if chunk.request_id.startswith(_CANARY_PREFIX):
                     self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
                     continue
-                entry = self._inflight.get(chunk.request_id)
+                finished = chunk.finish_reason is not None
+                entry = self._inflight.progress(chunk.request_id, now, finished)
                 if entry is None:
                     continue  # already failed (engine restart) or unknown
-                entry.last_progress = now
-                if chunk.finish_reason is not None:
-                    self._forget(chunk.request_id)
                 by_handler.setdefault(entry.reply_path, []).append(chunk)
+            node_metrics.INFLIGHT.set(len(self._inflight))
         for reply_path, batch in by_handler.items():
             handler = whereis(reply_path)
             if handler is not None:
@@ -416,65 +378,45 @@ class EngineActor(SupervisedActor):
 
     # --- health ---------------------------------------------------------------------------
 
-    def _tick(self) -> None:
-        while not self._halt.wait(1.0):
-            self.actor_ref.tell(Tick("health"))
-
     def _check_health(self) -> None:
-        now = time.monotonic()
+        now = self.context.clock.now()
         with self._lock:
-            stalled = [
-                rid
-                for rid, entry in self._inflight.items()
-                if now - entry.last_progress > self.health.stall_timeout
-            ]
+            stalled = len(self._inflight.stalled(now, self.settings.health.stall_timeout))
             busy = bool(self._inflight)
-        if stalled:
-            self._status_detail = (
-                f"{len(stalled)} requests made no progress in {self.health.stall_timeout:g}s"
-            )
-            raise EngineUnhealthyError(f"engine stalled: {self._status_detail}")
-        if self._canary is not None:
-            request_id, sent = self._canary
-            if now - sent > self.health.canary_timeout:
-                self._canary = None
-                self._send(HostAbort(request_id))
-                self._canary_failed(f"canary got no answer within {self.health.canary_timeout:g}s")
-            return
-        if self.info is not None and not self.info.accepts_requests:
-            return  # a follower of a multi-node engine: the leader's canaries cover it
-        if not busy and now - self._last_activity >= self.health.canary_after_idle:
-            self._send_canary(now)
+        wanted = self.info is None or self.info.accepts_requests
+        self._carry_out(self.health.tick(now, stalled, busy, canaries_wanted=wanted))
 
-    def _send_canary(self, now: float) -> None:
+    def _send_canary(self) -> None:
         request_id = f"{_CANARY_PREFIX}{next(self._canary_count)}-{time.time_ns()}"
-        self._canary = (request_id, now)
+        self.health.canary_sent(request_id, self.context.clock.now())
         self._send(self._probe(request_id))
 
     def _canary_done(self, chunk: HostChunk) -> None:
-        if chunk.finish_reason is None:
-            return
-        self._canary = None
-        if self._inject_canary_failures > 0:
-            self._inject_canary_failures -= 1
-            self._canary_failed("injected canary failure (fault injection)")
-            if self._inject_canary_failures > 0:
-                self._send_canary(time.monotonic())
-            return
-        if chunk.finish_reason in ("stop", "length"):
-            node_metrics.CANARIES.labels("ok").inc()
-            if self._failures:
-                self.log.info("engine healthy again", after_failures=self._failures)
-            self._failures = 0
-            self._status_detail = ""
-        else:
-            self._canary_failed(f"canary ended {chunk.finish_reason}: {chunk.error_message}")
+        if chunk.finish_reason is not None:
+            self._carry_out(self.health.canary_ended(chunk.finish_reason, chunk.error_message))
 
-    def _canary_failed(self, why: str) -> None:
-        self._failures += 1
-        node_metrics.CANARIES.labels("failed").inc()
-        self._status_detail = why
-        self.log.warning("engine canary failed", failures=self._failures, why=why)
-        if self._failures >= self.health.failures_before_unhealthy:
-            msg = f"engine unhealthy after {self._failures} failed canaries: {why}"
-            raise EngineUnhealthyError(msg)
+    def _carry_out(self, decision: Decision) -> None:
+        """Do what the health core decided."""
+        match decision:
+            case SendCanary():
+                self._send_canary()
+            case CanaryOk(after_failures=after):
+                node_metrics.CANARIES.labels("ok").inc()
+                if after:
+                    self.log.info("engine healthy again", after_failures=after)
+            case CanaryFailed():
+                node_metrics.CANARIES.labels("failed").inc()
+                self.log.warning(
+                    "engine canary failed", failures=decision.failures, why=decision.why
+                )
+                if decision.abort:
+                    self._send(HostAbort(decision.abort))
+                if decision.fatal:
+                    msg = f"engine unhealthy after {decision.failures} failed canaries: "
+                    raise EngineUnhealthyError(msg + decision.why)
+                if decision.again:
+                    self._send_canary()
+            case Unhealthy(why=why):
+                raise EngineUnhealthyError(why)
+            case None:
+                pass
