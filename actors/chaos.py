@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from messages.chaos import (
     InjectFault,
 )
 from messages.engine import HostControlReply
-from messages.node import EngineControl, Tick
+from messages.node import EngineControl
 from supervisor.core import (
     ChildContext,
     ChildInfo,
@@ -71,6 +72,33 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Scheduled:
+    """The configured fault `index` is due."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class _Continue:
+    """A stopped (SIGSTOP) process's time is up: SIGCONT it."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class _NetworkFault:
+    """Cut the NATS connection or kill the server now (after the admin answer went out)."""
+
+    kind: str  # cut_nats | restart_nats
+    duration: float
+
+
+@dataclass(frozen=True)
+class _Unslow:
+    """A slowed engine's time is up: back to its own speed."""
+
+
 class ChaosActor(SupervisedActor):
     """Injects faults; see the module docstring."""
 
@@ -88,34 +116,27 @@ class ChaosActor(SupervisedActor):
             self.log.warning("fault injection schedule armed", faults=len(self.faults))
 
     def _schedule(self, index: int, delay: float) -> None:
-        ref = self.actor_ref
-
-        def fire() -> None:
-            if ref.is_alive():
-                ref.tell(Tick(f"fault:{index}"))
-
-        self.context.clock.call_later(delay, fire)
+        self.send_after(delay, _Scheduled(index))
 
     def handle(self, message: Any) -> Any:
         match message:
             case InjectFault(fault=fault):
                 return self.inject(fault)
-            case Tick(kind=kind) if kind.startswith("fault:"):
-                index = int(kind.split(":", 1)[1])
+            case _Scheduled(index=index):
                 fault = self.faults[index]
                 self.inject(fault)
                 if fault.every > 0:
                     jitter = self.random.uniform(-fault.jitter, fault.jitter)
                     self._schedule(index, max(0.0, fault.every + jitter))
                 return None
-            case Tick(kind=kind) if kind.startswith("sigcont:"):
+            case _Continue(pid=pid):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(kind.split(":", 1)[1]), signal.SIGCONT)
+                    os.kill(pid, signal.SIGCONT)
                 return None
-            case Tick(kind=kind) if kind.startswith("network:"):
-                self._network_fault(*kind.split(":")[1:])
+            case _NetworkFault(kind=kind, duration=duration):
+                self._network_fault(kind, duration)
                 return None
-            case Tick(kind="unslow"):
+            case _Unslow():
                 self._engine_control("slow", {"factor": 1.0})
                 return None
         return super().handle(message)
@@ -157,7 +178,7 @@ class ChaosActor(SupervisedActor):
             return self._engine_control("reset_sequence", {"dp_rank": fault.rank})
         if kind in ("cut_nats", "restart_nats"):
             # After a moment, so the answer to the admin request still gets out.
-            self._later(_NETWORK_FAULT_DELAY, Tick(f"network:{kind}:{fault.duration}"))
+            self.send_after(_NETWORK_FAULT_DELAY, _NetworkFault(kind, fault.duration))
             return True, f"{kind} in {_NETWORK_FAULT_DELAY:g}s"
         if kind == "fail_probes":
             probes: tuple[bool, str] = ask(
@@ -167,14 +188,14 @@ class ChaosActor(SupervisedActor):
         if kind == "slow_engine":
             ok, what = self._engine_control("slow", {"factor": fault.factor})
             if ok and fault.duration > 0:
-                self._later(fault.duration, Tick("unslow"))
+                self.send_after(fault.duration, _Unslow())
             return ok, what
         return False, f"unknown fault {kind}"
 
-    def _network_fault(self, what: str, duration: str) -> None:
+    def _network_fault(self, what: str, duration: float) -> None:
         try:
             if what == "cut_nats":
-                cut = ChaosCutNats(float(duration))
+                cut = ChaosCutNats(duration)
                 ok, detail = ask(f"{self.root}/core/fabric", cut, _ASK)
             else:
                 pid = self._pid(self.root, "nats_server")
@@ -192,7 +213,7 @@ class ChaosActor(SupervisedActor):
             return True, f"kill -9 of the engine host (pid {pid})"
         if fault.fault == "stop_engine_host":
             os.kill(pid, signal.SIGSTOP)
-            self._later(fault.duration, Tick(f"sigcont:{pid}"))
+            self.send_after(fault.duration, _Continue(pid))
             return True, f"SIGSTOP of the engine host (pid {pid}) for {fault.duration:g}s"
         pids = scheduler_pids(pid)
         if not pids:
@@ -216,7 +237,3 @@ class ChaosActor(SupervisedActor):
 
     def _path(self, target: str) -> str:
         return target if target.startswith(f"{self.root}/") else f"{self.root}/{target}"
-
-    def _later(self, delay: float, tick: Tick) -> None:
-        ref = self.actor_ref
-        self.context.clock.call_later(delay, lambda: ref.tell(tick) if ref.is_alive() else None)

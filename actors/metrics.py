@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -22,11 +23,16 @@ from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
 from messages.engine import EngineInfo
 from messages.metrics import LoadMetrics, SchedulerMetrics, decode_scheduler_metrics
-from messages.node import GetEngineInfo, GetLink, Tick
+from messages.node import GetEngineInfo, GetLink
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
 from supervisor.plan import MetricsSettings
 
 __all__ = ["MetricsActor"]
+
+
+@dataclass(frozen=True)
+class _Publish:
+    """Time to publish the load metrics."""
 
 
 class MetricsActor(SupervisedActor):
@@ -68,9 +74,7 @@ class MetricsActor(SupervisedActor):
             )
             thread.start()
             self._threads.append(thread)
-        ticker = threading.Thread(target=self._tick, name="metrics-tick", daemon=True)
-        ticker.start()
-        self._threads.append(ticker)
+        self.send_every(self.interval, _Publish())
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
@@ -82,7 +86,7 @@ class MetricsActor(SupervisedActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case Tick(kind="publish"):
+            case _Publish():
                 self._publish()
                 return None
             case ChaosZmq():
@@ -108,11 +112,7 @@ class MetricsActor(SupervisedActor):
                 continue
             node_metrics.SCHEDULER_SAMPLES.labels(str(rank)).inc()
             with self._lock:
-                self._latest[rank] = (sample, time.monotonic())
-
-    def _tick(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.actor_ref.tell(Tick("publish"))
+                self._latest[rank] = (sample, self.context.clock.now())
 
     def _publish(self) -> None:
         assert self.info is not None
@@ -123,7 +123,7 @@ class MetricsActor(SupervisedActor):
                 latest = self._latest.get(rank)
             sample, received = latest if latest else (SchedulerMetrics(), 0.0)
             stale = latest is None or received <= self._published_at.get(rank, -1.0)
-            self._published_at[rank] = time.monotonic()
+            self._published_at[rank] = self.context.clock.now()
             load = LoadMetrics(
                 instance_id=self.instance_id,
                 dp_rank=rank,

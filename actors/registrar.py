@@ -14,24 +14,29 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from actors.discovery.lease import Action, Lease
 from actors.nats.link import NatsLink
 from actors.telemetry import node_metrics
 from messages.codec import encode_json
 from messages.discovery import InstanceRecord, ModelCard
 from messages.engine import EngineInfo
 from messages.node import (
+    DeregisterAdapter,
+    EngineReleased,
+    EngineResumed,
     GetEngineInfo,
     GetLink,
     GetRegistration,
     LinkChanged,
+    RegisterAdapter,
     RegistrationStatus,
-    Tick,
 )
 from supervisor.core import (
     ChildContext,
@@ -57,6 +62,21 @@ def instance_key(namespace: str, component: str, endpoint: str, instance_id: str
     return f"{namespace}.{component}.{endpoint}.{instance_id}"
 
 
+@dataclass(frozen=True)
+class _Heartbeat:
+    """Time to renew the lease."""
+
+
+@dataclass(frozen=True)
+class _EngineDown:
+    """The engine subtree went down (seen on the supervision event bus)."""
+
+
+@dataclass(frozen=True)
+class _EngineUp:
+    """The engine subtree is ready again."""
+
+
 class RegistrarActor(SupervisedActor):
     """Registers the instance; see the module docstring."""
 
@@ -78,15 +98,10 @@ class RegistrarActor(SupervisedActor):
         self.key = instance_key(self.namespace, self.component, self.endpoint, self.instance_id)
         self.link: NatsLink | None = None
         self.kv: KeyValue | None = None
-        self.registered = False
-        self.engine_up = True
+        self.lease = Lease()
         self.started_at = time.time()
-        self._halt = threading.Event()
         self._unsubscribe_bus: Any = None
         self._tree_subscription: Any = None
-        self._write_failures = 0
-        self.released = False  # the engine released its memory (admin): not in discovery
-        self.adapters: set[str] = set()
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -99,17 +114,16 @@ class RegistrarActor(SupervisedActor):
         )
         self._unsubscribe_bus = self.context.bus.subscribe(self._on_supervision_event)
         self._tree_subscription = self.link.subscribe(self.subjects.tree, self._on_tree_request)
-        self._register()
-        threading.Thread(target=self._heartbeat, name="registrar-heartbeat", daemon=True).start()
+        self._put("register")
+        self.send_every(self.discovery.heartbeat, _Heartbeat())
 
     def on_shutdown(self, request: StopRequest) -> None:
         self._deregister(f"stopping: {request.reason}")
 
     def on_exit(self, reason: ExitReason) -> None:
-        self._halt.set()
         if self._unsubscribe_bus is not None:
             self._unsubscribe_bus()
-        if self.registered:  # a crash: withdraw rather than leave a record that lies
+        if self.lease.registered:  # a crash: withdraw rather than leave a record that lies
             self._deregister(f"registrar exiting: {reason.describe()}")
         if self.link is not None and self._tree_subscription is not None:
             self.link.unsubscribe(self._tree_subscription)
@@ -118,52 +132,46 @@ class RegistrarActor(SupervisedActor):
     # --- messages -----------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
+        lease = self.lease
         match message:
             case GetRegistration():
-                return RegistrationStatus(self.registered, self.instance_id, self.key)
-            case Tick(kind="heartbeat"):
-                if self.registered:
-                    self._put("heartbeat")
-            case Tick(kind="engine_down"):
-                self.engine_up = False
-                self._deregister("the engine subtree is down")
-            case Tick(kind="engine_up"):
-                self.engine_up = True
-                if not self.released:
-                    self._register()
-            case Tick(kind="engine_released"):
-                self.released = True
-                self._deregister("the engine released its memory (admin)")
-            case Tick(kind="engine_resumed"):
-                self.released = False
-                if self.engine_up:
-                    self._register()
-            case Tick(kind=kind) if kind.startswith("lora_register:"):
-                return self._adapter(kind.split(":", 1)[1], add=True)
-            case Tick(kind=kind) if kind.startswith("lora_deregister:"):
-                return self._adapter(kind.split(":", 1)[1], add=False)
+                return RegistrationStatus(lease.registered, self.instance_id, self.key)
+            case _Heartbeat():
+                self._carry_out(lease.heartbeat(), "heartbeat")
+            case _EngineDown():
+                self._carry_out(lease.engine_down(), "the engine subtree is down")
+            case _EngineUp():
+                self._carry_out(lease.engine_back(), "the engine subtree is back")
+            case EngineReleased():
+                self._carry_out(lease.memory_released(), "the engine released its memory (admin)")
+            case EngineResumed():
+                self._carry_out(lease.memory_resumed(), "the engine resumed its memory")
+            case RegisterAdapter(name=name):
+                return self._adapter(name, add=True)
+            case DeregisterAdapter(name=name):
+                return self._adapter(name, add=False)
             case LinkChanged(event="reconnected"):
-                if self.engine_up and not self.released:
-                    self._register()
+                self._carry_out(lease.reconnected(), "reconnected")
             case LinkChanged():
                 pass
             case _:
                 return super().handle(message)
         return None
 
+    def _carry_out(self, action: Action, why: str) -> None:
+        if action == "write":
+            self._put(why)
+        elif action == "delete":
+            self._deregister(why)
+
     def _on_supervision_event(self, event: SupervisionEvent) -> None:
         # Runs on a supervisor's thread: only hand it on.
         if event.supervisor != self.engine_supervisor_path or not self.actor_ref.is_alive():
             return
-        if isinstance(event, ChildExitedEvent) and self.engine_up:
-            self.actor_ref.tell(Tick("engine_down"))
+        if isinstance(event, ChildExitedEvent) and self.lease.engine_up:
+            self.actor_ref.tell(_EngineDown())
         elif isinstance(event, ChildReadyEvent) and event.child_id == self.engine_last_child:
-            self.actor_ref.tell(Tick("engine_up"))
-
-    def _heartbeat(self) -> None:
-        while not self._halt.wait(self.discovery.heartbeat):
-            if self.actor_ref.is_alive():
-                self.actor_ref.tell(Tick("heartbeat"))
+            self.actor_ref.tell(_EngineUp())
 
     # --- the record ---------------------------------------------------------------------
 
@@ -220,10 +228,6 @@ class RegistrarActor(SupervisedActor):
 
         return link.call(open_bucket, timeout=10)
 
-    def _register(self) -> None:
-        record = encode_json(self._record())
-        self._put("register", record)
-
     def _kv_put(self, kv: KeyValue, key: str, data: bytes) -> None:
         assert self.link is not None
 
@@ -255,61 +259,58 @@ class RegistrarActor(SupervisedActor):
         try:
             kv = self.kv or self._bucket()
             if add:
-                self.adapters.add(name)
-                if self.registered:
+                self.lease.adapters.add(name)
+                if self.lease.registered:
                     self._kv_put(
                         kv, self._adapter_key(name), self._adapter_record(self._record(), name)
                     )
             else:
-                self.adapters.discard(name)
+                self.lease.adapters.discard(name)
                 self._kv_delete(kv, self._adapter_key(name))
         except Exception as exc:  # noqa: BLE001 - the caller rolls back
             if add:
-                self.adapters.discard(name)
+                self.lease.adapters.discard(name)
             return f"{type(exc).__name__}: {exc}"
         self.log.info("lora adapter " + ("registered" if add else "deregistered"), adapter=name)
         return True
 
-    def _put(self, why: str, value: bytes | None = None) -> None:
+    def _put(self, why: str) -> None:
         assert self.link is not None
         try:
             if self.kv is None:
                 self.kv = self._bucket()
             kv = self.kv
             record = self._record()
-            data = value if value is not None else encode_json(record)
+            data = encode_json(record)
             self.link.call(lambda: kv.put(self.key, data), timeout=5)
-            for name in sorted(self.adapters):  # each adapter's card lives as long as the base
+            for name in sorted(self.lease.adapters):  # an adapter's card lives with the base
                 self._kv_put(kv, self._adapter_key(name), self._adapter_record(record, name))
         except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
             self.kv = None  # the bucket may be gone (server restart): open it again
-            self._write_failures += 1
+            self.lease.write_failed()
             self.log.warning(
                 "registration write failed; retrying at the next heartbeat",
                 why=why,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return
-        if not self.registered:
+        failures = self.lease.write_failures
+        outcome = self.lease.written()
+        if outcome == "registered":
             self.log.info("registered", key=self.key, bucket=self.discovery.bucket)
-        elif self._write_failures:
-            self.log.info(
-                "registration restored", key=self.key, after_failures=self._write_failures
-            )
-        self._write_failures = 0
-        self.registered = True
+        elif outcome == "restored":
+            self.log.info("registration restored", key=self.key, after_failures=failures)
         node_metrics.REGISTERED.set(1)
 
     def _deregister(self, why: str) -> None:
-        if not self.registered:
+        if not self.lease.deleting():
             return
-        self.registered = False
         node_metrics.REGISTERED.set(0)
         assert self.link is not None
         try:
             kv = self.kv or self._bucket()
             self.link.call(lambda: kv.delete(self.key), timeout=5)
-            for name in sorted(self.adapters):
+            for name in sorted(self.lease.adapters):
                 self._kv_delete(kv, self._adapter_key(name))
             self.log.info("deregistered", key=self.key, why=why)
         except Exception as exc:  # noqa: BLE001 - the lease ends it anyway

@@ -11,9 +11,12 @@ from messages.request import EmbedRequest, GenerateRequest
 
 __all__ = [
     "AbortGenerate",
+    "DeregisterAdapter",
     "EngineControl",
     "EngineOutput",
     "EngineOutputs",
+    "EngineReleased",
+    "EngineResumed",
     "EngineStatus",
     "FrontendFailed",
     "GetEngineInfo",
@@ -25,10 +28,10 @@ __all__ = [
     "IncomingRequest",
     "IncomingResume",
     "LinkChanged",
+    "RegisterAdapter",
     "RegistrationStatus",
     "SubmitEmbed",
     "SubmitGenerate",
-    "Tick",
 ]
 
 
@@ -40,12 +43,6 @@ class LinkChanged(msgspec.Struct, frozen=True):
     """The NATS connection was lost or came back."""
 
     event: str  # disconnected | reconnected | closed
-
-
-class Tick(msgspec.Struct, frozen=True):
-    """A periodic wake-up an actor sends itself (heartbeat, publish interval, probe)."""
-
-    kind: str = ""
 
 
 class IncomingRequest(msgspec.Struct, frozen=True):
@@ -130,6 +127,27 @@ class EngineControl(msgspec.Struct, frozen=True):
     op: str
     args: dict[str, Any] = {}
     timeout: float = 30.0
+
+
+class EngineReleased(msgspec.Struct, frozen=True):
+    """Admin → RegistrarActor: the engine released its memory; withdraw the instance."""
+
+
+class EngineResumed(msgspec.Struct, frozen=True):
+    """Admin → RegistrarActor: the engine resumed its memory; list the instance again."""
+
+
+class RegisterAdapter(msgspec.Struct, frozen=True):
+    """Admin → RegistrarActor (ask): a LoRA adapter was loaded; register its model card.
+    The answer is True, or why it failed."""
+
+    name: str
+
+
+class DeregisterAdapter(msgspec.Struct, frozen=True):
+    """Admin → RegistrarActor (ask): a LoRA adapter was unloaded; remove its card."""
+
+    name: str
 
 
 class GetRegistration(msgspec.Struct, frozen=True):

@@ -17,7 +17,13 @@ import msgspec
 
 from messages.chaos import AdminReply, Fault, InjectFault
 from messages.engine import HostControlReply
-from messages.node import EngineControl, Tick
+from messages.node import (
+    DeregisterAdapter,
+    EngineControl,
+    EngineReleased,
+    EngineResumed,
+    RegisterAdapter,
+)
 from supervisor.core import WhichChildren, ask, whereis
 
 __all__ = ["ENGINE_OPS", "AdminOps"]
@@ -89,20 +95,18 @@ class AdminOps:
             )
         result = self._control(op, args)
         if result.ok and op in ("release_memory", "resume_memory"):
-            self._tell_registrar(
-                Tick("engine_released" if op == "release_memory" else "engine_resumed")
-            )
+            self._tell_registrar(EngineReleased() if op == "release_memory" else EngineResumed())
         if result.ok and op == "lora_load":
-            registered = self._ask_registrar(Tick(f"lora_register:{args.get('name', '')}"))
+            registered = self._ask_registrar(RegisterAdapter(name))
             if registered is not True:  # roll back: an adapter nobody can find is no use
-                self._control("lora_unload", {"name": args.get("name", "")})
+                self._control("lora_unload", {"name": name})
                 return AdminReply(
                     ok=False,
                     error="failed",
                     message=f"adapter loaded but not registered ({registered}); unloaded again",
                 )
         if result.ok and op == "lora_unload":
-            self._ask_registrar(Tick(f"lora_deregister:{args.get('name', '')}"))
+            self._ask_registrar(DeregisterAdapter(name))
         return AdminReply(
             ok=result.ok,
             message=result.message,
@@ -114,10 +118,10 @@ class AdminOps:
         future: Future[HostControlReply] = ask(self.engine, EngineControl(op, args), 5)
         return future.result(timeout=_ENGINE_TIMEOUT)
 
-    def _tell_registrar(self, tick: Tick) -> None:
+    def _tell_registrar(self, message: EngineReleased | EngineResumed) -> None:
         ref = whereis(self.registrar)
         if ref is not None:
-            ref.tell(tick)
+            ref.tell(message)
 
-    def _ask_registrar(self, tick: Tick) -> Any:
-        return ask(self.registrar, tick, timeout=15)
+    def _ask_registrar(self, message: RegisterAdapter | DeregisterAdapter) -> Any:
+        return ask(self.registrar, message, timeout=15)

@@ -1,0 +1,1 @@
+"""Discovery: the instance lease the RegistrarActor keeps (`lease`, its pure core)."""
