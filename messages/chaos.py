@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from messages.engine import EngineOp
+
 __all__ = [
     "FAULT_KINDS",
     "AdminReply",
@@ -77,24 +79,7 @@ class ChaosFailProbes(msgspec.Struct, frozen=True):
 
 # --- the admin subject ---------------------------------------------------------------------
 
-AdminOp = Literal[
-    "chaos",
-    "tree",
-    "stats",
-    "kv_view",
-    "flush_cache",
-    "release_memory",
-    "resume_memory",
-    "update_weights",
-    "update_weight_version",
-    "start_profile",
-    "stop_profile",
-    "lora_load",
-    "lora_unload",
-    "lora_list",
-    "session_open",
-    "session_close",
-]
+AdminOp = Literal[EngineOp, "chaos", "tree"]
 
 
 class AdminRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -6,7 +6,7 @@ come back on a PUSH→PULL socket from it. Both ends decode into these types.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -22,7 +22,10 @@ from messages.request import (
 
 __all__ = [
     "CONTROL_OPS",
+    "ENGINE_OPS",
+    "ControlOp",
     "EngineInfo",
+    "EngineOp",
     "HostAbort",
     "HostChunk",
     "HostChunks",
@@ -37,9 +40,9 @@ __all__ = [
     "PeerWelcome",
 ]
 
-ControlOp = Literal[
-    "info",
-    "probe",
+# The engine operations an operator may run (admin subject, `/engine/<op>`): the one list
+# every other list of ops derives from.
+EngineOp = Literal[
     "stats",
     "kv_view",  # the block ids each DP rank holds (sim)
     "flush_cache",
@@ -54,11 +57,18 @@ ControlOp = Literal[
     "session_close",  # args: session_id
     "start_profile",
     "stop_profile",
+]
+# ... and those only the node itself sends to its engine host.
+ControlOp = Literal[
+    EngineOp,
+    "info",
+    "probe",
     "slow",  # sim: scale the timing model (fault injection)
     "reset_sequence",  # sim: restart a rank's KV event sequence (fault injection)
     "chaos",
 ]
-CONTROL_OPS: tuple[str, ...] = ControlOp.__args__  # type: ignore[attr-defined]
+ENGINE_OPS: tuple[str, ...] = get_args(EngineOp)
+CONTROL_OPS: tuple[str, ...] = get_args(ControlOp)
 
 
 class _Cmd(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):

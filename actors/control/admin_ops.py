@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from messages.chaos import AdminReply, Fault, InjectFault
-from messages.engine import HostControlReply
+from messages.engine import ENGINE_OPS, HostControlReply
 from messages.node import (
     DeregisterAdapter,
     EngineControl,
@@ -26,24 +26,8 @@ from messages.node import (
 )
 from supervisor.core import WhichChildren, ask, whereis
 
-__all__ = ["ENGINE_OPS", "AdminOps"]
+__all__ = ["AdminOps"]
 
-ENGINE_OPS = (
-    "stats",
-    "kv_view",
-    "flush_cache",
-    "release_memory",
-    "resume_memory",
-    "update_weights",
-    "update_weight_version",
-    "start_profile",
-    "stop_profile",
-    "lora_load",
-    "lora_unload",
-    "lora_list",
-    "session_open",
-    "session_close",
-)
 _ENGINE_TIMEOUT = 600.0
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
