@@ -285,15 +285,7 @@ def plan_node(
         supervision=config.supervision,
         leader=leader,
         local_dp_ranks=ranks,
-        fabric=FabricSettings(
-            servers=servers,
-            client_name=f"sgl-node-{instance_id}",
-            connect_timeout=nats.connect_timeout,
-            pending_size=nats.reconnect_buffer_bytes,
-            auth=nats.auth,
-            cut_proxy=config.chaos.enabled,
-            resume_delay=nats.resume_delay,
-        ),
+        fabric=_fabric(config, servers, instance_id),
         engine=_engine_settings(config, host_spec),
         metrics=MetricsSettings(
             fabric=paths.fabric,
@@ -324,6 +316,19 @@ def plan_node(
             if config.chaos.enabled
             else None
         ),
+    )
+
+
+def _fabric(config: NodeConfig, servers: list[str], instance_id: str) -> FabricSettings:
+    nats = config.nats
+    return FabricSettings(
+        servers=servers,
+        client_name=f"sgl-node-{instance_id}",
+        connect_timeout=nats.connect_timeout,
+        pending_size=nats.reconnect_buffer_bytes,
+        auth=nats.auth,
+        cut_proxy=config.chaos.enabled,
+        resume_delay=nats.resume_delay,
     )
 
 

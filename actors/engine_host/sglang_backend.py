@@ -91,9 +91,8 @@ class SglangBackend:
 
     # --- life cycle (main thread) ----------------------------------------------------------
 
-    def start(self) -> None:
-        """Resolve the model, start the Engine and read its facts; raises
-        `SglangArgsError` for a bad `engine.sglang` table."""
+    def _prepare_environment(self) -> None:
+        """What SGLang (and the children it spawns) must find in the environment."""
         spec = self.spec
         if is_cpu(spec):
             os.environ[CPU_ENV] = "1"  # inherited by SGLang's children
@@ -102,21 +101,27 @@ class SglangBackend:
             # its NCCL loader at nothing disables them; the groups use gloo.
             os.environ.setdefault("SGLANG_NCCL_SO_PATH", NO_NCCL)
             prepare_cpu_process()
+            if "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+                # without it, more ranks than NUMA nodes assert on the CPU
+                bind = cpu_threads_bind(local_engine_ranks(spec), always=spec.nnodes > 1)
+                if bind is not None:
+                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
         if self.follower:
             # SGLang's Engine blocks forever on a non-zero node rank unless told not to; it
             # then returns with the schedulers running and no tokenizer manager.
             os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"
+        os.environ[METRICS_ENV] = json.dumps(spec.metrics_endpoints[: spec.dp_size])
+
+    def start(self) -> None:
+        """Resolve the model, start the Engine and read its facts; raises
+        `SglangArgsError` for a bad `engine.sglang` table."""
+        spec = self.spec
+        self._prepare_environment()
         cache_dir = spec.model_cache_dir or None
         model_dir = resolve_model_path(spec.model_path, cache_dir, progress=self.log.info)
         self.model_dir = model_dir
         model_name = spec.served_model_name or model_dir.name
         kwargs = engine_kwargs(spec, model_dir, model_name)
-        if is_cpu(spec) and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
-            # without it, more ranks than NUMA nodes assert on the CPU
-            bind = cpu_threads_bind(local_engine_ranks(spec), always=spec.nnodes > 1)
-            if bind is not None:
-                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = bind
-        os.environ[METRICS_ENV] = json.dumps(spec.metrics_endpoints[: spec.dp_size])
 
         import sglang
         from sglang.srt.entrypoints import engine as engine_module

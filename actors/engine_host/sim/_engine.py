@@ -94,6 +94,35 @@ class _ForwardedMetrics:
         pass
 
 
+def _check_arguments(
+    sim: SimSection,
+    dp_size: int,
+    page_size: int,
+    kv_events_port: int,
+    replay_port: int | None,
+    metrics_endpoints: list[str],
+) -> None:
+    """Refuse arguments the engine cannot run with (ValueError naming them)."""
+    if dp_size < 1 or page_size < 1:
+        raise ValueError(f"dp_size and page_size must be >= 1, got {dp_size}, {page_size}")
+    if metrics_endpoints and len(metrics_endpoints) != dp_size:
+        raise ValueError(
+            f"metrics_endpoints: expected {dp_size} (one per DP rank) or none, "
+            f"got {len(metrics_endpoints)}"
+        )
+    if sim.vocab_size < SimTokenizer.vocab_floor:
+        raise ValueError(
+            f"sim.vocab_size must be >= {SimTokenizer.vocab_floor} for the byte "
+            f"tokenizer, got {sim.vocab_size}"
+        )
+    ports = range(kv_events_port, kv_events_port + dp_size)
+    if replay_port is not None and set(ports) & set(range(replay_port, replay_port + dp_size)):
+        raise ValueError(
+            f"replay ports {replay_port}..{replay_port + dp_size - 1} overlap the KV "
+            f"event ports {ports.start}..{ports.stop - 1}"
+        )
+
+
 class SimEngine:
     """A simulated SGLang engine with DP ranks; see the package docstring."""
 
@@ -117,24 +146,8 @@ class SimEngine:
         self.mode = mode
         self.multinode = multinode
         self.transfer_seconds_per_token = transfer_seconds_per_token
-        if dp_size < 1 or page_size < 1:
-            raise ValueError(f"dp_size and page_size must be >= 1, got {dp_size}, {page_size}")
-        if metrics_endpoints and len(metrics_endpoints) != dp_size:
-            raise ValueError(
-                f"metrics_endpoints: expected {dp_size} (one per DP rank) or none, "
-                f"got {len(metrics_endpoints)}"
-            )
-        if sim.vocab_size < SimTokenizer.vocab_floor:
-            raise ValueError(
-                f"sim.vocab_size must be >= {SimTokenizer.vocab_floor} for the byte "
-                f"tokenizer, got {sim.vocab_size}"
-            )
+        _check_arguments(sim, dp_size, page_size, kv_events_port, replay_port, metrics_endpoints)
         ports = range(kv_events_port, kv_events_port + dp_size)
-        if replay_port is not None and set(ports) & set(range(replay_port, replay_port + dp_size)):
-            raise ValueError(
-                f"replay ports {replay_port}..{replay_port + dp_size - 1} overlap the KV "
-                f"event ports {ports.start}..{ports.stop - 1}"
-            )
         self.sim = sim
         self.dp_size = dp_size
         self.page_size = page_size
@@ -163,18 +176,22 @@ class SimEngine:
         self._lock = threading.Lock()
         self._live: dict[str, RankScheduler] = {}
         self._arrivals = itertools.count()
+        self._state = "new"  # new -> running -> closed
+        self._init_control_state()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._publishers: dict[int, KvEventPublisher] = {}  # by global rank (local ones)
+        self._ranks: list[RankScheduler] = []  # the local ranks
+        self._by_rank: dict[int, RankScheduler] = {}
+        self._closed = threading.Event()
+
+    def _init_control_state(self) -> None:
+        """What the control ops change: memory, speed, weights, adapters, sessions."""
         self._released = False
         self._slow = 1.0
         self._weight_version = ""
         self._adapters: dict[str, str] = {}
         self._sessions: set[str] = set()
         self._profiling = False
-        self._state = "new"  # new -> running -> closed
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._publishers: dict[int, KvEventPublisher] = {}  # by global rank (local ones)
-        self._ranks: list[RankScheduler] = []  # the local ranks
-        self._by_rank: dict[int, RankScheduler] = {}
-        self._closed = threading.Event()
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -527,25 +544,9 @@ class SimEngine:
             case "lora_load" | "lora_unload" | "lora_list":
                 return self._lora(op, args)
             case "start_profile" | "stop_profile":
-                on = op == "start_profile"
-                if on == self._profiling:
-                    return False, f"the profiler is already {'running' if on else 'stopped'}", {}
-                self._profiling = on
-                return (
-                    True,
-                    f"profiler {'started' if on else 'stopped'} (the sim records nothing)",
-                    {},
-                )
-            case "session_open":
-                session = secrets.token_hex(8)
-                self._sessions.add(session)
-                return True, "session opened", {"session_id": session}
-            case "session_close":
-                session = str(args.get("session_id", ""))
-                if session not in self._sessions:
-                    return False, f"no open session {session!r}", {}
-                self._sessions.discard(session)
-                return True, "session closed", {}
+                return self._profile(on=op == "start_profile")
+            case "session_open" | "session_close":
+                return self._session(op, str(args.get("session_id", "")))
             case "flush_cache":
                 return self._flush(release=False)
             case "release_memory":
@@ -557,14 +558,32 @@ class SimEngine:
             case "slow":
                 return self._set_slow(args.get("factor"))
             case "reset_sequence":
-                rank = args.get("dp_rank")
-                if not isinstance(rank, int) or rank not in self._publishers:
-                    return False, f"reset_sequence: no DP rank {rank!r} on this node", {}
-                self._publishers[rank].reset_sequence()
-                self._by_rank[rank].republish()  # a restarted publisher announces its cache
-                return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
+                return self._reset_sequence(args.get("dp_rank"))
             case _:
                 return False, f"unknown op {op!r} for the sim backend", {}
+
+    def _profile(self, on: bool) -> tuple[bool, str, dict[str, Any]]:
+        if on == self._profiling:
+            return False, f"the profiler is already {'running' if on else 'stopped'}", {}
+        self._profiling = on
+        return True, f"profiler {'started' if on else 'stopped'} (the sim records nothing)", {}
+
+    def _session(self, op: str, session: str) -> tuple[bool, str, dict[str, Any]]:
+        if op == "session_open":
+            session = secrets.token_hex(8)
+            self._sessions.add(session)
+            return True, "session opened", {"session_id": session}
+        if session not in self._sessions:
+            return False, f"no open session {session!r}", {}
+        self._sessions.discard(session)
+        return True, "session closed", {}
+
+    def _reset_sequence(self, rank: object) -> tuple[bool, str, dict[str, Any]]:
+        if not isinstance(rank, int) or rank not in self._publishers:
+            return False, f"reset_sequence: no DP rank {rank!r} on this node", {}
+        self._publishers[rank].reset_sequence()
+        self._by_rank[rank].republish()  # a restarted publisher announces its cache
+        return True, f"KV event sequence of DP rank {rank} restarts at 0", {}
 
     def _lora(self, op: str, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
         name = str(args.get("name", ""))
