@@ -10,7 +10,13 @@ import msgspec
 
 from messages.codec import DecodeError
 
-__all__ = ["LoadMetrics", "SchedulerMetrics", "decode_scheduler_metrics"]
+__all__ = [
+    "KV_METRICS_MODULE",
+    "KvMetrics",
+    "LoadMetrics",
+    "SchedulerMetrics",
+    "decode_scheduler_metrics",
+]
 
 
 class SchedulerMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,13 +48,16 @@ class LoadMetrics(msgspec.Struct, frozen=True):
     stale: bool = False  # no scheduler sample since the last interval
 
 
-# SGLang pickles `KvMetrics` (a msgspec Struct) over its metrics socket. We never unpickle
-# arbitrary classes: only msgspec's rebuild helper and that one class, mapped to a local
-# mirror, are allowed; anything else is refused.
-_SGLANG_KV_METRICS = ("sglang.srt.managers.scheduler_components.kv_events_publisher", "KvMetrics")
+# SGLang pickles `KvMetrics` (a msgspec Struct) over its metrics socket, named by its
+# module. We never unpickle arbitrary classes: only msgspec's rebuild helper and that one
+# class, mapped to `KvMetrics` below, are allowed; anything else is refused.
+KV_METRICS_MODULE = "sglang.srt.managers.scheduler_components.kv_events_publisher"
 
 
-class _KvMetricsMirror(msgspec.Struct, kw_only=True):
+class KvMetrics(msgspec.Struct, tag=True, kw_only=True, array_like=True):
+    """SGLang 0.5.23's `KvMetrics` (kv_events_publisher.py:31), field for field and with
+    its struct options: what the scheduler pickles (the sim sends exactly this)."""
+
     request_active_slots: int = 0
     request_total_slots: int = 0
     kv_active_blocks: int = 0
@@ -59,10 +68,13 @@ class _KvMetricsMirror(msgspec.Struct, kw_only=True):
     data_parallel_rank: int = 0
 
 
+KvMetrics.__module__ = KV_METRICS_MODULE
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == _SGLANG_KV_METRICS:
-            return _KvMetricsMirror
+        if (module, name) == (KV_METRICS_MODULE, "KvMetrics"):
+            return KvMetrics
         if (module, name) == ("msgspec._utils", "rebuild"):
             from msgspec import _utils
 
@@ -77,7 +89,7 @@ def decode_scheduler_metrics(data: bytes) -> SchedulerMetrics:
     try:
         if data[:1] == b"\x80":  # a pickle protocol marker
             obj = _RestrictedUnpickler(io.BytesIO(data)).load()
-            if not isinstance(obj, _KvMetricsMirror):
+            if not isinstance(obj, KvMetrics):
                 raise DecodeError("KvMetrics", "", f"unexpected object {type(obj).__name__}")
             return msgspec.convert(msgspec.structs.asdict(obj), SchedulerMetrics)
         raw = msgspec.msgpack.decode(data)

@@ -22,6 +22,7 @@ import zmq
 from actors.engine_host.sim import END_SEQ, KV_METRICS_MODULE, SimEngine
 from messages.engine import HostChunk, HostOutput
 from messages.kv import SglangEventBatch, decode_sglang_batch
+from messages.metrics import KvMetrics
 from supervisor.chaos import free_ports
 from supervisor.config import SimSection
 
@@ -170,33 +171,20 @@ class KvSubscriber:
         self.socket.close()
 
 
-class WireKvMetrics(msgspec.Struct, tag=True, kw_only=True, array_like=True):
-    """The consumer side's copy of SGLang's KvMetrics (no sglang import)."""
-
-    request_active_slots: int = 0
-    request_total_slots: int = 0
-    kv_active_blocks: int = 0
-    kv_total_blocks: int = 0
-    num_requests_waiting: int = 0
-    gpu_cache_usage_perc: float = 0.0
-    gpu_prefix_cache_hit_rate: float = 0.0
-    data_parallel_rank: int = 0
-
-
 class RestrictedUnpickler(pickle.Unpickler):
     """Loads KvMetrics pickles and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == (KV_METRICS_MODULE, "KvMetrics"):
-            return WireKvMetrics
+            return KvMetrics
         if (module, name) == ("msgspec._utils", "rebuild"):
             return msgspec._utils.rebuild  # type: ignore[attr-defined]
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
 
 
-def load_kv_metrics(data: bytes) -> WireKvMetrics:
+def load_kv_metrics(data: bytes) -> KvMetrics:
     obj = RestrictedUnpickler(io.BytesIO(data)).load()
-    assert isinstance(obj, WireKvMetrics)
+    assert isinstance(obj, KvMetrics)
     return obj
 
 

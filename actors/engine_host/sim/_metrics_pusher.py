@@ -4,7 +4,8 @@ SGLang sends `socket.send_pyobj(KvMetrics(...), protocol=pickle.HIGHEST_PROTOCOL
 msgspec Struct pickles as `msgspec._utils.rebuild(cls, {field: value})`, and the class is
 written by module and qualified name, so the bytes name
 `sglang.srt.managers.scheduler_components.kv_events_publisher.KvMetrics`. The `KvMetrics`
-here has the identical definition. Pickle would import its module to check that name
+of messages/metrics.py has the identical definition. Pickle would import its module to
+check that name
 (and `__import__` of a dotted name loads the top-level `sglang` package, slow and heavy),
 so `_KvMetricsPickler` writes that one global by name instead, exactly as the standard
 pickler writes a global at protocol 4+, and touches neither `sys.modules` nor sglang.
@@ -18,31 +19,13 @@ import io
 import pickle
 from typing import Any, Protocol
 
-import msgspec
 import zmq
 
-from messages.metrics import SchedulerMetrics
+from messages.metrics import KV_METRICS_MODULE, KvMetrics, SchedulerMetrics
 
 __all__ = ["KV_METRICS_MODULE", "MetricsPusher", "kv_metrics_pickle"]
 
-KV_METRICS_MODULE = "sglang.srt.managers.scheduler_components.kv_events_publisher"
 _LINGER_MS = 200  # let a last sample leave on close, but never wait long for a consumer
-
-
-class KvMetrics(msgspec.Struct, tag=True, kw_only=True, array_like=True):
-    """SGLang 0.5.23's kv_events_publisher.py:31, field for field."""
-
-    request_active_slots: int = 0
-    request_total_slots: int = 0
-    kv_active_blocks: int = 0
-    kv_total_blocks: int = 0
-    num_requests_waiting: int = 0
-    gpu_cache_usage_perc: float = 0.0
-    gpu_prefix_cache_hit_rate: float = 0.0
-    data_parallel_rank: int = 0
-
-
-KvMetrics.__module__ = KV_METRICS_MODULE
 
 
 class _KvMetricsPickler(pickle._Pickler):
