@@ -25,7 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
@@ -74,6 +74,11 @@ class ChildContext:
     notify: Notify  # delivers ChildReady / ChildExited to the parent
     bus: EventBus
     clock: Clock
+    # What this child id hands over to its next incarnation: the supervisor keeps this dict
+    # across the child's restarts (as an ETS table whose heir is the supervisor), so state
+    # that must outlive a crash is put here; it goes when the child is removed or the
+    # supervisor stops.
+    handover: dict[str, Any] = field(default_factory=dict)
 
 
 def crash_reason(exc: BaseException) -> Crash:

@@ -80,6 +80,7 @@ class _Child:
     process: ProcessChild | None = None
     backoff: BackoffState = field(default_factory=BackoffState)
     timer: Timer | None = None  # start or shutdown timeout of the current incarnation
+    handover: dict[str, Any] = field(default_factory=dict)  # kept across restarts
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ class Supervisor(SupervisedActor):
             notify=self._notify,
             bus=self.context.bus,
             clock=self.context.clock,
+            handover=child.handover,
         )
         child.timer = self._arm(spec.start_timeout, "start_timeout", (spec.id, child.generation))
         try:

@@ -1,0 +1,88 @@
+"""What a child hands over to its next incarnation (`ChildContext.handover`): kept by the
+supervisor across the child's restarts, as an ETS table whose heir is the supervisor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.core import (
+    ActorStart,
+    Backoff,
+    ChildContext,
+    ChildExitedEvent,
+    ChildReadyEvent,
+    ChildSpec,
+    SupervisedActor,
+    Supervisor,
+    SupervisorFlags,
+    whereis,
+)
+from tests.supervision.conftest import Tree
+
+FAST = SupervisorFlags(intensity=5, backoff=Backoff(initial=0.0, jitter=0.0))
+
+
+class Counter(SupervisedActor):
+    """Counts its incarnations in its handover, and remembers what it was told."""
+
+    def on_start_up(self) -> None:
+        self.context.handover["starts"] = self.context.handover.get("starts", 0) + 1
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case ("remember", value):
+                self.context.handover["value"] = value
+            case "read":
+                return dict(self.context.handover)
+            case "crash":
+                msg = "asked to crash"
+                raise ValueError(msg)
+        return None
+
+
+def _ask(path: str, message: Any) -> Any:
+    ref = whereis(path)
+    assert ref is not None
+    return ref.ask(message, timeout=5)
+
+
+def test_a_restarted_child_finds_what_its_predecessor_handed_over(
+    make_tree: Callable[..., Tree],
+) -> None:
+    tree = make_tree([ChildSpec("c", ActorStart(Counter))], FAST)
+    _ask("root/c", ("remember", "streams"))
+    ref = whereis("root/c")
+    assert ref is not None
+    ref.tell("crash")
+    tree.wait(ChildReadyEvent, "c", count=2)
+    assert _ask("root/c", "read") == {"starts": 2, "value": "streams"}
+
+
+def test_each_child_has_its_own_handover_and_a_pool_child_keeps_its_own(
+    make_tree: Callable[..., Tree],
+) -> None:
+    pool = ChildSpec(
+        "pool",
+        ActorStart(
+            Supervisor,
+            (SupervisorFlags(strategy="pool", intensity=5), [ChildSpec("w", ActorStart(Counter))]),
+            {"pool_size": 2},
+        ),
+    )
+    tree = make_tree([ChildSpec("a", ActorStart(Counter)), pool], FAST)
+    _ask("root/a", ("remember", "a's"))
+    _ask("root/pool/w-1", ("remember", "w-1's"))
+    ref = whereis("root/pool/w-1")
+    assert ref is not None
+    ref.tell("crash")
+    tree.wait(ChildExitedEvent, "w-1")
+    tree.wait(ChildReadyEvent, "w-1", count=2)
+    assert _ask("root/pool/w-1", "read") == {"starts": 2, "value": "w-1's"}
+    assert _ask("root/pool/w-2", "read") == {"starts": 1}
+    assert _ask("root/a", "read") == {"starts": 1, "value": "a's"}
+
+
+def test_a_child_context_made_by_hand_starts_with_an_empty_handover() -> None:
+    context = ChildContext("x", 0, "x", lambda _n: None, None, None)  # type: ignore[arg-type]
+    assert context.handover == {}
