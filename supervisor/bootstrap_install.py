@@ -350,7 +350,9 @@ def install_with_uv(
     """Install the locked requirements with uv, from the same sources pip would use."""
     index_args, env = uv_index_args(config, for_install=True)
     env.setdefault("UV_CACHE_DIR", os.environ.get("UV_CACHE_DIR", str(cache)))
-    args = ["--python", str(python), "--no-deps", "--require-hashes", *index_args]
+    # Not --require-hashes: uv then refuses the machine's constraint files (torch<=X is not
+    # an exact pin). Every lock entry carries its hashes, and uv checks each one it is given.
+    args = ["--python", str(python), "--no-deps", *index_args]
     for path in requirements:
         args += ["-r", str(path)]
     watch = [Path(env["UV_CACHE_DIR"])]
