@@ -17,7 +17,7 @@ from supervisor._decisions import (
 from supervisor._events import EventBus, EventRecorder
 from supervisor._metrics import SupervisionMetrics
 from supervisor._names import ask, whereis
-from supervisor._process import kill_all_process_groups, live_process_groups
+from supervisor._process import kill_all_process_groups, live_process_groups, set_output_handler
 from supervisor._root import Root, exit_code_for
 from supervisor._spec import (
     DEFAULTS,
@@ -69,6 +69,7 @@ __all__ = [
     "kill_all_process_groups",
     "live_process_groups",
     "next_backoff",
+    "set_output_handler",
     "should_restart",
     "validate_child_spec",
     "validate_flags",

@@ -15,8 +15,9 @@ from types import FrameType
 
 import structlog
 
-from supervisor._process import kill_all_process_groups
+from supervisor._process import kill_all_process_groups, set_output_handler
 from supervisor._root import Root, exit_code_for
+from supervisor.child_output import log_child_line
 from supervisor.config import ConfigError, NodeConfig, load
 from supervisor.logs import configure_logging
 from supervisor.tomlout import dumps
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
+    # Children's lines become events of their own (a child's JSON merged, not quoted).
+    set_output_handler(log_child_line)
     return serve(build(config))
 
 

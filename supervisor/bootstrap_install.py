@@ -283,7 +283,7 @@ class InstallProgress:
             placed = self._installed() - self._baseline_pkgs
             written = (_tree_bytes(self.watch) - self._baseline_bytes) / 1e9
             total = self.total if self.total is not None else self.planned - self.ignored
-            fetched = f", {self.fetched} fetched" if self.tool == "pip" and self.fetched else ""
+            fetched = f", {self.fetched} fetched" if self.step == "fetching" else ""
             self._line(
                 f"{self.step}: {max(placed, 0)}/{total} packages in place{fetched}, "
                 f"{max(written, 0):.1f} GB unpacked"
@@ -293,7 +293,7 @@ class InstallProgress:
         """Follow pip's output (``pip install --no-deps -r LOCK``)."""
         if line.startswith("Ignoring "):  # a marker that does not match this machine
             self.ignored += 1
-        elif line.startswith("Collecting "):
+        elif line.startswith(("Collecting ", "Processing ")):  # from an index / a local file
             self.fetched += 1
             self.step = "fetching"
             if self.fetched == 1 or self.fetched % 25 == 0:
@@ -315,7 +315,7 @@ class InstallProgress:
             self.total = count
             self.step = "fetching and unpacking into the cache"
         elif what == "Prepared":
-            self.step = "linking into the environment"
+            self.step = "linking into the environment and compiling bytecode"
         self._line(line)
 
 
@@ -352,7 +352,9 @@ def install_with_uv(
     env.setdefault("UV_CACHE_DIR", os.environ.get("UV_CACHE_DIR", str(cache)))
     # Not --require-hashes: uv then refuses the machine's constraint files (torch<=X is not
     # an exact pin). Every lock entry carries its hashes, and uv checks each one it is given.
-    args = ["--python", str(python), "--no-deps", *index_args]
+    # Bytecode compiled as pip does: otherwise every first import pays for it, and the
+    # comparison with pip would not be of the same environment.
+    args = ["--python", str(python), "--no-deps", "--compile-bytecode", *index_args]
     for path in requirements:
         args += ["-r", str(path)]
     watch = [Path(env["UV_CACHE_DIR"])]
