@@ -73,6 +73,8 @@ def build(config: NodeConfig) -> Root:
         generate_subject=plan.subjects.generate,
     )
     flags, children = build_node_tree(config, plan)
+    node_metrics.RESTART_INTENSITY.set(config.supervision.intensity)
+    node_metrics.RESTART_PERIOD.set(config.supervision.period)
     root = Root(ROOT_NAME, flags, children)
     SupervisionMetrics(root.bus, node_metrics.REGISTRY)
     return root
