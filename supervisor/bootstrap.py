@@ -38,7 +38,8 @@ from pathlib import Path
 
 if __package__:  # imported (tests, mypy)
     from supervisor import bootstrap_install as install
-else:  # run as a script: its own folder is on sys.path, the package is not importable yet
+else:  # run as a script: the package is not importable yet (pykka...), its sibling is
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bootstrap_install as install  # type: ignore[import-not-found,no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -218,7 +218,8 @@ def run_logged(
         code = proc.wait()
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        msg = f"{Path(cmd[0]).name} {cmd[1]} failed (exit {code}); full log: {log}\n{tail}"
+        what = " ".join([Path(cmd[0]).name, *cmd[1:4]])
+        msg = f"{what} failed (exit {code}); full log: {log}\n{tail}"
         raise InstallFailed(msg)
 
 
