@@ -57,9 +57,7 @@ class FabricActor(SupervisedActor):
         self.link.connect()
         link = self.link
         self.link.add_listener(lambda event: self.actor_ref.tell(LinkChanged(event)))
-        node_metrics.NATS_PUBLISHED.set_function(lambda: link.published)
-        node_metrics.NATS_DROPPED.set_function(lambda: link.dropped)
-        node_metrics.NATS_RECONNECTS.set_function(lambda: link.reconnects)
+        node_metrics.NATS_LINK.link = link
         self.log.info(
             "connected to nats", servers=self.servers, via_chaos_proxy=self.proxy is not None
         )
@@ -82,6 +80,7 @@ class FabricActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         if self.link is not None:
+            node_metrics.NATS_LINK.link = None  # reads as disconnected until the next one
             self.link.close()
         if self.proxy is not None:
             self.proxy.close()

@@ -15,8 +15,15 @@ from types import FrameType
 
 import structlog
 
+from supervisor.child_output import log_child_line
 from supervisor.config import ConfigError, NodeConfig, load
-from supervisor.core import Root, SupervisionMetrics, exit_code_for, kill_all_process_groups
+from supervisor.core import (
+    Root,
+    SupervisionMetrics,
+    exit_code_for,
+    kill_all_process_groups,
+    set_output_handler,
+)
 from supervisor.logs import configure_logging
 from supervisor.tomlout import dumps
 
@@ -69,6 +76,8 @@ def build(config: NodeConfig) -> Root:
         generate_subject=plan.subjects.generate,
     )
     flags, children = build_node_tree(config, plan)
+    node_metrics.RESTART_INTENSITY.set(config.supervision.intensity)
+    node_metrics.RESTART_PERIOD.set(config.supervision.period)
     root = Root(ROOT_NAME, flags, children)
     SupervisionMetrics(root.bus, node_metrics.REGISTRY, prefix="sgl_node")
     return root
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
+    # Children's lines become events of their own (a child's JSON merged, not quoted).
+    set_output_handler(log_child_line)
     try:
         root = build(config)
     except ConfigError as exc:

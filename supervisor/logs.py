@@ -15,6 +15,15 @@ import structlog
 
 __all__ = ["configure_logging"]
 
+_STAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _timestamp_unless_set(logger: Any, name: str, event_dict: Any) -> Any:
+    """Stamp the event now, unless it carries its time already (a child's merged line)."""
+    if "timestamp" in event_dict:
+        return event_dict
+    return _STAMPER(logger, name, event_dict)
+
 
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
@@ -25,7 +34,7 @@ def configure_logging(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp_unless_set,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

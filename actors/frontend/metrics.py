@@ -92,6 +92,12 @@ INFLIGHT = Gauge(
     "Requests the frontend has in flight to nodes",
     registry=REGISTRY,
 )
+MODEL_INSTANCES = Gauge(
+    "sgl_frontend_model_instances",
+    "Live instances in discovery serving each model this frontend has seen (0: none left)",
+    ["model"],
+    registry=REGISTRY,
+)
 INSTANCES = Gauge(
     "sgl_frontend_instances",
     "Live instances in discovery, by serving mode",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
@@ -59,6 +60,7 @@ class FrontendState:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Any] = []
         self._pruning: asyncio.Task[None] | None = None
+        self.models_seen: set[str] = set()  # for sgl_frontend_model_instances
 
     async def start(self) -> None:
         """Subscribe to the event plane and start watching discovery."""
@@ -136,8 +138,14 @@ class FrontendState:
     def refresh_gauges(self) -> None:
         """Set the gauges that describe the current view (before a scrape)."""
         metrics.INSTANCES.clear()
-        for _, mode in {(r.instance_id, r.model.mode) for r in self.discovery.live()}:
+        live = self.discovery.live()
+        for _, mode in {(r.instance_id, r.model.mode) for r in live}:
             metrics.INSTANCES.labels(mode).inc()
+        # A model seen once stays at 0 when its last instance goes (an alert's signal).
+        serving = Counter(name for _, name in {(r.instance_id, r.model.name) for r in live})
+        self.models_seen.update(serving)
+        for name in self.models_seen:
+            metrics.MODEL_INSTANCES.labels(name).set(serving.get(name, 0))
         metrics.INDEXED_BLOCKS.clear()
         for (instance_id, rank), count in self.indexer.block_counts().items():
             metrics.INDEXED_BLOCKS.labels(instance_id, str(rank)).set(count)

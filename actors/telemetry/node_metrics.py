@@ -5,7 +5,14 @@ Actors restart; metrics must not be registered twice, so they live here at modul
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from messages.request import ERROR_CODES, FINISH_REASONS
 
 __all__ = ["REGISTRY"]
 
@@ -19,6 +26,10 @@ REQUESTS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+# Every outcome exists at 0 from the start: rate() and increase() miss the first requests
+# of a series that appears with them.
+for _outcome in (*FINISH_REASONS, *ERROR_CODES):
+    REQUESTS.labels(_outcome)
 RESUMES = Counter(
     "sgl_node_stream_resumes",
     "Resume requests answered (chunks lost in transit sent again), by the stream's state",
@@ -61,11 +72,11 @@ RUNNING = Gauge(
     "sgl_node_requests_running", "Requests in the running batch", ["dp_rank"], registry=REGISTRY
 )
 CACHE_USAGE = Gauge(
-    "sgl_node_kv_cache_usage", "KV cache usage, 0..1", ["dp_rank"], registry=REGISTRY
+    "sgl_node_kv_cache_usage_ratio", "KV cache usage, 0..1", ["dp_rank"], registry=REGISTRY
 )
 PREFIX_HIT = Gauge(
-    "sgl_node_prefix_hit_rate",
-    "Prefix cache hit rate of the last prefill",
+    "sgl_node_prefix_hit_ratio",
+    "Prefix cache hit rate of the last prefill, 0..1",
     ["dp_rank"],
     registry=REGISTRY,
 )
@@ -98,13 +109,47 @@ ZMQ_DROPPED = Counter(
     registry=REGISTRY,
 )
 
-NATS_PUBLISHED = Gauge(
-    "sgl_node_nats_published", "Messages published on NATS by this node", registry=REGISTRY
+
+class _NatsLinkMetrics(Collector):
+    """The node's NATS link, read at scrape time: its counters as Prometheus counters (the
+    link counts them itself; a prometheus_client Counter cannot be set) and whether it is
+    connected (0 also before the fabric connected)."""
+
+    def __init__(self) -> None:
+        self.link: Any = None  # the fabric's NatsLink, once connected
+
+    def collect(self) -> Iterator[Metric]:
+        link = self.link
+        connected = GaugeMetricFamily(
+            "sgl_node_nats_connected", "1 while the node's NATS connection is up"
+        )
+        connected.add_metric([], 1.0 if link is not None and link.connected.is_set() else 0.0)
+        yield connected
+        if link is None:
+            return
+        for name, documentation, value in (
+            ("sgl_node_nats_messages_published", "Messages published on NATS", link.published),
+            ("sgl_node_nats_publishes_dropped", "Publishes dropped (disconnected, buffer full)",
+             link.dropped),
+            ("sgl_node_nats_reconnects", "NATS reconnects", link.reconnects),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, documentation, value=value)
+
+
+NATS_LINK = _NatsLinkMetrics()
+REGISTRY.register(NATS_LINK)
+# The node's restart intensity (supervision.intensity restarts within supervision.period
+# seconds): alerting rules compare the restarts they see with it.
+RESTART_INTENSITY = Gauge(
+    "sgl_node_restart_intensity",
+    "Restarts a supervisor of this node allows within the period",
+    registry=REGISTRY,
 )
-NATS_DROPPED = Gauge(
-    "sgl_node_nats_dropped", "Publishes dropped (disconnected, buffer full)", registry=REGISTRY
+RESTART_PERIOD = Gauge(
+    "sgl_node_restart_period_seconds",
+    "The period of the restart intensity",
+    registry=REGISTRY,
 )
-NATS_RECONNECTS = Gauge("sgl_node_nats_reconnects", "NATS reconnects", registry=REGISTRY)
 REGISTERED = Gauge("sgl_node_registered", "1 while the instance is in discovery", registry=REGISTRY)
 FAULTS = Counter(
     "sgl_node_faults_injected",

@@ -31,7 +31,11 @@ from supervisor.core._events import (
 from supervisor.core._faults import crash, suspend
 from supervisor.core._metrics import SupervisionMetrics
 from supervisor.core._names import ask, whereis
-from supervisor.core._process import kill_all_process_groups, live_process_groups
+from supervisor.core._process import (
+    kill_all_process_groups,
+    live_process_groups,
+    set_output_handler,
+)
 from supervisor.core._protocol import (
     AddChild,
     ChildExited,
@@ -130,6 +134,7 @@ __all__ = [
     "kill_all_process_groups",
     "live_process_groups",
     "next_backoff",
+    "set_output_handler",
     "should_restart",
     "suspend",
     "validate_child_spec",

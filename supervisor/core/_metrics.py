@@ -45,6 +45,9 @@ class SupervisionMetrics:
         match event:
             case ChildStarted(supervisor=sup, child_id=child):
                 self.starts.labels(sup, child).inc()
+                # The restart counter exists at 0 from the start: a rate or increase over a
+                # series that appears at 1 would miss that first restart.
+                self.restarts.labels(sup, child)
             case ChildReadyEvent(supervisor=sup, child_id=child):
                 self.up.labels(sup, child).set(1)
             case ChildExitedEvent(supervisor=sup, child_id=child, reason=reason):

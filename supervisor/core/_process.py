@@ -46,13 +46,38 @@ from supervisor.core._spec import (
     ReadyOnPort,
 )
 
-__all__ = ["ProcessChild", "kill_all_process_groups", "live_process_groups"]
+__all__ = [
+    "OutputHandler",
+    "ProcessChild",
+    "kill_all_process_groups",
+    "live_process_groups",
+    "set_output_handler",
+]
 
 _PR_SET_PDEATHSIG = 1
 _OUTPUT_TAIL = 30
 
 _groups_lock = threading.Lock()
 _live_groups: set[int] = set()
+
+
+# (logger bound with the child's path, generation and pid; stream name; the line)
+OutputHandler = Callable[[Any, str, str], None]
+
+
+def _log_output(log: Any, stream: str, line: str) -> None:
+    log.info("output", stream=stream, line=line)
+
+
+_output_handler: OutputHandler = _log_output
+
+
+def set_output_handler(handler: OutputHandler | None) -> None:
+    """Give every line a process child prints to ``handler(log, stream, line)`` (called on
+    that stream's reader thread) instead of logging it as an ``output`` event; None
+    restores that default. An application uses it to log its children in its own format."""
+    global _output_handler  # noqa: PLW0603 - one setting for the whole process
+    _output_handler = handler or _log_output
 
 
 def live_process_groups() -> set[int]:
@@ -171,6 +196,7 @@ class ProcessChild:
         )
         self.pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
         self._oom_at_spawn = oom_kill_count()
+        self.log = self.log.bind(pid=self.proc.pid)
         with _groups_lock:
             _live_groups.add(self.pgid)
         self.log.info("process spawned", pid=self.proc.pid, command=" ".join(spec.command))
@@ -203,7 +229,7 @@ class ProcessChild:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self._tail.append(line)
-            self.log.info("output", stream=name, line=line)
+            _output_handler(self.log, name, line)
             if (
                 self._line_re is not None
                 and isinstance(probe, ReadyOnLine)

@@ -187,8 +187,11 @@ def test_a_lost_follower_fails_its_rank_clearly_and_serves_again_when_it_returns
     assert pinned[-1].error.code == "engine_restarting"
     assert "node rank 1" in pinned[-1].error.message
     assert free[-1].finish_reason == "length"  # the leader's own rank still serves
-    # The engine host's own log lines come through the node's log as `line`s.
-    assert pair.leader.wait_log(lambda r: "follower lost" in r.get("line", ""), timeout=5)
+    # The engine host's own log records come through the node's log as events of their own.
+    assert pair.leader.wait_log(
+        lambda r: "follower lost" in r["event"] and r.get("child", "").endswith("engine_host"),
+        timeout=5,
+    )
 
     pair.restart_follower()
     pair.follower.wait_ready(90)

@@ -96,8 +96,8 @@ def test_the_leader_answers_with_both_tp_ranks_and_registers_alone(
     pair: dict[str, NodeProcess],
 ) -> None:
     leader, follower = pair["leader"], pair["follower"]
-    # the engine host's own log lines reach the node's log as its output
-    follower.wait_log(lambda r: "sglang engine started as a follower" in r.get("line", ""))
+    # the engine host's own log records reach the node's log as events of their own
+    follower.wait_log(lambda r: r["event"] == "sglang engine started as a follower")
 
     async def instances() -> list[str]:
         async with NodeClient(leader.url) as client:

@@ -95,11 +95,11 @@ def test_sigterm_stops_the_demo_tree_in_order_exits_0_and_leaves_no_process(
 ) -> None:
     proc, records = _start_demo(repo_root)
     ticker = next(r for r in records if r["event"] == "process spawned")["pid"]
-    grandchild = int(
-        str(next(r for r in records if "grandchild=" in str(r.get("line", "")))["line"]).split("=")[
-            1
-        ]
-    )
+    # the ticker's output line is an event of its own, with the child's path and pid
+    ready = next(r for r in records if "grandchild=" in str(r["event"]))
+    assert ready["child"] == "demo/ticker"
+    assert ready["pid"] == ticker
+    grandchild = int(str(ready["event"]).split("=")[1])
     assert isinstance(ticker, int)
     assert pid_alive(ticker)
     assert pid_alive(grandchild)
