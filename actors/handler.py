@@ -391,7 +391,10 @@ class HandlerActor(SupervisedActor):
         elif finish == "error":
             code = chunk.error_code or "engine_error"
             error = ErrorInfo(
-                code=code, message=chunk.error_message, retryable=ERROR_CODES.get(code, False)
+                code=code,
+                message=chunk.error_message,
+                retryable=ERROR_CODES.get(code, False),
+                field=chunk.error_field,
             )
         out = StreamChunk(
             request_id=chunk.request_id,
@@ -579,7 +582,7 @@ def _limit_problem(request: GenerateRequest, limits: HandlersSection) -> tuple[s
     """The first limit the request breaks: (field, message), or None."""
     problem = request.input_problem()
     if problem is not None:
-        return "token_ids" if request.token_ids is not None else "prompt", problem
+        return request.input_field(), problem
     if request.stop.max_tokens > limits.max_tokens_limit:
         return "stop.max_tokens", (
             f"max_tokens {request.stop.max_tokens} exceeds the limit "

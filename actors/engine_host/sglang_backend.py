@@ -364,6 +364,7 @@ class SglangBackend:
                 finish_reason="error",
                 error_code="invalid_request",
                 error_message=str(exc),
+                error_field="input",
             )
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             chunk = HostChunk(

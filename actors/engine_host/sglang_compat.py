@@ -41,6 +41,7 @@ __all__ = [
     "kv_events_config",
     "max_running_requests",
     "plain",
+    "refusal_field",
     "sampling_params",
     "scheduler_info",
     "server_args_fields",
@@ -262,6 +263,26 @@ def finish_of(meta: Mapping[str, Any]) -> Finish | None:
     if kind == "abort" and status == 400:
         return Finish("error", "invalid_request", message or "the engine refused the request")
     return Finish("error", "engine_error", message or f"the engine ended the request: {raw!r}")
+
+
+# SGLang's refusals (a ValueError from its request validation, or an abort with status
+# 400) name no field; these are the ones whose message says which of ours is at fault.
+_REFUSAL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("routed_dp_rank=", "dp_rank"),
+    ("Requested token count exceeds", "stop.max_tokens"),
+    ("Failed to compile json grammar", "sampling.json_schema"),
+    ("Failed to compile regex grammar", "sampling.regex"),
+    ("is longer than the model's context length", ""),  # the prompt: the caller's field
+)
+
+
+def refusal_field(message: str, prompt_field: str) -> str:
+    """The field (dotted path of our GenerateRequest) an SGLang refusal is about, from its
+    message ('' when it does not say); `prompt_field` names the request's input form."""
+    for marker, field in _REFUSAL_FIELDS:
+        if marker in message:
+            return field or prompt_field
+    return ""
 
 
 def usage_of(deltas: StreamDeltas, meta: Mapping[str, Any], prompt_len: int) -> Usage:

@@ -28,7 +28,12 @@ from actors.engine_host.sim._multinode import FollowerLink, LeaderLink
 from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
 from actors.engine_host.sim._tokenizer import SimTokenizer
-from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
+from actors.engine_host.sim._validation import (
+    Refused,
+    check_guidance,
+    check_limits,
+    prompt_ids,
+)
 from actors.engine_host.spec import local_ranks
 from messages.engine import (
     EngineInfo,
@@ -403,6 +408,7 @@ class SimEngine:
                     finish_reason="error",
                     error_code="invalid_request",
                     error_message=problem,
+                    error_field="input",
                 )
             )
             return
@@ -418,7 +424,8 @@ class SimEngine:
     def _admit(self, cmd: HostGenerate) -> None:
         try:
             if cmd.lora and cmd.lora not in self._adapters:
-                raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded")
+                raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded", "lora")
+            check_guidance(cmd)
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
             with self._lock:
                 rank = self._admission_rank(cmd, len(prompt))
@@ -436,6 +443,7 @@ class SimEngine:
                     finish_reason="error",
                     error_code=refusal.code,
                     error_message=str(refusal),
+                    error_field=refusal.field,
                 )
             )
 
@@ -475,7 +483,11 @@ class SimEngine:
         if self._released:
             raise Refused("engine_error", "the KV cache memory is released; resume it first")
         if cmd.request_id in self._live:
-            raise Refused("invalid_request", f"request id {cmd.request_id!r} is already running")
+            raise Refused(
+                "invalid_request",
+                f"request id {cmd.request_id!r} is already running",
+                "request_id",
+            )
         check_limits(cmd, prompt_tokens, self.sim, self.page_size, self.dp_size)
         leader = self._leader
         if cmd.dp_rank is not None and cmd.dp_rank not in self._by_rank:
