@@ -71,7 +71,10 @@ class FabricActor(SupervisedActor):
         node_metrics.NATS_DROPPED.set_function(lambda: link.dropped)
         node_metrics.NATS_RECONNECTS.set_function(lambda: link.reconnects)
         self.log.info(
-            "connected to nats", servers=self.servers, via_chaos_proxy=self.proxy is not None
+            "connected to nats",
+            servers=self.servers,
+            via_chaos_proxy=self.proxy is not None,
+            max_payload=link.nc.max_payload if link.nc is not None else None,
         )
 
     def handle(self, message: Any) -> Any:

@@ -137,6 +137,14 @@ class HandlerActor(SupervisedActor):
         ]
         if self.subjects.resume:
             self._subscriptions.append(self.link.subscribe(self.subjects.resume, on_resume))
+        max_payload = self.link.nc.max_payload if self.link.nc is not None else 0
+        if 0 < max_payload <= self.limits.max_request_bytes:
+            self.log.warning(  # an external server's limit: its refusal is what users see
+                "requests over the NATS server's max_payload fail in the client's NATS "
+                "library before handlers.max_request_bytes can refuse them",
+                max_payload=max_payload,
+                max_request_bytes=self.limits.max_request_bytes,
+            )
 
     def on_stop_request(self, request: StopRequest) -> None:
         # Not a blocking drain: the actor keeps handling engine output while it drains.

@@ -257,30 +257,29 @@ def nats_server_child(config: NodeConfig, plan: NodePlan) -> ChildSpec:
         *("--jetstream", "--store_dir", data_dir),
         *("--server_name", f"sgl-node-{plan.instance_id}"),
     ]
-    auth_conf = _embedded_auth_config(config, plan)
-    if auth_conf:
-        command += ["--config", auth_conf]  # secrets go in a 0600 file, never on a command line
+    # max_payload has no flag; secrets go in the file too (0600), never on a command line
+    command += ["--config", _embedded_server_config(config, plan)]
     return ChildSpec(
         "nats_server", ProcessStart(command, ready=ReadyOnPort(nats.port, nats.host)), shutdown=10.0
     )
 
 
-def _embedded_auth_config(config: NodeConfig, plan: NodePlan) -> str:
-    """A nats-server config file with the node's credentials, for the embedded server."""
+def _embedded_server_config(config: NodeConfig, plan: NodePlan) -> str:
+    """A nats-server config file for the embedded server: its max_payload, and the node's
+    credentials if it has any."""
     auth = config.nats.auth
     password = read_secret(auth.password_env, auth.password_file, "nats.auth password")
     token = read_secret(auth.token_env, auth.token_file, "nats.auth token")
+    lines = [f"max_payload: {config.nats.max_payload}"]
     if auth.user and password is not None:
         user, secret = json.dumps(auth.user), json.dumps(password.reveal())
-        block = f"authorization {{ user: {user}, password: {secret} }}"
+        lines.append(f"authorization {{ user: {user}, password: {secret} }}")
     elif token is not None:
-        block = f"authorization {{ token: {json.dumps(token.reveal())} }}"
-    else:
-        return ""
-    path = Path(plan.run_dir) / "nats-auth.conf"
+        lines.append(f"authorization {{ token: {json.dumps(token.reveal())} }}")
+    path = Path(plan.run_dir) / "nats-server.conf"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(block + "\n")
+        f.write("\n".join(lines) + "\n")
     return str(path)
 
 

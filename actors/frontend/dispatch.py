@@ -253,7 +253,15 @@ class Dispatcher:
         early: dict[int, StreamChunk] = {}  # chunks that came after a gap
         heard_at = probed_at = loop.time()
         try:
-            await self.nc.publish(record.subjects.instance, encode_json(wire), reply=reply)
+            data = encode_json(wire)
+            if len(data) > self.nc.max_payload:
+                ended = True  # never sent: nothing to cancel
+                why = (
+                    f"the request is {len(data)} bytes on the wire, over the NATS server's "
+                    f"max_payload ({self.nc.max_payload})"
+                )
+                raise FrontendError(413, why, code="request_too_large")
+            await self.nc.publish(record.subjects.instance, data, reply=reply)
             while True:
                 msg = await next_within(queue, PROBE_AFTER)
                 if msg is not None and is_no_responders(msg):

@@ -220,6 +220,9 @@ def test_cancel_mid_stream_ends_it_cancelled_and_the_engine_aborts(node: NodePro
         (b'{"request_id": "r1", "token_ids": [1, -5]}', "token_ids[1]", ">= 0"),
         (b'{"request_id": "r1", "prompt": "\xff\xfe"}', "", "malformed"),
         (b'{"request_id": "r1", "prompt": "' + b"x" * 200_000 + b'"}', "", "limit is"),
+        # over NATS's default max_payload (1 MiB) but not the embedded server's: the node's
+        # own error, not a failure in the client's NATS library
+        (b'{"request_id": "r1", "prompt": "' + b"x" * 2_000_000 + b'"}', "", "limit is"),
         (b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": 5', "", "malformed"),
     ],
 )
