@@ -3,6 +3,12 @@
 The public surface; everything else in this package is private.
 """
 
+# First: `python -m supervisor` (the node) catches its stop signals on this import, before
+# the imports below take their few tenths of a second (see stop_signals; for any other use
+# of the package it does nothing).
+from supervisor import stop_signals  # noqa: F401
+
+# isort: split
 from supervisor._actor import ChildContext, SupervisedActor
 from supervisor._clock import Clock, FakeClock, RealClock
 from supervisor._decisions import (
