@@ -22,8 +22,10 @@ import msgspec
 import structlog
 import zmq
 
+from actors.engine_host.sim._guided import guided_document
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
 from actors.engine_host.sim._metrics_pusher import MetricsPusher, kv_metrics_pickle
+from actors.engine_host.sim._model import prompt_offset
 from actors.engine_host.sim._multinode import FollowerLink, LeaderLink
 from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
@@ -457,6 +459,7 @@ class SimEngine:
             eos_token_id=self.sim.eos_token_id,
             priority=cmd.priority or 0,
             arrival=next(self._arrivals),
+            forced=_guided_tokens(cmd, prompt),
         )
         self._live[cmd.request_id] = rank
         rank.enqueue(req)
@@ -625,3 +628,11 @@ class SimEngine:
                 self._released = True
                 return True, "KV cache flushed and memory released", {}
             return True, "KV cache flushed", {}
+
+
+def _guided_tokens(cmd: HostGenerate, prompt: list[int]) -> list[int] | None:
+    """The tokens of the document a `json_schema` request gets (None: no schema)."""
+    schema = cmd.sampling.json_schema
+    if schema is None:
+        return None
+    return SimTokenizer.encode(guided_document(schema, prompt_offset(prompt)))
