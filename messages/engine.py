@@ -174,6 +174,9 @@ class EngineInfo(msgspec.Struct, frozen=True):
     prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any
     kv_replay_endpoints: list[str] = []  # per DP rank, the publisher's replay ROUTER, if any
     tokenizer: str = ""  # a local model directory, or "sim-bytes" (see ModelCard.tokenizer)
+    # the model's tool-call and reasoning parsers (SGLang's names), for its card's
+    # runtime_config: tool_call_parser, reasoning_parser, force_reasoning
+    parsers: dict[str, Any] = {}
     # False on a follower node of a multi-node SGLang engine: its ranks take requests only
     # through the leader, so the node sends it no canary (its health is its processes')
     accepts_requests: bool = True

@@ -149,6 +149,7 @@ class SglangBackend:
             eos_token_ids=compat.eos_token_ids(tm),
             version=str(sglang.__version__),
             incremental=bool(getattr(tm, compat.STREAMING_FIELD, False)),
+            parsers=compat.detected_parsers(tm.tokenizer, kwargs),
         )
         self._requests = Requests(self.engine, self.facts, self._emit, self._tokenizing)
         self._watch_children()
@@ -283,6 +284,7 @@ class SglangBackend:
             eos_token_ids=facts.eos_token_ids,
             version=facts.version,
             tokenizer=str(self.model_dir) if self.model_dir is not None else "",
+            parsers=dict(facts.parsers),
             prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
             accepts_requests=not self.follower,
             kv_replay_endpoints=(

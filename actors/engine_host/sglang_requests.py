@@ -15,7 +15,7 @@ import functools
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -41,6 +41,8 @@ class EngineFacts:
     eos_token_ids: list[int]
     version: str
     incremental: bool  # SGLang streams deltas (else cumulative items)
+    # the model's tool-call / reasoning parsers, for its card (sglang_compat.detected_parsers)
+    parsers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
