@@ -241,6 +241,15 @@ class FrontendSection(_Section, frozen=True):
     kv_block_weight: NonNeg = 1.0  # cost of one KV block that must be prefilled
     load_weight: NonNeg = 1.0  # cost of one request already active or waiting on a rank
     request_timeout: Seconds = 300.0
+    # SGLang's parser names, for every model (a string) or per model name (a table); empty:
+    # the model card's (what the node set or detected), and for tool calls Hermes when the
+    # model's chat template renders no tools (see actors/frontend/parsers.py)
+    tool_call_parser: str | dict[str, str] = ""
+    reasoning_parser: str | dict[str, str] = ""  # "none": no reasoning_content, ever
+    # /v1/responses: responses kept for previous_response_id (the oldest go first), and
+    # for how long after they were made
+    responses_store_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    responses_ttl: Seconds = 3600.0
 
 
 class LoggingSection(_Section, frozen=True):
