@@ -6,8 +6,13 @@ left through the tool-call parser (the model's format for `tool_choice: "auto"`,
 JSON array that guided decoding forces for `"required"` / a named function), and returns
 what to show now: reasoning text, content text, and tool-call deltas (the first delta of a
 call carries its id and name, the next ones pieces of its JSON arguments). `finish` flushes
-what the parsers held back. A whole (non-streamed) answer goes through the same two calls,
-so a streamed answer and a whole one always agree.
+what the parsers held back.
+
+A whole (non-streamed) answer goes to `whole`, which uses SGLang's whole-text parsers, as
+SGLang's own server does: its streaming parsers expect the engine's small deltas (the
+Hermes one, given a whole text, leaks a `</tool_call>` that sits next to the following
+`<tool_call>` into the content). A forced call's JSON array is read by the streaming
+`JsonArrayParser` in either case: it drains a whole text at its end.
 """
 
 from __future__ import annotations
@@ -115,16 +120,38 @@ class ChoiceOutput:
             reasoning, normal = self._reasoner.parse_stream_end()
             delta.reasoning = reasoning or ""
             self._tools(normal or "", delta)
-        if self._tool_parser is not None:
-            for _ in range(_DRAIN_LIMIT):  # calls that arrived whole are taken one per step
-                before = (len(delta.content), len(delta.tool_calls))
-                self._tools("", delta)
-                if (len(delta.content), len(delta.tool_calls)) == before:
-                    break
-            content, calls = self._end()
-            delta.content += content
-            self._add_calls(calls, delta)
+        self.finish_tools(delta)
         return self._keep(delta)
+
+    def finish_tools(self, delta: Delta) -> None:
+        """Drain the tool-call parser into `delta` at the end of the answer."""
+        if self._tool_parser is None:
+            return
+        for _ in range(_DRAIN_LIMIT):  # calls that arrived whole are taken one per step
+            before = (len(delta.content), len(delta.tool_calls))
+            self._tools("", delta)
+            if (len(delta.content), len(delta.tool_calls)) == before:
+                break
+        content, calls = self._end()
+        delta.content += content
+        self._add_calls(calls, delta)
+
+    def whole(self, text: str) -> None:
+        """Split a whole answer (see the module docstring)."""
+        normal = text
+        if self._reasoner is not None:
+            reasoning, normal = self._reasoner.parse_non_stream(text)
+            self.reasoning, normal = reasoning or "", normal or ""
+        if self.plan.tool_mode != "auto":  # forced: the JSON array parser; or no parser
+            delta = Delta()
+            self._tools(normal, delta)
+            self.finish_tools(delta)
+            self.content += delta.content
+            return
+        content, items = self._tool_parser.parse_non_stream(normal)
+        self.content = content or ""
+        for item in items:
+            self.calls.append(ToolCall(new_call_id(), str(item.name), item.parameters or "{}"))
 
     def finish_reason(self, engine_reason: str) -> str:
         """OpenAI's finish reason: `tool_calls` when the answer stopped with calls."""

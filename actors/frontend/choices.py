@@ -134,14 +134,15 @@ class ChoiceSet:
         """Read every choice to its end (whole answers); raises the first failure."""
 
         async def one(choice: Choice) -> None:
+            texts = []
             async for chunk in self._chunks(choice):
                 choice.remember(chunk)
-                choice.output.feed(chunk.text)
+                texts.append(chunk.text)
             if choice.final is None:
                 raise _no_finish()
             if choice.final.finish_reason not in _ENDED_WELL:
                 raise end_error(choice.final, self.input_param)
-            choice.output.finish()
+            choice.output.whole("".join(texts))
 
         await _all(one(c) for c in self.choices)
 
