@@ -222,3 +222,15 @@ def test_refusals_name_the_field_at_fault(
     code, at_fault, message = _refusal(node, **fields)
     assert (code, at_fault) == ("invalid_request", field), message
     assert words in message
+
+
+def test_the_last_chunk_carries_the_eos_token_counted_and_without_its_text(
+    node: NodeProcess,
+) -> None:
+    chunks = ask(node, stop=StopConditions(max_tokens=64))
+    last = chunks[-1]
+    assert last.finish_reason == "stop"
+    assert last.token_ids[-1:] == [2]  # SmolLM2's <|im_end|>
+    assert "<|im_end|>" not in text(chunks)
+    assert last.usage is not None
+    assert last.usage.completion_tokens == len(tokens(chunks))
