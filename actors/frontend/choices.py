@@ -146,7 +146,7 @@ class ChoiceSet:
 
         await _all(one(c) for c in self.choices)
 
-    async def events(self) -> AsyncIterator[tuple[Choice, StreamChunk]]:
+    async def events(self) -> AsyncGenerator[tuple[Choice, StreamChunk], None]:
         """The chunks of every choice as they come (each choice's in order); a stream that
         ends without a finish reason gives an `internal` error chunk."""
         queue: asyncio.Queue[tuple[Choice, StreamChunk | None]] = asyncio.Queue()

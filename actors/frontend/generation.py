@@ -13,10 +13,11 @@ apart from `content`, and tool calls (`tool_calls.py`, `parsers.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,24 +214,25 @@ async def answer(
     return json_response(fmt.whole(answering.choices, usage))
 
 
-async def _choice_events(answering: ChoiceSet, fmt: OutputFormat) -> AsyncIterator[Any]:
+async def _choice_events(answering: ChoiceSet, fmt: OutputFormat) -> AsyncGenerator[Any, None]:
     """The chunks of every choice; an error chunk ends them (raised as FrontendError)."""
     for choice in answering.choices:
         opening = fmt.opening(choice)
         if opening is not None:
             yield opening
-    async for choice, chunk in answering.events():
-        body = fmt.delta(choice, choice.output.feed(chunk.text), chunk.logprobs)
-        if body is not None:
-            yield body
-        if chunk.finish_reason is None:
-            continue
-        if chunk.finish_reason not in ("stop", "length"):
-            raise end_error(chunk, answering.input_param)
-        last = fmt.delta(choice, choice.output.finish(), None)
-        if last is not None:
-            yield last
-        yield fmt.finish(choice)
+    async with contextlib.aclosing(answering.events()) as events:  # closed on any exit
+        async for choice, chunk in events:
+            body = fmt.delta(choice, choice.output.feed(chunk.text), chunk.logprobs)
+            if body is not None:
+                yield body
+            if chunk.finish_reason is None:
+                continue
+            if chunk.finish_reason not in ("stop", "length"):
+                raise end_error(chunk, answering.input_param)
+            last = fmt.delta(choice, choice.output.finish(), None)
+            if last is not None:
+                yield last
+            yield fmt.finish(choice)
 
 
 async def _events(
@@ -238,8 +240,9 @@ async def _events(
 ) -> AsyncIterator[bytes]:
     status = "499"  # unless it ends otherwise: the client went away
     try:
-        async for body in _choice_events(answering, fmt):
-            yield sse_event(body)
+        async with contextlib.aclosing(_choice_events(answering, fmt)) as bodies:
+            async for body in bodies:
+                yield sse_event(body)
         usage = answering.usage()
         if include_usage:
             yield sse_event(fmt.usage_chunk(usage))

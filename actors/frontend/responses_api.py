@@ -11,6 +11,7 @@ honestly is refused with a 400 naming the parameter (README.md, "Frontend").
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -284,18 +285,19 @@ async def _events(
     try:
         for event in builder.opening():
             yield _sse(event)
-        async for _, chunk in answering.events():
-            for event in builder.deltas(output, output.feed(chunk.text)):
-                yield _sse(event)
-            if chunk.finish_reason is None:
-                continue
-            if chunk.finish_reason not in ("stop", "length"):
-                raise end_error(chunk, answering.input_param)
-            events = builder.deltas(output, output.finish())
-            events += builder.ending(output, choice.finish_reason, answering.usage())
-            for event in events:
-                yield _sse(event)
-            keep(events[-1]["response"])
+        async with contextlib.aclosing(answering.events()) as chunks:  # closed on any exit
+            async for _, chunk in chunks:
+                for event in builder.deltas(output, output.feed(chunk.text)):
+                    yield _sse(event)
+                if chunk.finish_reason is None:
+                    continue
+                if chunk.finish_reason not in ("stop", "length"):
+                    raise end_error(chunk, answering.input_param)
+                events = builder.deltas(output, output.finish())
+                events += builder.ending(output, choice.finish_reason, answering.usage())
+                for event in events:
+                    yield _sse(event)
+                keep(events[-1]["response"])
         status = "200"
     except FrontendError as error:
         status = str(error.status)

@@ -24,7 +24,7 @@ from actors.frontend.openai_formats import ChatCompletionRequest, ChatMessageIn
 from actors.frontend.parsers import ToolSpec
 from actors.frontend.tokenizers import SimBytesTokenizer
 from actors.frontend.tool_calls import ToolPlan, template_input, tool_plan
-from tests.frontend.harness import Frontend, sim_answer, start_frontend
+from tests.frontend.harness import Frontend, node_metric, sim_answer, start_frontend, wait_until
 from tests.node.harness import NatsServer, NodeProcess, start_node
 
 WEATHER_PARAMETERS = {
@@ -58,7 +58,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     nodes: list[NodeProcess] = []
     frontend: Frontend | None = None
     try:
-        nodes.append(start_node(tmp, name="sim", dp_size=2, **common))
+        nodes.append(
+            start_node(
+                tmp,
+                name="sim",
+                dp_size=2,
+                engine__sim={"decode_time_per_step": 0.002},
+                **common,
+            )
+        )
         nodes.append(
             start_node(
                 tmp,
@@ -244,6 +252,31 @@ def test_n_3_gives_three_choices_routed_together(
                 finishes[choice.index] = choice.finish_reason
     assert texts == [expected] * 3
     assert finishes == {0: "length", 1: "length", 2: "length"}
+
+
+def test_a_client_that_leaves_an_n_3_stream_cancels_all_three_on_the_node(
+    fleet: dict[str, Any], client: openai.OpenAI
+) -> None:
+    node: NodeProcess = fleet["nodes"][0]
+    before = node_metric(node, "sgl_node_requests_total", {"outcome": "cancelled"})
+    stream = client.chat.completions.create(
+        model="sim",
+        messages=QUESTION,
+        n=3,
+        max_tokens=4000,
+        stream=True,  # type: ignore[arg-type]
+    )
+    for i, _ in enumerate(stream):
+        if i == 6:
+            break
+    stream.close()
+    wait_until(
+        lambda: (
+            node_metric(node, "sgl_node_requests_total", {"outcome": "cancelled"}) >= before + 3
+        ),
+        10.0,
+        "the node cancelled the three abandoned choices",
+    )
 
 
 def test_several_prompts_in_one_completion_request(client: openai.OpenAI) -> None:
