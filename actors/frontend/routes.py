@@ -87,17 +87,7 @@ def create_app(state: FrontendState) -> FastAPI:
     async def complete(request: Request) -> Response:
         return await guarded("completions", lambda: completions(state, request))
 
-    @app.post("/v1/responses")
-    async def respond(request: Request) -> Response:
-        return await guarded("responses", lambda: create_response(state, request))
-
-    @app.get("/v1/responses/{response_id}")
-    async def stored_response(response_id: str) -> Response:
-        return await guarded("responses_store", lambda: get_response(state, response_id))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def forget_response(response_id: str) -> Response:
-        return await guarded("responses_store", lambda: delete_response(state, response_id))
+    _responses_routes(app, state, guarded)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -122,6 +112,25 @@ def create_app(state: FrontendState) -> FastAPI:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+Guarded = Callable[[str, Callable[[], Awaitable[Response]]], Awaitable[Response]]
+
+
+def _responses_routes(app: FastAPI, state: FrontendState, guarded: Guarded) -> None:
+    """`/v1/responses` and its stored responses."""
+
+    @app.post("/v1/responses")
+    async def respond(request: Request) -> Response:
+        return await guarded("responses", lambda: create_response(state, request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Response:
+        return await guarded("responses_store", lambda: get_response(state, response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def forget_response(response_id: str) -> Response:
+        return await guarded("responses_store", lambda: delete_response(state, response_id))
 
 
 def _model_entries(state: FrontendState) -> list[dict[str, Any]]:
