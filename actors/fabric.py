@@ -59,7 +59,10 @@ class FabricActor(SupervisedActor):
         self.link.add_listener(lambda event: self.actor_ref.tell(LinkChanged(event)))
         node_metrics.NATS_LINK.link = link
         self.log.info(
-            "connected to nats", servers=self.servers, via_chaos_proxy=self.proxy is not None
+            "connected to nats",
+            servers=self.servers,
+            via_chaos_proxy=self.proxy is not None,
+            max_payload=link.nc.max_payload if link.nc is not None else None,
         )
 
     def handle(self, message: Any) -> Any:

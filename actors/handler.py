@@ -136,6 +136,14 @@ class HandlerActor(SupervisedActor):
         ]
         if self.subjects.resume:
             self._subscriptions.append(self.link.subscribe(self.subjects.resume, on_resume))
+        max_payload = self.link.nc.max_payload if self.link.nc is not None else 0
+        if 0 < max_payload <= self.limits.max_request_bytes:
+            self.log.warning(  # an external server's limit: its refusal is what users see
+                "requests over the NATS server's max_payload fail in the client's NATS "
+                "library before handlers.max_request_bytes can refuse them",
+                max_payload=max_payload,
+                max_request_bytes=self.limits.max_request_bytes,
+            )
 
     def on_stop_request(self, request: StopRequest) -> None:
         # Not a blocking drain: the actor keeps handling engine output while it drains.
@@ -446,7 +454,7 @@ def _limit_problem(request: GenerateRequest, limits: HandlersSection) -> tuple[s
     """The first limit the request breaks: (field, message), or None."""
     problem = request.input_problem()
     if problem is not None:
-        return "token_ids" if request.token_ids is not None else "prompt", problem
+        return request.input_field(), problem
     if request.stop.max_tokens > limits.max_tokens_limit:
         return "stop.max_tokens", (
             f"max_tokens {request.stop.max_tokens} exceeds the limit "

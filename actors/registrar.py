@@ -207,6 +207,7 @@ class RegistrarActor(SupervisedActor):
         config: dict[str, Any] = {
             "eos_token_ids": info.eos_token_ids,
             "engine_version": info.version,
+            **info.parsers,  # tool_call_parser, reasoning_parser, force_reasoning
         }
         if self.mode == "prefill":  # decode nodes fetch KV from here
             config["bootstrap_host"] = self.disaggregation.bootstrap_host

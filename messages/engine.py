@@ -92,6 +92,12 @@ class HostGenerate(_Cmd, frozen=True, tag="generate"):
     bootstrap: BootstrapInfo | None = None  # disaggregated prefill/decode
     lora: str = ""  # a loaded LoRA adapter's name
 
+    def input_field(self) -> str:
+        """The name of the input form given (`token_ids`, `prompt` or `messages`), for
+        the `field` of a refusal about the prompt; '' when not exactly one is given."""
+        given = [n for n in ("token_ids", "prompt", "messages") if getattr(self, n) is not None]
+        return given[0] if len(given) == 1 else ""
+
 
 class HostEmbed(_Cmd, frozen=True, tag="embed"):
     """Embed texts or token id lists; answered by one HostChunk with `embeddings`."""
@@ -137,6 +143,7 @@ class HostChunk(_Out, frozen=True, tag="chunk"):
     usage: Usage | None = None
     error_code: str = ""
     error_message: str = ""
+    error_field: str = ""  # the request's dotted path at fault (GenerateRequest's names)
     logprobs: list[TokenLogprob] | None = None
     embeddings: list[list[float]] | None = None  # the answer to a HostEmbed
 
@@ -177,6 +184,9 @@ class EngineInfo(msgspec.Struct, frozen=True):
     prometheus_dir: str = ""  # SGLang's multiprocess metrics directory, if any
     kv_replay_endpoints: list[str] = []  # per DP rank, the publisher's replay ROUTER, if any
     tokenizer: str = ""  # a local model directory, or "sim-bytes" (see ModelCard.tokenizer)
+    # the model's tool-call and reasoning parsers (SGLang's names), for its card's
+    # runtime_config: tool_call_parser, reasoning_parser, force_reasoning
+    parsers: dict[str, Any] = {}
     # False on a follower node of a multi-node SGLang engine: its ranks take requests only
     # through the leader, so the node sends it no canary (its health is its processes')
     accepts_requests: bool = True

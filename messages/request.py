@@ -145,6 +145,12 @@ class GenerateRequest(_Wire, frozen=True):
     bootstrap_info: BootstrapInfo | None = None  # disaggregated prefill/decode
     lora: str = ""  # a loaded LoRA adapter's name (see the admin op lora_load)
 
+    def input_field(self) -> str:
+        """The input form given (`token_ids`, `prompt` or `messages`), the `field` of a
+        problem with it; '' when not exactly one is given (no single field is at fault)."""
+        given = [n for n in ("token_ids", "prompt", "messages") if getattr(self, n) is not None]
+        return given[0] if len(given) == 1 else ""
+
     def input_problem(self) -> str | None:
         """Why the input is unusable, or None (exactly one form, not empty)."""
         given = [n for n in ("token_ids", "prompt", "messages") if getattr(self, n) is not None]

@@ -8,13 +8,12 @@ Exit codes: 0 after an ordered stop (SIGTERM/SIGINT); 1 when the tree gave up
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-from types import FrameType
 
 import structlog
 
+from supervisor import stop_signals
 from supervisor.child_output import log_child_line
 from supervisor.config import ConfigError, NodeConfig, load
 from supervisor.core import (
@@ -85,6 +84,7 @@ def build(config: NodeConfig) -> Root:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    stop_signals.catch()  # if `python -m supervisor` has not already, at its first import
     args = _parser().parse_args(argv)
     try:
         config = load(args.config)
@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
+    if stop_signals.received:  # a stop signal during start-up, before anything started
+        name = signal.Signals(stop_signals.received[0]).name
+        structlog.get_logger().bind(path="main").info("stopped before starting", signal=name)
+        return 0
     # Children's lines become events of their own (a child's JSON merged, not quoted).
     set_output_handler(log_child_line)
     try:
@@ -114,21 +118,11 @@ def serve(root: Root) -> int:
     The first SIGTERM/SIGINT stops the tree in order; a second one stops it brutally.
     """
     log = structlog.get_logger().bind(path="main")
-    # The handler runs between two bytecodes of the main thread, maybe inside a lock the
-    # main thread holds (a log write): it only records the signal; the loop below acts.
-    # A second signal cannot wait for that loop: it kills everything and exits at once.
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            note = f"sgl-node: second signal ({signal.Signals(signum).name}): brutal stop\n"
-            os.write(2, note.encode())
-            kill_all_process_groups()
-            os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # The handler only records the signal (it may have done so since start-up: see
+    # stop_signals); the loop below acts. A second signal cannot wait for that loop: it
+    # kills everything and exits at once.
+    stop_signals.on_second(kill_all_process_groups)
+    received = stop_signals.catch()
     announced = stopping = False
     while root.exit_reason is None:
         root.poll(0.1)

@@ -96,6 +96,10 @@ class NatsSection(_Section, frozen=True):
     host: str = "127.0.0.1"  # embedded server: listen address
     port: Port = 4222  # embedded server: client port
     data_dir: str = ""  # embedded JetStream store; empty: under the cache dir
+    # The embedded server's largest message (NATS's default is 1 MiB): above
+    # handlers.max_request_bytes, so that an oversized request reaches the node and gets its
+    # error instead of failing in the client's NATS library. 64 MiB is NATS's own ceiling.
+    max_payload: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
     connect_timeout: Seconds = 10.0
     # Bytes buffered while disconnected before publishes are dropped (and counted).
     reconnect_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
@@ -237,6 +241,15 @@ class FrontendSection(_Section, frozen=True):
     kv_block_weight: NonNeg = 1.0  # cost of one KV block that must be prefilled
     load_weight: NonNeg = 1.0  # cost of one request already active or waiting on a rank
     request_timeout: Seconds = 300.0
+    # SGLang's parser names, for every model (a string) or per model name (a table); empty:
+    # the model card's (what the node set or detected), and for tool calls Hermes when the
+    # model's chat template renders no tools (see actors/frontend/parsers.py)
+    tool_call_parser: str | dict[str, str] = ""
+    reasoning_parser: str | dict[str, str] = ""  # "none": no reasoning_content, ever
+    # /v1/responses: responses kept for previous_response_id (the oldest go first), and
+    # for how long after they were made
+    responses_store_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    responses_ttl: Seconds = 3600.0
 
 
 class LoggingSection(_Section, frozen=True):
@@ -361,6 +374,18 @@ def _check(config: NodeConfig) -> None:
     for i, url in enumerate(config.nats.url):
         if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", url):
             raise ConfigError(f"nats.url[{i}]", f'expected a nats:// URL, got "{url}"')
+    limit, payload = config.handlers.max_request_bytes, config.nats.max_payload
+    if config.nats.embedded and limit >= payload:
+        # name the one of the two that was changed from its default
+        if limit == HandlersSection().max_request_bytes:
+            raise ConfigError(
+                "nats.max_payload", f"must be above handlers.max_request_bytes ({limit})"
+            )
+        raise ConfigError(
+            "handlers.max_request_bytes",
+            f"must be below nats.max_payload ({payload}): a larger request would fail in the "
+            "client's NATS library and never reach the node's own error",
+        )
     sup = config.supervision
     if sup.backoff_max < sup.backoff_initial:
         raise ConfigError(

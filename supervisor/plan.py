@@ -178,7 +178,7 @@ class NodePlan(_Settings, frozen=True):
     nats_servers: list[str]
     run_dir: str
     nats_data_dir: str
-    nats_auth_file: str  # empty: the embedded server runs without auth
+    nats_config_file: str  # the embedded server's config (max_payload, credentials)
     host_spec: HostSpec
     paths: Paths
     supervision: SupervisionSection
@@ -279,7 +279,7 @@ def plan_node(
         nats_servers=servers,
         run_dir=run_dir,
         nats_data_dir=nats.data_dir or str(cache_dir() / "nats" / str(nats.port)),
-        nats_auth_file=f"{run_dir}/nats-auth.conf" if _embedded_auth(config) else "",
+        nats_config_file=f"{run_dir}/nats-server.conf",
         host_spec=host_spec,
         paths=paths,
         supervision=config.supervision,
@@ -402,23 +402,25 @@ def prepare(config: NodeConfig, plan: NodePlan) -> None:
     Path(plan.host_spec.prometheus_dir).mkdir(exist_ok=True)
     if config.nats.embedded:
         Path(plan.nats_data_dir).mkdir(parents=True, exist_ok=True)
-    if plan.nats_auth_file:
-        _write_embedded_auth(config, plan.nats_auth_file)
+    if config.nats.embedded:
+        _write_embedded_config(config, plan.nats_config_file)
 
 
-def _write_embedded_auth(config: NodeConfig, path: str) -> None:
-    """A nats-server config file with the node's credentials (0600, never on a command
-    line)."""
+def _write_embedded_config(config: NodeConfig, path: str) -> None:
+    """The embedded server's config file (0600): its max_payload (it has no flag), and the
+    node's credentials if it has any (never on a command line)."""
     auth = config.nats.auth
-    password = read_secret(auth.password_env, auth.password_file, "nats.auth password")
-    token = read_secret(auth.token_env, auth.token_file, "nats.auth token")
-    if auth.user and password is not None:
-        user, secret = json.dumps(auth.user), json.dumps(password.reveal())
-        block = f"authorization {{ user: {user}, password: {secret} }}"
-    elif token is not None:
-        block = f"authorization {{ token: {json.dumps(token.reveal())} }}"
-    else:  # never start the embedded server without the credentials it was configured with
-        raise ConfigError("nats.auth", "the embedded server's credentials could not be read")
+    lines = [f"max_payload: {config.nats.max_payload}"]
+    if _embedded_auth(config):
+        password = read_secret(auth.password_env, auth.password_file, "nats.auth password")
+        token = read_secret(auth.token_env, auth.token_file, "nats.auth token")
+        if auth.user and password is not None:
+            user, secret = json.dumps(auth.user), json.dumps(password.reveal())
+            lines.append(f"authorization {{ user: {user}, password: {secret} }}")
+        elif token is not None:
+            lines.append(f"authorization {{ token: {json.dumps(token.reveal())} }}")
+        else:  # never start the embedded server without the credentials it was given
+            raise ConfigError("nats.auth", "the embedded server's credentials could not be read")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(block + "\n")
+        f.write("\n".join(lines) + "\n")

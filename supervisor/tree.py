@@ -104,8 +104,8 @@ def nats_server_child(config: NodeConfig, plan: NodePlan) -> ChildSpec:
         *("--jetstream", "--store_dir", plan.nats_data_dir),
         *("--server_name", f"sgl-node-{plan.instance_id}"),
     ]
-    if plan.nats_auth_file:  # secrets go in a 0600 file, never on a command line
-        command += ["--config", plan.nats_auth_file]
+    # max_payload has no flag; secrets go in the file too (0600), never on a command line
+    command += ["--config", plan.nats_config_file]
     return ChildSpec(
         "nats_server", ProcessStart(command, ready=ReadyOnPort(nats.port, nats.host)), shutdown=10.0
     )

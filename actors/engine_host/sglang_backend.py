@@ -154,6 +154,7 @@ class SglangBackend:
             eos_token_ids=compat.eos_token_ids(tm),
             version=str(sglang.__version__),
             incremental=bool(getattr(tm, compat.STREAMING_FIELD, False)),
+            parsers=compat.detected_parsers(tm.tokenizer, kwargs),
         )
         self._requests = Requests(self.engine, self.facts, self._emit, self._tokenizing)
         self._watch_children()
@@ -288,6 +289,7 @@ class SglangBackend:
             eos_token_ids=facts.eos_token_ids,
             version=facts.version,
             tokenizer=str(self.model_dir) if self.model_dir is not None else "",
+            parsers=dict(facts.parsers),
             prometheus_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", spec.prometheus_dir),
             accepts_requests=not self.follower,
             kv_replay_endpoints=(
@@ -369,6 +371,7 @@ class SglangBackend:
                 finish_reason="error",
                 error_code="invalid_request",
                 error_message=str(exc),
+                error_field="input",
             )
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             chunk = HostChunk(

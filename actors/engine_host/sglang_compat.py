@@ -35,12 +35,14 @@ __all__ = [
     "Finish",
     "StreamDeltas",
     "closest_field",
+    "detected_parsers",
     "eos_token_ids",
     "finish_of",
     "generate_kwargs",
     "kv_events_config",
     "max_running_requests",
     "plain",
+    "refusal_field",
     "sampling_params",
     "scheduler_info",
     "server_args_fields",
@@ -262,6 +264,64 @@ def finish_of(meta: Mapping[str, Any]) -> Finish | None:
     if kind == "abort" and status == 400:
         return Finish("error", "invalid_request", message or "the engine refused the request")
     return Finish("error", "engine_error", message or f"the engine ended the request: {raw!r}")
+
+
+def detected_parsers(tokenizer: Any, engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The tool-call and reasoning parsers of the served model, for its card's
+    `runtime_config` (frontends use them): those set in `engine.sglang`, else what SGLang's
+    own rules detect from the chat template (`sglang.srt.parser.template_detection`), and
+    whether the template opens the reasoning itself (`force_reasoning`: the output then
+    lacks the start tag). Names absent: the model has no such parser."""
+    from sglang.srt.parser.template_detection import (
+        detect_reasoning_parser,
+        detect_reasoning_pattern,
+        detect_tool_call_parser,
+    )
+
+    template = getattr(tokenizer, "chat_template", None)
+    template = template if isinstance(template, str) else None
+    try:  # how the template toggles reasoning: some rules below depend on it
+        always, toggle = detect_reasoning_pattern(template)
+    except Exception:  # noqa: BLE001 - detection is a hint, never a start failure
+        always, toggle = False, None
+    found: dict[str, Any] = {}
+    for key, detect in (
+        ("tool_call_parser", detect_tool_call_parser),
+        ("reasoning_parser", detect_reasoning_parser),
+    ):
+        given = engine_kwargs.get(key)
+        if isinstance(given, str) and given and given != "auto":
+            found[key] = given
+            continue
+        try:
+            name = detect(template, tokenizer, toggle, always)
+        except Exception:  # noqa: BLE001 - as above
+            name = None
+        if name:
+            found[key] = str(name)
+    if "reasoning_parser" in found:
+        found["force_reasoning"] = bool(always)
+    return found
+
+
+# SGLang's refusals (a ValueError from its request validation, or an abort with status
+# 400) name no field; these are the ones whose message says which of ours is at fault.
+_REFUSAL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("routed_dp_rank=", "dp_rank"),
+    ("Requested token count exceeds", "stop.max_tokens"),
+    ("Failed to compile json grammar", "sampling.json_schema"),
+    ("Failed to compile regex grammar", "sampling.regex"),
+    ("is longer than the model's context length", ""),  # the prompt: the caller's field
+)
+
+
+def refusal_field(message: str, prompt_field: str) -> str:
+    """The field (dotted path of our GenerateRequest) an SGLang refusal is about, from its
+    message ('' when it does not say); `prompt_field` names the request's input form."""
+    for marker, field in _REFUSAL_FIELDS:
+        if marker in message:
+            return field or prompt_field
+    return ""
 
 
 def usage_of(deltas: StreamDeltas, meta: Mapping[str, Any], prompt_len: int) -> Usage:

@@ -15,7 +15,7 @@ import functools
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -41,6 +41,8 @@ class EngineFacts:
     eos_token_ids: list[int]
     version: str
     incremental: bool  # SGLang streams deltas (else cumulative items)
+    # the model's tool-call / reasoning parsers, for its card (sglang_compat.detected_parsers)
+    parsers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +53,12 @@ class _Request:
     cancelled: bool = False  # aborted by the client
     prompt_len: int = 0
     deltas: compat.StreamDeltas | None = None
+
+
+def _refusal_field(cmd: HostGenerate, finish: compat.Finish | None) -> str:
+    if finish is None or finish.error_code != "invalid_request":
+        return ""
+    return compat.refusal_field(finish.message, cmd.input_field())
 
 
 class Requests:
@@ -77,7 +85,7 @@ class Requests:
         """Start streaming `cmd`."""
         if cmd.request_id in self._inflight:
             msg = f"request_id {cmd.request_id!r} is already in flight"
-            self.end(cmd.request_id, "invalid_request", msg)
+            self.end(cmd.request_id, "invalid_request", msg, "request_id")
             return
         entry = self._inflight[cmd.request_id] = _Request(cmd, uuid.uuid4().hex)
         entry.task = asyncio.get_running_loop().create_task(self._generate(entry))
@@ -97,10 +105,17 @@ class Requests:
             task.cancel()
         return tasks
 
-    def end(self, request_id: str, code: str, message: str) -> None:
-        """The terminal chunk of a request that ends in error `code`."""
+    def end(self, request_id: str, code: str, message: str, field: str = "") -> None:
+        """The terminal chunk of a request that ends in error `code` (`field`: the
+        request's dotted path at fault, if one is)."""
         self.emit(
-            HostChunk(request_id, finish_reason="error", error_code=code, error_message=message)
+            HostChunk(
+                request_id,
+                finish_reason="error",
+                error_code=code,
+                error_message=message,
+                error_field=field,
+            )
         )
 
     def _finished(self, entry: _Request, task: asyncio.Task[None]) -> None:
@@ -124,15 +139,17 @@ class Requests:
 
     async def _generate(self, entry: _Request) -> None:
         cmd = entry.cmd
+        prompt_field = cmd.input_field()
         try:
             ids = await self._prompt_ids(cmd)
         except Exception as exc:  # noqa: BLE001 (a template or tokenizer error is the input's)
-            self.end(cmd.request_id, "invalid_request", f"cannot tokenize the input: {exc}")
+            why = f"cannot tokenize the input: {exc}"
+            self.end(cmd.request_id, "invalid_request", why, prompt_field)
             return
         entry.prompt_len = len(ids)
         problem = self._prompt_problem(len(ids), cmd.max_prompt_tokens)
         if problem is not None:
-            self.end(cmd.request_id, "invalid_request", problem)
+            self.end(cmd.request_id, "invalid_request", problem, prompt_field)
             return
         want_logprobs = cmd.output.logprobs is not None
         deltas = entry.deltas = compat.StreamDeltas(self.facts.incremental, want_logprobs)
@@ -148,8 +165,10 @@ class Requests:
                 if self._chunk(cmd, deltas, item, len(ids)):
                     return
         except ValueError as exc:  # SGLang's request validation
-            code = "invalid_request" if deltas.completion_tokens == 0 else "engine_error"
-            self.end(cmd.request_id, code, str(exc))
+            refused = deltas.completion_tokens == 0
+            code = "invalid_request" if refused else "engine_error"
+            field = compat.refusal_field(str(exc), prompt_field) if refused else ""
+            self.end(cmd.request_id, code, str(exc), field)
             return
         except Exception as exc:
             self.log.exception("generate failed", request_id=cmd.request_id)
@@ -174,6 +193,7 @@ class Requests:
                 usage=compat.usage_of(deltas, meta, prompt_len) if finish else None,
                 error_code=finish.error_code if finish else "",
                 error_message=finish.message if finish and finish.reason == "error" else "",
+                error_field=_refusal_field(cmd, finish),
             )
         )
         return finish is not None

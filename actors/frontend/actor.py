@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.frontend.parsers import check_parser_config
 from actors.frontend.server import FrontendServer
 from messages.node import FrontendFailed, GetFrontendPort
 from supervisor.config import NodeConfig
@@ -37,6 +38,9 @@ class FrontendActor(SupervisedActor):
             if ref.is_alive():
                 ref.tell(FrontendFailed(detail))
 
+        problems = check_parser_config(self.config.frontend)
+        if problems:
+            raise RuntimeError("; ".join(problems))
         self.server = FrontendServer(self.config, self.log, on_failure)
         self.server.start(timeout=self.config.nats.connect_timeout + 20.0)
 

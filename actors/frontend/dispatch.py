@@ -72,6 +72,14 @@ class Route:
     prefill: Decision | None = None
 
 
+@dataclass
+class RouteGroup:
+    """Requests routed together (the choices of one `n > 1` request): the first attempt of
+    each goes where the first request was routed, so the engine shares their prefix."""
+
+    route: Route | None = None
+
+
 class Dispatcher:
     """Sends requests to instances; see the module docstring."""
 
@@ -96,21 +104,26 @@ class Dispatcher:
 
     # --- generate -------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[StreamChunk, None]:
+    async def generate(
+        self, request: GenerateRequest, group: RouteGroup | None = None
+    ) -> AsyncGenerator[StreamChunk, None]:
         """The chunks of `request` (token ids set) until the one with a finish reason.
 
         Raises `FrontendError` when it cannot start (unknown model, nothing left to try,
         a refusal before any token); after a token, problems end the stream with an
-        error chunk instead."""
+        error chunk instead. Requests of one `group` go to the same rank first."""
         tried: set[str] = set()
         last: FrontendError | None = None
         for attempt in range(MAX_ATTEMPTS):
             pool = self.discovery.pool(request.model)
             if pool is None:
                 raise unknown_model(request.model)
-            route = self._route(pool, request, tried)
+            route = self._grouped(pool, group) if attempt == 0 else None
+            route = route or self._route(pool, request, tried)
             if route is None:
                 raise last or pool.unavailable()
+            if group is not None and group.route is None:
+                group.route = route
             rid = request.request_id if attempt == 0 else f"{request.request_id}.{attempt}"
             attempt_request = msgspec.structs.replace(request, request_id=rid)
             try:
@@ -130,6 +143,16 @@ class Dispatcher:
                     detail=retry.error.message,
                 )
         raise last or FrontendError.of_code("no_instances", "no instance could take the request")
+
+    @staticmethod
+    def _grouped(pool: ModelPool, group: RouteGroup | None) -> Route | None:
+        """The group's route, if its instances are still live."""
+        route = group.route if group is not None else None
+        if route is None:
+            return None
+        live = {r.instance_id for r in pool.live}
+        chosen = [route.main] + ([route.prefill] if route.prefill is not None else [])
+        return route if all(d.candidate.instance_id in live for d in chosen) else None
 
     def _route(self, pool: ModelPool, request: GenerateRequest, tried: set[str]) -> Route | None:
         token_ids = request.token_ids or []
@@ -253,7 +276,15 @@ class Dispatcher:
         early: dict[int, StreamChunk] = {}  # chunks that came after a gap
         heard_at = probed_at = loop.time()
         try:
-            await self.nc.publish(record.subjects.instance, encode_json(wire), reply=reply)
+            data = encode_json(wire)
+            if len(data) > self.nc.max_payload:
+                ended = True  # never sent: nothing to cancel
+                why = (
+                    f"the request is {len(data)} bytes on the wire, over the NATS server's "
+                    f"max_payload ({self.nc.max_payload})"
+                )
+                raise FrontendError(413, why, code="request_too_large")
+            await self.nc.publish(record.subjects.instance, data, reply=reply)
             while True:
                 msg = await next_within(queue, PROBE_AFTER)
                 if msg is not None and is_no_responders(msg):

@@ -1,5 +1,6 @@
-"""OpenAI's response bodies: chat completions, completions (whole and as stream chunks),
-usage and logprobs, built from the nodes' `StreamChunk`s."""
+"""OpenAI's response bodies for `/v1/chat/completions` and `/v1/completions`, whole and as
+stream chunks, one entry per choice: content, `reasoning_content`, `tool_calls`, usage and
+logprobs, built from the choices' parsed output (`choices.py`, `choice_output.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from actors.frontend.choice_output import Delta, ToolCall, ToolCallDelta
+from actors.frontend.choices import Choice
 from actors.frontend.tokenizers import PromptTokenizer
 from messages.request import TokenLogprob, Usage
 
@@ -31,15 +34,11 @@ class OutputFormat:
     object_whole = ""
     object_chunk = ""
 
-    def __init__(
-        self, response_id: str, model: str, tokenizer: PromptTokenizer, echo: str = ""
-    ) -> None:
+    def __init__(self, response_id: str, model: str, tokenizer: PromptTokenizer) -> None:
         self.id = response_id
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
-        self.echo = echo
-        self._offset = len(echo)
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -58,27 +57,40 @@ class OutputFormat:
         return self.tokenizer.decode([token_id])
 
     # overridden per format
-    def opening(self) -> dict[str, Any] | None:
-        """The chunk that opens a stream, if the format has one."""
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        """The chunk that opens a choice's stream, if the format has one."""
         return None
 
-    def delta(self, text: str, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        """A stream chunk with new text."""
+    def delta(
+        self, choice: Choice, delta: Delta, logprobs: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
+        """A stream chunk with what `delta` adds to a choice (None: nothing to send)."""
         raise NotImplementedError
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        """The stream chunk that carries the finish reason."""
+    def finish(self, choice: Choice) -> dict[str, Any]:
+        """The stream chunk that carries a choice's finish reason."""
         raise NotImplementedError
 
-    def whole(
-        self,
-        text: str,
-        finish_reason: str,
-        usage: Usage | None,
-        logprobs: Sequence[TokenLogprob] | None,
-    ) -> dict[str, Any]:
+    def whole(self, choices: Sequence[Choice], usage: Usage | None) -> dict[str, Any]:
         """The non-streaming response."""
         raise NotImplementedError
+
+
+def _call_delta(call: ToolCallDelta) -> dict[str, Any]:
+    function: dict[str, Any] = {"arguments": call.arguments}
+    body: dict[str, Any] = {"index": call.index, "function": function}
+    if call.id is not None:
+        body["id"], body["type"] = call.id, "function"
+        function["name"] = call.name
+    return body
+
+
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 class ChatFormat(OutputFormat):
@@ -101,54 +113,78 @@ class ChatFormat(OutputFormat):
         token = self._token(token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    def _choice(self, delta: dict[str, Any], finish: str | None, lp: Any) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
-
-    def opening(self) -> dict[str, Any]:
-        return self._envelope(
-            self.object_chunk, [self._choice({"role": "assistant", "content": ""}, None, None)]
-        )
-
-    def delta(self, text: str, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        choice = self._choice({"content": text}, None, self._logprobs(logprobs))
+    def _chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None, lp: Any
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         return self._envelope(self.object_chunk, [choice])
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        return self._envelope(self.object_chunk, [self._choice({}, finish_reason, None)])
+    def opening(self, choice: Choice) -> dict[str, Any]:
+        return self._chunk(choice.index, {"role": "assistant", "content": ""}, None, None)
 
-    def whole(
-        self,
-        text: str,
-        finish_reason: str,
-        usage: Usage | None,
-        logprobs: Sequence[TokenLogprob] | None,
-    ) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": self._logprobs(logprobs),
-            "finish_reason": finish_reason,
-        }
-        return {**self._envelope(self.object_whole, [choice]), "usage": usage_body(usage)}
+    def delta(
+        self, choice: Choice, delta: Delta, logprobs: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
+        body: dict[str, Any] = {}
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning
+        if delta.content:
+            body["content"] = delta.content
+        if delta.tool_calls:
+            body["tool_calls"] = [_call_delta(c) for c in delta.tool_calls]
+        if not body and not logprobs:
+            return None
+        return self._chunk(choice.index, body, None, self._logprobs(logprobs))
+
+    def finish(self, choice: Choice) -> dict[str, Any]:
+        return self._chunk(choice.index, {}, choice.finish_reason, None)
+
+    def whole(self, choices: Sequence[Choice], usage: Usage | None) -> dict[str, Any]:
+        entries = []
+        for choice in choices:
+            output = choice.output
+            message: dict[str, Any] = {"role": "assistant", "content": output.message_content()}
+            if output.reasoning:
+                message["reasoning_content"] = output.reasoning
+            if output.calls:
+                message["tool_calls"] = [_call(c) for c in output.calls]
+            entries.append(
+                {
+                    "index": choice.index,
+                    "message": message,
+                    "logprobs": self._logprobs(choice.logprobs),
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+        return {**self._envelope(self.object_whole, entries), "usage": usage_body(usage)}
 
 
 class CompletionFormat(OutputFormat):
-    """`text_completion`, whole and streamed (with `echo` of the prompt)."""
+    """`text_completion`, whole and streamed (with `echo` of each choice's prompt)."""
 
     object_whole = "text_completion"
     object_chunk = "text_completion"
 
-    def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    def __init__(
+        self, response_id: str, model: str, tokenizer: PromptTokenizer, echoes: Sequence[str]
+    ) -> None:
+        super().__init__(response_id, model, tokenizer)
+        self.echoes = list(echoes)  # per prompt ('' without echo)
+        self._offsets: dict[int, int] = {}  # per choice: text offset for logprobs
+
+    def _logprobs(self, choice: Choice, logprobs: Sequence[TokenLogprob] | None) -> Any:
         if logprobs is None:
             return None
+        offset = self._offsets.get(choice.index, len(self.echoes[choice.prompt]))
         tokens, token_logprobs, tops, offsets = [], [], [], []
         for item in logprobs:
             token = self._token(item.token_id)
             tokens.append(token)
             token_logprobs.append(item.logprob)
             tops.append({self._token(tid): lp for tid, lp in item.top} if item.top else None)
-            offsets.append(self._offset)
-            self._offset += len(token)
+            offsets.append(offset)
+            offset += len(token)
+        self._offsets[choice.index] = offset
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -156,27 +192,32 @@ class CompletionFormat(OutputFormat):
             "text_offset": offsets,
         }
 
-    def _choice(self, text: str, finish: str | None, lp: Any) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-
-    def opening(self) -> dict[str, Any] | None:
-        if not self.echo:
-            return None
-        return self._envelope(self.object_chunk, [self._choice(self.echo, None, None)])
-
-    def delta(self, text: str, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        choice = self._choice(text, None, self._logprobs(logprobs))
+    def _chunk(self, index: int, text: str, finish: str | None, lp: Any) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         return self._envelope(self.object_chunk, [choice])
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        return self._envelope(self.object_chunk, [self._choice("", finish_reason, None)])
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        echo = self.echoes[choice.prompt]
+        return self._chunk(choice.index, echo, None, None) if echo else None
 
-    def whole(
-        self,
-        text: str,
-        finish_reason: str,
-        usage: Usage | None,
-        logprobs: Sequence[TokenLogprob] | None,
-    ) -> dict[str, Any]:
-        choice = self._choice(self.echo + text, finish_reason, self._logprobs(logprobs))
-        return {**self._envelope(self.object_whole, [choice]), "usage": usage_body(usage)}
+    def delta(
+        self, choice: Choice, delta: Delta, logprobs: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
+        if not delta.content and not logprobs:
+            return None
+        return self._chunk(choice.index, delta.content, None, self._logprobs(choice, logprobs))
+
+    def finish(self, choice: Choice) -> dict[str, Any]:
+        return self._chunk(choice.index, "", choice.finish_reason, None)
+
+    def whole(self, choices: Sequence[Choice], usage: Usage | None) -> dict[str, Any]:
+        entries = [
+            {
+                "index": c.index,
+                "text": self.echoes[c.prompt] + c.output.content,
+                "logprobs": self._logprobs(c, c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ]
+        return {**self._envelope(self.object_whole, entries), "usage": usage_body(usage)}

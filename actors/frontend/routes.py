@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   chat, streaming (SSE) or not
     POST /v1/completions        text completion, streaming or not
+    POST /v1/responses          the Responses API (GET / DELETE /v1/responses/{id})
     POST /v1/embeddings         to embedding-mode instances
     GET  /v1/models             the models of live instances (and /v1/models/{id})
     GET  /health                200 while connected to NATS, with what it sees
@@ -38,6 +39,7 @@ from actors.frontend.http_io import (
     until_disconnect,
 )
 from actors.frontend.openai_formats import EmbeddingRequest, parse
+from actors.frontend.responses_api import create_response, delete_response, get_response
 from actors.frontend.state import FrontendState
 from actors.frontend.tokenizers import PromptTokenizer
 from messages.request import EmbedRequest
@@ -66,7 +68,8 @@ def create_app(state: FrontendState) -> FastAPI:
             metrics.REQUESTS.labels(route, "500").inc()
             why = f"internal error: {type(exc).__name__}: {exc}"
             return error_response(FrontendError.of_code("internal", why))
-        if route in ("models", "embeddings") and not isinstance(response, SseResponse):
+        plain = ("models", "embeddings", "responses_store")
+        if route in plain and not isinstance(response, SseResponse):
             metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         return response
 
@@ -83,6 +86,8 @@ def create_app(state: FrontendState) -> FastAPI:
     @app.post("/v1/completions")
     async def complete(request: Request) -> Response:
         return await guarded("completions", lambda: completions(state, request))
+
+    _responses_routes(app, state, guarded)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -107,6 +112,25 @@ def create_app(state: FrontendState) -> FastAPI:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+Guarded = Callable[[str, Callable[[], Awaitable[Response]]], Awaitable[Response]]
+
+
+def _responses_routes(app: FastAPI, state: FrontendState, guarded: Guarded) -> None:
+    """`/v1/responses` and its stored responses."""
+
+    @app.post("/v1/responses")
+    async def respond(request: Request) -> Response:
+        return await guarded("responses", lambda: create_response(state, request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Response:
+        return await guarded("responses_store", lambda: get_response(state, response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def forget_response(response_id: str) -> Response:
+        return await guarded("responses_store", lambda: delete_response(state, response_id))
 
 
 def _model_entries(state: FrontendState) -> list[dict[str, Any]]:

@@ -20,8 +20,10 @@ from actors.frontend import metrics
 from actors.frontend.discovery import Discovery
 from actors.frontend.dispatch import Dispatcher
 from actors.frontend.indexer import KvIndexer
+from actors.frontend.parsers import ParserLoader
 from actors.frontend.replay import KvReplay
 from actors.frontend.replies import ReplyMux
+from actors.frontend.response_store import ResponseStore
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
 from messages.codec import DecodeError, decode_json
@@ -49,6 +51,8 @@ class FrontendState:
         self.indexer = KvIndexer()
         self.replay = KvReplay(nc, self.namespace, self._apply_kv, log)
         self.tokenizers = TokenizerCache(log)
+        self.parsers = ParserLoader(log)
+        self.responses = ResponseStore(frontend.responses_store_size, frontend.responses_ttl)
         self.discovery = Discovery(
             nc, config.discovery.bucket, self.namespace, log, self._on_discovery_change
         )
@@ -132,6 +136,8 @@ class FrontendState:
     def _on_discovery_change(self) -> None:
         for record in self.discovery.live():
             self.tokenizers.warm(record.model)
+            if record.model.runtime_config.get("reasoning_parser"):
+                self.parsers.warm()  # its every answer goes through a parser
 
     # --- reporting --------------------------------------------------------------------------
 

@@ -31,8 +31,20 @@ class PromptTokenizer(Protocol):
         """Token ids of a completion prompt (special tokens as the engine would add)."""
         ...
 
-    def chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of chat messages with the model's template and the assistant opener."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders `tools` (else the frontend writes them)."""
+        ...
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of chat messages with the model's template and the assistant opener;
+        `tools` (OpenAI's tool objects) go to a template that renders them, and
+        `template_kwargs` (e.g. `enable_thinking`) to the template as variables."""
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -47,8 +59,16 @@ class SimBytesTokenizer:
         """UTF-8 bytes, each + 3."""
         return SimTokenizer.encode(text)
 
-    def chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The sim's chat template (`developer` turns count as `system`)."""
+    renders_tools = False  # `<|role|>` turns only: the frontend writes tools as text
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The sim's chat template (`developer` turns count as `system`); it has no
+        variables, and tools come written into the messages."""
         turns = []
         for message in messages:
             role = "system" if message["role"] == "developer" else message["role"]
@@ -67,16 +87,29 @@ class HfTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.renders_tools = _template_uses(getattr(tokenizer, "chat_template", None), "tools")
 
     def encode(self, text: str) -> list[int]:
         """`tokenizer.encode(text)`, as SGLang tokenizes a text prompt."""
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """`apply_chat_template(..., add_generation_prompt=True)`, as SGLang does."""
+        extra: dict[str, Any] = {**(template_kwargs or {})}
+        if tools:
+            extra["tools"] = tools
         try:
             result = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+                list(messages),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                **extra,
             )
         except Exception as exc:  # noqa: BLE001 - a template refusing the messages is the input's
             raise FrontendError(
@@ -87,6 +120,25 @@ class HfTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         """`tokenizer.decode(ids)`."""
         return str(self.tokenizer.decode(list(token_ids)))
+
+
+def _template_uses(template: Any, variable: str) -> bool:
+    """Whether a Jinja chat template (or any of a tokenizer's named templates) reads
+    `variable`."""
+    import jinja2
+    import jinja2.meta
+
+    templates = template.values() if isinstance(template, dict) else [template]
+    for text in templates:
+        if not isinstance(text, str):
+            continue
+        try:
+            parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        except jinja2.TemplateError:
+            continue
+        if variable in jinja2.meta.find_undeclared_variables(parsed):
+            return True
+    return False
 
 
 def _ids_of(result: Any) -> list[int]:

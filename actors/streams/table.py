@@ -274,7 +274,7 @@ def _error(chunk: HostChunk, stream: Stream) -> ErrorInfo | None:
         return deadline_error(stream)
     if chunk.finish_reason == "error":
         code = chunk.error_code if chunk.error_code in ERROR_CODES else "engine_error"
-        return error_info(code, chunk.error_message)
+        return error_info(code, chunk.error_message, chunk.error_field)
     return None
 
 

@@ -270,3 +270,50 @@ def test_each_scheduler_gets_the_metrics_endpoint_of_its_rank(
     assert sglang_children.metrics_endpoint(None) == "ipc://b"
     with pytest.raises(ValueError, match="no endpoint for DP rank 2"):
         sglang_children.metrics_endpoint(2)
+
+
+class _Tokenizer:
+    """What template detection reads of a tokenizer: its chat template and vocabulary."""
+
+    def __init__(self, template: str | None, vocab: tuple[str, ...] = ()) -> None:
+        self.chat_template = template
+        self._vocab = {token: i for i, token in enumerate(vocab)}
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._vocab
+
+
+SMOLLM2_TEMPLATE = (  # the built-in model's: it renders no tools and no reasoning
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN3_LIKE_TEMPLATE = (  # tools in <tool_call> tags, thinking on unless enable_thinking=false
+    "{%- if tools %}<tools>{{ tools | tojson }}</tools>{%- endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{%- if message.tool_calls %}<tool_call>{{ message.tool_calls | tojson }}</tool_call>"
+    "{%- endif %}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{%- endif %}{%- endif %}"
+)
+
+
+def test_the_builtin_models_template_names_no_parser() -> None:
+    assert sglang_compat.detected_parsers(_Tokenizer(SMOLLM2_TEMPLATE), {}) == {}
+    assert sglang_compat.detected_parsers(_Tokenizer(None), {}) == {}
+
+
+def test_parsers_are_detected_from_a_template_by_sglangs_rules() -> None:
+    found = sglang_compat.detected_parsers(_Tokenizer(QWEN3_LIKE_TEMPLATE, ("<think>",)), {})
+    assert found == {
+        "tool_call_parser": "qwen",
+        "reasoning_parser": "qwen3",
+        "force_reasoning": False,
+    }
+
+
+def test_parsers_set_in_engine_sglang_win_over_detection() -> None:
+    given = {"tool_call_parser": "hermes", "reasoning_parser": "deepseek-r1"}
+    found = sglang_compat.detected_parsers(_Tokenizer(SMOLLM2_TEMPLATE), given)
+    assert found == {**given, "force_reasoning": False}

@@ -3,15 +3,17 @@ timing, DP routing, control ops and close."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import jsonschema
 import pytest
 import zmq
 
 from actors.engine_host.sim import SimEngine, SimTokenizer, expected_output
 from messages.engine import HostGenerate
-from messages.request import ChatMessage, StopConditions
+from messages.request import ChatMessage, SamplingOptions, StopConditions
 from supervisor.config import SimSection
 from tests.engine.test_sim_harness import (
     WAIT,
@@ -386,3 +388,61 @@ def test_a_port_in_use_fails_start_and_leaves_no_thread_behind() -> None:
         engine.serve()  # returns at once: the engine is closed
     finally:
         blocker.close()
+
+
+# -- guided decoding ------------------------------------------------------------------------
+
+TOOL_CALLS_SCHEMA = {  # what the frontend asks for with tool_choice "required"
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "anyOf": [
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": ["get_weather"]},
+                    "parameters": {"$ref": "#/$defs/place"},
+                },
+                "required": ["name", "parameters"],
+            }
+        ],
+    },
+    "$defs": {
+        "place": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer", "minimum": 1},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "hourly": {"type": "boolean"},
+            },
+            "required": ["city"],
+        }
+    },
+}
+
+
+def test_a_json_schema_request_gets_a_document_valid_against_it_then_eos() -> None:
+    schema = json.dumps(TOOL_CALLS_SCHEMA)
+    with running_sim() as (engine, out):
+        for rid, prompt in (("a", "weather in Paris?"), ("b", "and in Rome?")):
+            engine.submit(
+                gen(rid, prompt, max_tokens=200, sampling=SamplingOptions(json_schema=schema))
+            )
+        first, second = out.wait_done("a"), out.wait_done("b")
+    for chunks in (first, second):
+        document = json.loads(text_of(chunks))
+        jsonschema.validate(document, TOOL_CALLS_SCHEMA)
+        assert document[0]["name"] == "get_weather"
+        assert chunks[-1].finish_reason == "stop"
+        assert tokens_of(chunks)[-1] == 2  # EOS: streamed and counted, its text left out
+    assert text_of(first) != text_of(second)  # a function of the prompt, as the answers are
+
+
+def test_a_json_schema_document_is_cut_at_max_tokens() -> None:
+    schema = '{"type": "object", "properties": {"a": {"type": "string"}}}'
+    with running_sim() as (engine, out):
+        engine.submit(gen("a", max_tokens=4, sampling=SamplingOptions(json_schema=schema)))
+        chunks = out.wait_done("a")
+    assert chunks[-1].finish_reason == "length"
+    assert text_of(chunks) == '{"a"'

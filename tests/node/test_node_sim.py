@@ -184,7 +184,34 @@ def test_cancel_mid_stream_ends_it_cancelled_and_the_engine_aborts(node: NodePro
         ),
         (b'{"request_id": "r1", "prompt": "x", "colour": 1}', "colour", "unknown field"),
         (b'{"prompt": "x"}', "request_id", "required"),
-        (b'{"request_id": "r1"}', "prompt", "exactly one of"),
+        (b'{"request_id": "r1"}', "", "exactly one of"),  # no single field at fault
+        (b'{"request_id": "r1", "messages": []}', "messages", "messages is empty"),
+        # refusals made in the engine host name their field too
+        (b'{"request_id": "r1", "prompt": "x", "dp_rank": 5}', "dp_rank", "out of range"),
+        (b'{"request_id": "r1", "token_ids": [1, 40000]}', "token_ids", "vocabulary"),
+        (b'{"request_id": "r1", "prompt": "' + b"x" * 2000 + b'"}', "prompt", "KV pages"),
+        (
+            b'{"request_id": "r1", "prompt": "' + b"x" * 900 + b'", "stop": {"max_tokens": 500}}',
+            "stop.max_tokens",
+            "KV pages",
+        ),
+        (
+            b'{"request_id": "r1", "token_ids": ' + str([5] * 8000).encode() + b","
+            b'"stop": {"max_tokens": 500}}',
+            "stop.max_tokens",
+            "context length",
+        ),
+        (
+            b'{"request_id": "r1", "prompt": "x", "sampling": {"json_schema": "{not json"}}',
+            "sampling.json_schema",
+            "not JSON",
+        ),
+        (
+            b'{"request_id": "r1", "prompt": "x", "sampling": {"regex": "(unclosed"}}',
+            "sampling.regex",
+            "does not compile",
+        ),
+        (b'{"request_id": "r1", "prompt": "x", "lora": "absent"}', "lora", "not loaded"),
         (
             b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": 100000}}',
             "stop.max_tokens",
@@ -193,6 +220,9 @@ def test_cancel_mid_stream_ends_it_cancelled_and_the_engine_aborts(node: NodePro
         (b'{"request_id": "r1", "token_ids": [1, -5]}', "token_ids[1]", ">= 0"),
         (b'{"request_id": "r1", "prompt": "\xff\xfe"}', "", "malformed"),
         (b'{"request_id": "r1", "prompt": "' + b"x" * 200_000 + b'"}', "", "limit is"),
+        # over NATS's default max_payload (1 MiB) but not the embedded server's: the node's
+        # own error, not a failure in the client's NATS library
+        (b'{"request_id": "r1", "prompt": "' + b"x" * 2_000_000 + b'"}', "", "limit is"),
         (b'{"request_id": "r1", "prompt": "x", "stop": {"max_tokens": 5', "", "malformed"),
     ],
 )

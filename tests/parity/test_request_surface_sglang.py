@@ -185,3 +185,52 @@ def test_the_last_chunk_carries_usage_with_cached_tokens(node: NodeProcess) -> N
     assert usage is not None
     assert usage.prompt_tokens > 0
     assert usage.cached_tokens > 0
+
+
+def _refusal(node: NodeProcess, **fields: Any) -> tuple[str, str, str]:
+    fields.setdefault("request_id", uuid.uuid4().hex)
+
+    async def go() -> list[StreamChunk]:
+        async with NodeClient(node.url) as client:
+            payload = json.dumps(fields).encode()
+            return [c async for c in client.generate(payload, idle_timeout=120)]
+
+    chunks = asyncio.run(go())
+    assert chunks[-1].finish_reason == "error", chunks[-1]
+    error = chunks[-1].error
+    assert error is not None
+    return error.code, error.field, error.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"prompt": "x", "dp_rank": 3}, "dp_rank", "out of range"),
+        ({"token_ids": [28] * 8000, "stop": {"max_tokens": 500}}, "stop.max_tokens", "context"),
+        ({"prompt": "Paris, " * 4500}, "prompt", "more than this engine accepts"),
+        ({"messages": []}, "messages", "empty"),
+        (
+            {"prompt": "x", "sampling": {"json_schema": "{not json"}},
+            "sampling.json_schema",
+            "grammar",
+        ),
+    ],
+)
+def test_refusals_name_the_field_at_fault(
+    node: NodeProcess, fields: dict[str, Any], field: str, words: str
+) -> None:
+    code, at_fault, message = _refusal(node, **fields)
+    assert (code, at_fault) == ("invalid_request", field), message
+    assert words in message
+
+
+def test_the_last_chunk_carries_the_eos_token_counted_and_without_its_text(
+    node: NodeProcess,
+) -> None:
+    chunks = ask(node, stop=StopConditions(max_tokens=64))
+    last = chunks[-1]
+    assert last.finish_reason == "stop"
+    assert last.token_ids[-1:] == [2]  # SmolLM2's <|im_end|>
+    assert "<|im_end|>" not in text(chunks)
+    assert last.usage is not None
+    assert last.usage.completion_tokens == len(tokens(chunks))

@@ -331,3 +331,13 @@ def test_the_cli_exits_2_and_starts_nothing(tmp_path: Path, path: str) -> None:
     assert result.returncode == 2
     assert f"{path}:" in result.stderr
     assert "process spawned" not in result.stderr
+
+
+def test_max_request_bytes_must_stay_below_the_embedded_servers_max_payload() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads("[handlers]\nmax_request_bytes = 8388608\n")
+    assert info.value.key == "handlers.max_request_bytes"
+    with pytest.raises(ConfigError) as info:
+        loads("[nats]\nmax_payload = 65536\n")
+    assert info.value.key == "nats.max_payload"
+    loads("[nats]\nembedded = false\n[handlers]\nmax_request_bytes = 8388608\n")  # theirs

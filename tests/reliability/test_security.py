@@ -116,7 +116,7 @@ def test_a_token_from_a_file_also_configures_the_embedded_server(tmp_path: Path)
             asyncio.run(anonymous())
         assert node.stop() == 0
         assert SECRET not in _all_logs(node)
-        assert "nats-auth.conf" in _all_logs(node)  # the secret travels in a 0600 file, not argv
+        assert "nats-server.conf" in _all_logs(node)  # the secret travels in a 0600 file, not argv
     finally:
         node.kill()
 

@@ -113,6 +113,63 @@ def test_sigterm_stops_the_demo_tree_in_order_exits_0_and_leaves_no_process(
     assert wait_until(lambda: not pid_alive(ticker) and not pid_alive(grandchild), timeout=5)
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler installed (/proc: SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("moment", ["first_handler", "first_log_line"])
+def test_a_sigterm_during_start_up_is_an_ordered_stop_with_exit_0(
+    repo_root: Path, moment: str
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "configs/demo.toml", "--log-format", "json"],
+        cwd=repo_root,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
+    try:
+        # the earliest moment the node catches it, or the tree being built (logging is
+        # configured: its first line)
+        assert wait_until(lambda: _catches_sigterm(proc.pid), timeout=10, interval=0.001)
+        if moment == "first_handler":
+            proc.send_signal(signal.SIGSTOP)  # frozen where the handler was first seen:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            # caught before the package's own imports (msgspec's extension is among them)
+            assert "msgspec" not in maps
+            proc.send_signal(signal.SIGTERM)  # pending until it runs again
+            proc.send_signal(signal.SIGCONT)
+        else:
+            assert proc.stderr is not None
+            proc.stderr.readline()
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(err.splitlines()[-1])
+    assert last["event"] in ("stopped before starting", "stopped")
+
+
+def test_other_modules_of_the_package_leave_sigterm_alone(repo_root: Path) -> None:
+    probe = "import signal, supervisor; print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
+    assert result.stdout.strip() == "True", result.stderr
+
+
 SLOW_TREE = """
 import sys, time
 sys.path.insert(0, {repo!r})

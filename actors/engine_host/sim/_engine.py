@@ -22,13 +22,20 @@ import msgspec
 import structlog
 import zmq
 
+from actors.engine_host.sim._guided import guided_document
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
 from actors.engine_host.sim._metrics_pusher import MetricsPusher, kv_metrics_pickle
+from actors.engine_host.sim._model import prompt_offset
 from actors.engine_host.sim._multinode import FollowerLink, LeaderLink
 from actors.engine_host.sim._request import SimRequest
 from actors.engine_host.sim._scheduler import RankScheduler
 from actors.engine_host.sim._tokenizer import SimTokenizer
-from actors.engine_host.sim._validation import Refused, check_limits, prompt_ids
+from actors.engine_host.sim._validation import (
+    Refused,
+    check_guidance,
+    check_limits,
+    prompt_ids,
+)
 from actors.engine_host.spec import local_ranks
 from messages.engine import (
     EngineInfo,
@@ -420,6 +427,7 @@ class SimEngine:
                     finish_reason="error",
                     error_code="invalid_request",
                     error_message=problem,
+                    error_field="input",
                 )
             )
             return
@@ -435,7 +443,8 @@ class SimEngine:
     def _admit(self, cmd: HostGenerate) -> None:
         try:
             if cmd.lora and cmd.lora not in self._adapters:
-                raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded")
+                raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded", "lora")
+            check_guidance(cmd)
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
             with self._lock:
                 rank = self._admission_rank(cmd, len(prompt))
@@ -453,6 +462,7 @@ class SimEngine:
                     finish_reason="error",
                     error_code=refusal.code,
                     error_message=str(refusal),
+                    error_field=refusal.field,
                 )
             )
 
@@ -466,6 +476,7 @@ class SimEngine:
             eos_token_id=self.sim.eos_token_id,
             priority=cmd.priority or 0,
             arrival=next(self._arrivals),
+            forced=_guided_tokens(cmd, prompt),
         )
         self._live[cmd.request_id] = rank
         rank.enqueue(req)
@@ -492,7 +503,11 @@ class SimEngine:
         if self._released:
             raise Refused("engine_error", "the KV cache memory is released; resume it first")
         if cmd.request_id in self._live:
-            raise Refused("invalid_request", f"request id {cmd.request_id!r} is already running")
+            raise Refused(
+                "invalid_request",
+                f"request id {cmd.request_id!r} is already running",
+                "request_id",
+            )
         check_limits(cmd, prompt_tokens, self.sim, self.page_size, self.dp_size)
         leader = self._leader
         if cmd.dp_rank is not None and cmd.dp_rank not in self._by_rank:
@@ -632,3 +647,11 @@ class SimEngine:
                 self._released = True
                 return True, "KV cache flushed and memory released", {}
             return True, "KV cache flushed", {}
+
+
+def _guided_tokens(cmd: HostGenerate, prompt: list[int]) -> list[int] | None:
+    """The tokens of the document a `json_schema` request gets (None: no schema)."""
+    schema = cmd.sampling.json_schema
+    if schema is None:
+        return None
+    return SimTokenizer.encode(guided_document(schema, prompt_offset(prompt)))

@@ -36,6 +36,8 @@ class SimRequest:
     kv: KvSequence | None = None
     aborted: bool = False
     finish_reason: str | None = None
+    # guided decoding: the tokens of the document the schema allows, then EOS (_guided.py)
+    forced: list[int] | None = None
     _offset: int = -1
     _decoder: StreamDecoder = field(default_factory=StreamDecoder)
     _text: str = ""  # decoded so far (minus a matched stop)
@@ -64,12 +66,20 @@ class SimRequest:
         if self._offset < 0:
             self._offset = prompt_offset(self.prompt)
         i = len(self.output_ids)
-        token = token_at(self._offset, i)
+        forced = self.forced
+        guided_done = forced is not None and i >= len(forced)  # the grammar allows only EOS
+        if forced is None:
+            token = token_at(self._offset, i)
+        else:
+            token = forced[i] if i < len(forced) else self.eos_token_id
         self.output_ids.append(token)
         stops_now = len(self.output_ids) >= self.stop.min_tokens
-        matched_token = stops_now and (
-            token in self.stop.stop_token_ids
-            or (token == self.eos_token_id and not self.stop.ignore_eos)
+        matched_token = guided_done or (
+            stops_now
+            and (
+                token in self.stop.stop_token_ids
+                or (token == self.eos_token_id and not self.stop.ignore_eos)
+            )
         )
         if matched_token:  # its text is left out, what was before it is flushed
             self.finish_reason = "stop"
