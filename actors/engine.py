@@ -149,8 +149,9 @@ class EngineActor(SupervisedActor):
     def on_undelivered(self, message: Any) -> None:
         # A request told to this actor just as it stopped: answer it, never leave it silent.
         if isinstance(message, SubmitGenerate | SubmitEmbed):
+            engine_id = message.engine_id if isinstance(message, SubmitGenerate) else ""
             chunk = HostChunk(
-                message.request.request_id,
+                engine_id or message.request.request_id,
                 finish_reason="error",
                 error_code="engine_restarting",
                 error_message="the engine stopped before taking the request; retry shortly",
@@ -256,11 +257,12 @@ class EngineActor(SupervisedActor):
 
     def _submit(self, message: SubmitGenerate) -> None:
         request = message.request
-        if not self._admit(request.request_id, request.client_id, message.reply_path):
+        engine_id = message.engine_id or request.request_id
+        if not self._admit(engine_id, request.client_id, message.reply_path):
             return
         self._send(
             HostGenerate(
-                request_id=request.request_id,
+                request_id=engine_id,
                 token_ids=request.token_ids,
                 prompt=request.prompt,
                 messages=request.messages,
@@ -272,6 +274,7 @@ class EngineActor(SupervisedActor):
                 max_prompt_tokens=message.max_prompt_tokens,
                 bootstrap=request.bootstrap_info,
                 lora=request.lora,
+                continuation_ids=message.continuation_ids,
             )
         )
 
@@ -352,19 +355,18 @@ class EngineActor(SupervisedActor):
         by_handler: dict[str, list[HostChunk]] = {}
         with self._lock:
             for chunk in chunks:
-                if chunk.request_id.startswith(_WARMUP_PREFIX):
+                # Requests first: a client's id may well begin like a canary's.
+                finished = chunk.finish_reason is not None
+                entry = self._inflight.progress(chunk.request_id, now, finished)
+                if entry is not None:
+                    by_handler.setdefault(entry.reply_path, []).append(chunk)
+                elif chunk.request_id.startswith(_WARMUP_PREFIX):
                     self._warmup[1].append(chunk)
                     if chunk.finish_reason is not None:
                         self._warmup[0].set()
-                    continue
-                if chunk.request_id.startswith(_CANARY_PREFIX):
+                elif chunk.request_id.startswith(_CANARY_PREFIX):
                     self.actor_ref.tell(EngineOutput(chunk))  # canary bookkeeping is the actor's
-                    continue
-                finished = chunk.finish_reason is not None
-                entry = self._inflight.progress(chunk.request_id, now, finished)
-                if entry is None:
-                    continue  # already failed (engine restart) or unknown
-                by_handler.setdefault(entry.reply_path, []).append(chunk)
+                # else: already failed (engine restart) or unknown
             node_metrics.INFLIGHT.set(len(self._inflight))
         for reply_path, batch in by_handler.items():
             handler = whereis(reply_path)

@@ -18,6 +18,7 @@ actor decodes, calls the core, and carries out what it returns (publish, abort, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,9 @@ import msgspec
 import pykka
 
 from actors.nats.link import NatsLink
+from actors.streams.handover import offer_handover
 from actors.streams.modes import shape_request
-from actors.streams.table import Progress, StreamTable
+from actors.streams.table import Ending, Progress, StreamTable
 from actors.telemetry import node_metrics
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.engine import HostChunk
@@ -47,6 +49,7 @@ from messages.request import (
     EmbedResponse,
     ErrorCode,
     GenerateRequest,
+    HandoverReply,
     ResumeRequest,
     StreamChunk,
     error_chunk,
@@ -68,6 +71,7 @@ __all__ = ["HandlerActor"]
 
 _DEADLINE_GRACE = 1.0  # after aborting a late request, wait this long for the engine to end it
 _RESTARTING = "the engine is (re)starting; retry shortly"
+_RETRY_EVERY = 0.2  # while streams wait for an engine, look for one this often
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,12 @@ class _DeadlineGrace:
 
 @dataclass(frozen=True)
 class _DrainDeadline:
-    """The drain timeout ran out: end the streams left with `shutdown`."""
+    """The drain timeout ran out: hand the streams left over, or end them with `shutdown`."""
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Streams wait for an engine: submit them if one runs again."""
 
 
 class HandlerActor(SupervisedActor):
@@ -103,14 +112,26 @@ class HandlerActor(SupervisedActor):
         self.drain_timeout = settings.drain_timeout
         self.link: NatsLink | None = None
         self._subscriptions: list[Any] = []
-        self.table = StreamTable(
-            self.limits.default_deadline,
-            self.limits.resume_window,
-            self.limits.resume_buffer_bytes,
+        # The streams outlive a crash of this actor: the supervisor keeps them for the next
+        # incarnation of this child (context.handover), which continues them.
+        adopted = context.handover.get("table")
+        self.table: StreamTable = (
+            adopted
+            if isinstance(adopted, StreamTable)
+            else StreamTable(
+                self.limits.default_deadline,
+                self.limits.resume_window,
+                self.limits.resume_buffer_bytes,
+                self.limits.migration_limit,
+            )
         )
+        context.handover["table"] = self.table
+        self._adopted = adopted is not None
         self._timers: dict[str, list[Any]] = {}
         self._outbox: list[tuple[str, bytes, str]] | None = None
         self._draining = False
+        self._crashed = False
+        self._retry: Any = None  # the armed _Retry timer
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -144,6 +165,26 @@ class HandlerActor(SupervisedActor):
                 max_payload=max_payload,
                 max_request_bytes=self.limits.max_request_bytes,
             )
+        if self._adopted:
+            self._continue_adopted()
+        for message in self.context.handover.pop("pending", []):
+            self.actor_ref.tell(message)  # requests the crashed incarnation never read
+
+    def _continue_adopted(self) -> None:
+        """The previous incarnation crashed with streams in flight: abandon their engine
+        attempts (their chunks may have been lost with it) and continue each from what its
+        client has, with its deadline."""
+        now = self.context.clock.now()
+        for request_id, stream in list(self.table.streams.items()):
+            old = self.table.suspend(request_id)
+            if old:
+                self._abort_in_engine(old, "shutdown")
+            node_metrics.MIGRATIONS.labels("handler_crash").inc()
+            self._stream_timer(
+                request_id, max(0.0, stream.deadline_at - now), _Deadline(request_id)
+            )
+        self.log.warning("continuing the crashed incarnation's streams", streams=len(self.table))
+        self._retry_soon(0.0)
 
     def on_stop_request(self, request: StopRequest) -> None:
         # Not a blocking drain: the actor keeps handling engine output while it drains.
@@ -160,15 +201,30 @@ class HandlerActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         self._unsubscribe()
-        error: tuple[ErrorCode, str] | None = None
-        if not isinstance(reason, Shutdown):
-            error = ("internal", f"handler failed: {reason.describe()}")
-        self._close_all(error)
+        if isinstance(reason, Shutdown):
+            self._close_all()
+            self.context.handover.pop("table", None)
+            return
+        # A crash: the streams stay in the handover for the next incarnation, which
+        # continues them; nothing is said to their clients, who only see a pause.
+        self._crashed = True
+        self.log.warning(
+            "handler crashed; its streams wait for its restart", streams=len(self.table)
+        )
 
-    def _close_all(self, error: tuple[ErrorCode, str] | None) -> None:
-        """End every stream in flight (`shutdown`, or `error`), aborting it in the engine."""
-        for chunk in self.table.closing_chunks(error):
-            self._abort_in_engine(chunk.request_id, "shutdown")
+    def on_undelivered(self, message: Any) -> None:
+        if not isinstance(message, IncomingRequest):
+            return
+        if self._crashed:  # the next incarnation reads it
+            self.context.handover.setdefault("pending", []).append(message)
+        elif message.reply:
+            why = "the node is stopping; send the request elsewhere"
+            self._reject(message.reply, _request_id_of(message.data), "not_ready", why)
+
+    def _close_all(self) -> None:
+        """End every stream in flight with `shutdown`, aborting it in the engine."""
+        for chunk in self.table.closing_chunks():
+            self._abort_in_engine(self.table.engine_id(chunk.request_id), "shutdown")
             self._end(chunk.request_id, chunk)
 
     def _unsubscribe(self) -> None:
@@ -204,20 +260,16 @@ class HandlerActor(SupervisedActor):
             case IncomingResume():
                 self._on_resume(message)
             case _Deadline(request_id=request_id):
-                if self.table.stopping(request_id, "deadline_exceeded"):
-                    self._abort_in_engine(request_id, "deadline_exceeded")
-                    self._stream_timer(request_id, _DEADLINE_GRACE, _DeadlineGrace(request_id))
+                self._stop_stream(request_id, "deadline_exceeded")
             case _DeadlineGrace(request_id=request_id):
-                late = self.table.deadline_chunk(request_id)
+                late = self.table.stopped_chunk(request_id)
                 if late is not None:
                     self._end(request_id, late)
+            case _Retry():
+                self._retry = None
+                self._submit_waiting()
             case _DrainDeadline():
-                if self.table:
-                    self.log.warning(
-                        "drain timeout: ending the rest with shutdown", remaining=len(self.table)
-                    )
-                self._close_all(None)
-                self.exit(Shutdown(detail="drained"))
+                self._drain_deadline()
             case _:
                 return super().handle(message)
         return None
@@ -257,48 +309,119 @@ class HandlerActor(SupervisedActor):
             self._reject(reply, request.request_id, "invalid_request", text, field_name)
             return
         request = shaped.request
-        engine = self._admissible(reply, request.request_id)
+        cont = request.continuation
+        # A stream handed over by a draining node streams to its client's subject, and the
+        # node that handed it over hears whether it was taken.
+        handover = cont is not None and bool(cont.reply_to)
+        stream_to = cont.reply_to if cont is not None and cont.reply_to else reply
+        answer_to = reply if handover else ""
+        engine = self._admissible(stream_to, request, answer_to)
         if engine is None:
             return
-        stream = self._open(request, message)
+        stream = self._open(request, stream_to, message.received_at)
+        if answer_to:
+            self._publish(answer_to, encode_json(HandoverReply(accepted=True)))
+        if cont is not None:
+            node_metrics.MIGRATIONS.labels("taken_over").inc()
+            self.log.info(
+                "continuing a stream begun elsewhere",
+                request_id=request.request_id,
+                from_index=cont.next_index,
+                tokens=len(cont.token_ids),
+                migrations=cont.migrations,
+            )
         if shaped.first is not None:
             self._publish(stream.reply, self.table.send(stream, shaped.first))
-        submit = SubmitGenerate(
-            request, reply_path=self.context.path, max_prompt_tokens=self.limits.max_prompt_tokens
-        )
-        self._tell_engine(engine, request.request_id, submit)
+        self._submit(request.request_id, engine)
 
-    def _admissible(self, reply: str, request_id: str) -> Any:
+    def _admissible(self, reply: str, request: GenerateRequest, answer_to: str) -> Any:
         """The engine actor to submit to, or None after refusing the request (a duplicate
-        id in flight, or no engine now)."""
-        if request_id in self.table:
+        id in flight, or no engine now). A continuation of a stream this handler still
+        holds at fewer migrations replaces it (its client moved it here)."""
+        request_id = request.request_id
+        held = self.table.streams.get(request_id)
+        cont = request.continuation
+        if held is not None and cont is not None and held.migrations < cont.migrations:
+            self._abort_in_engine(
+                self.table.handed_over(request_id, self.context.clock.now()), "cancelled"
+            )
+            self._after_end(request_id)
+        elif held is not None:
             why = "request_id is already in flight"
-            self._reject(reply, request_id, "invalid_request", why, "request_id")
+            self._refuse(reply, request_id, answer_to, ("invalid_request", why, "request_id"))
             return None
         engine = whereis(self.engine_path)
         if engine is None:
-            self._reject(reply, request_id, "engine_restarting", _RESTARTING)
+            self._refuse(reply, request_id, answer_to, ("engine_restarting", _RESTARTING, ""))
         return engine
 
-    def _open(self, request: GenerateRequest | EmbedRequest, message: IncomingRequest) -> Any:
-        stream = self.table.open(request, message.reply, message.received_at)
+    def _refuse(
+        self, reply: str, request_id: str, answer_to: str, why: tuple[ErrorCode, str, str]
+    ) -> None:
+        """Refuse a request: to its client, or, for a handover, to the node handing it."""
+        if not answer_to:
+            self._reject(reply, request_id, *why)
+            return
+        code, message, field_name = why
+        node_metrics.REQUESTS.labels(code).inc()
+        refusal = HandoverReply(accepted=False, error=error_info(code, message, field_name))
+        self._publish(answer_to, encode_json(refusal))
+
+    def _open(self, request: GenerateRequest | EmbedRequest, reply: str, received_at: float) -> Any:
+        stream = self.table.open(request, reply, received_at)
         remaining = stream.deadline_at - self.context.clock.now()
         self._stream_timer(request.request_id, max(0.0, remaining), _Deadline(request.request_id))
         return stream
 
+    def _submit(self, request_id: str, engine: Any) -> None:
+        """Submit a stream's next attempt to the engine (or end it, if it already has every
+        token it may)."""
+        if self.table.complete(request_id):
+            stream = self.table.streams[request_id]
+            self._end(request_id, StreamChunk(request_id, stream.index, finish_reason="length"))
+            return
+        submission = self.table.submit(request_id)
+        message = SubmitGenerate(
+            submission.request,
+            reply_path=self.context.path,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            engine_id=submission.engine_id,
+            continuation_ids=submission.continuation_ids,
+        )
+        self._tell_engine(engine, submission.engine_id, message)
+
     def _tell_engine(
-        self, engine: Any, request_id: str, message: SubmitGenerate | SubmitEmbed
+        self, engine: Any, engine_id: str, message: SubmitGenerate | SubmitEmbed
     ) -> None:
         try:
             engine.tell(message)
         except pykka.ActorDeadError:  # it stopped between the lookup and the tell
             gone = HostChunk(
-                request_id,
+                engine_id,
                 finish_reason="error",
                 error_code="engine_restarting",
                 error_message=_RESTARTING,
             )
             self._on_output(gone)
+
+    def _retry_soon(self, delay: float = _RETRY_EVERY) -> None:
+        if self._retry is None:
+            self._retry = self.send_after(delay, _Retry())
+
+    def _submit_waiting(self) -> None:
+        """Submit the streams that wait for an engine, once a new one runs."""
+        waiting = self.table.waiting()
+        if not waiting:
+            return
+        # An engine actor still dying takes the submission into an inbox it never reads and
+        # answers it (on_undelivered): that attempt streams nothing and costs no seam.
+        engine = whereis(self.engine_path)
+        if engine is None:
+            self._retry_soon()
+            return
+        self.log.info("continuing streams on the engine", streams=len(waiting))
+        for request_id in waiting:
+            self._submit(request_id, engine)
 
     def _on_embed_request(self, message: IncomingRequest) -> None:
         try:
@@ -326,7 +449,7 @@ class HandlerActor(SupervisedActor):
             why = _RESTARTING if engine is None else "request_id is already in flight"
             self._reject_embed(message.reply, request.request_id, code, why)
             return
-        self._open(request, message)
+        self._open(request, message.reply, message.received_at)
         submit = SubmitEmbed(
             request,
             texts,
@@ -341,7 +464,12 @@ class HandlerActor(SupervisedActor):
     def _on_output(self, chunk: HostChunk) -> None:
         progress = self.table.output(chunk, self.context.clock.now())
         if progress is None:
-            return  # a late chunk for a request already ended (deadline, shutdown)
+            return  # a late chunk: its attempt was abandoned, or its stream ended
+        if progress.waits:  # its engine went away: the stream continues on the next one
+            if progress.seam:
+                node_metrics.MIGRATIONS.labels("engine_lost").inc()
+            self._retry_soon()
+            return
         _observe(progress)
         self._publish(progress.stream.reply, progress.data)
         if progress.ended is not None:
@@ -352,8 +480,25 @@ class HandlerActor(SupervisedActor):
             cancel = decode_json(data, CancelRequest)
         except DecodeError:
             return  # another node's business to complain; ours only if we know the id
-        if self.table.stopping(cancel.request_id, "cancelled"):
-            self._abort_in_engine(cancel.request_id, "cancelled")
+        stream = self.table.streams.get(cancel.request_id)
+        below = cancel.below_migrations
+        if stream is None or (below is not None and stream.migrations >= below):
+            return  # not ours, or the copy its client moved elsewhere asks to keep
+        self._stop_stream(cancel.request_id, "cancelled")
+
+    def _stop_stream(self, request_id: str, why: Ending) -> None:
+        """Stop a stream (cancel, deadline): through its engine, or here if none runs it."""
+        match self.table.stopping(request_id, why):
+            case "abort":
+                self._abort_in_engine(self.table.engine_id(request_id), why)
+                if why == "deadline_exceeded":
+                    self._stream_timer(request_id, _DEADLINE_GRACE, _DeadlineGrace(request_id))
+            case "end":
+                chunk = self.table.stopped_chunk(request_id)
+                if chunk is not None:
+                    self._end(request_id, chunk)
+            case "none":
+                pass
 
     def _on_resume(self, message: IncomingResume) -> None:
         if not message.reply:
@@ -392,19 +537,56 @@ class HandlerActor(SupervisedActor):
         self._publish(ended.reply, ended.data)
         self._after_end(request_id)
 
-    def _after_end(self, request_id: str) -> None:
+    def _after_end(self, request_id: str, exiting: bool = False) -> None:
         for timer in self._timers.pop(request_id, []):
             timer.cancel()
-        if self._draining and not self.table:
+        if self._draining and not self.table and not exiting:
             self.exit(Shutdown(detail="drained"))
 
     def _stream_timer(self, request_id: str, delay: float, message: Any) -> None:
         self._timers.setdefault(request_id, []).append(self.send_after(delay, message))
 
-    def _abort_in_engine(self, request_id: str, reason: str) -> None:
+    def _abort_in_engine(self, engine_id: str, reason: str) -> None:
         engine = whereis(self.engine_path)
-        if engine is not None:
-            engine.tell(AbortGenerate(request_id, reason))
+        if engine is not None and engine_id:
+            with contextlib.suppress(pykka.ActorDeadError):
+                engine.tell(AbortGenerate(engine_id, reason))
+
+    # --- a stop: streams handed over, or ended ---------------------------------------------
+
+    def _drain_deadline(self) -> None:
+        """The drain timeout ran out with streams still running: hand each over to another
+        instance (a continuation that streams to the same client), else end it."""
+        if self.table and self.limits.handover_on_drain:
+            moved = self._hand_over_all()
+            if moved:
+                self.log.info("streams handed over to another instance", streams=moved)
+        if self.table:
+            self.log.warning(
+                "drain timeout: ending the rest with shutdown", remaining=len(self.table)
+            )
+        self._close_all()
+        self.exit(Shutdown(detail="drained"))
+
+    def _hand_over_all(self) -> int:
+        assert self.link is not None
+        moved = 0
+        for request_id in list(self.table.streams):
+            stream = self.table.streams[request_id]
+            if not isinstance(stream.request, GenerateRequest) or stream.ending:
+                continue
+            request = self.table.handover_request(request_id)
+            if stream.migrations >= self.limits.migration_limit:
+                continue
+            answer = offer_handover(self.link, self.subjects.generate, request)
+            if answer is None or not answer.accepted:
+                break  # no instance takes streams now: the rest end here
+            engine_id = self.table.handed_over(request_id, self.context.clock.now())
+            self._abort_in_engine(engine_id, "shutdown")
+            self._after_end(request_id, exiting=True)
+            node_metrics.MIGRATIONS.labels("handed_over").inc()
+            moved += 1
+        return moved
 
     def _publish(self, reply: str, data: bytes) -> None:
         assert self.link is not None

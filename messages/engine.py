@@ -91,6 +91,10 @@ class HostGenerate(_Cmd, frozen=True, tag="generate"):
     canary: bool = False  # a health canary, not a client request
     bootstrap: BootstrapInfo | None = None  # disaggregated prefill/decode
     lora: str = ""  # a loaded LoRA adapter's name
+    # A continuation: tokens already generated (by an earlier attempt) that follow the
+    # prompt; the engine generates what comes after them. Its text and stop strings
+    # behave as if one request had produced all of it.
+    continuation_ids: list[int] = []
 
     def input_field(self) -> str:
         """The name of the input form given (`token_ids`, `prompt` or `messages`), for

@@ -73,6 +73,8 @@ class SubmitGenerate(msgspec.Struct, frozen=True):
     request: GenerateRequest
     reply_path: str
     max_prompt_tokens: int = 0
+    engine_id: str = ""  # the attempt's id in the engine; "" the request's own id
+    continuation_ids: list[int] = []  # tokens already generated, after the prompt
 
 
 class SubmitEmbed(msgspec.Struct, frozen=True):

@@ -19,12 +19,14 @@ __all__ = [
     "BootstrapInfo",
     "CancelRequest",
     "ChatMessage",
+    "Continuation",
     "EmbedRequest",
     "EmbedResponse",
     "ErrorCode",
     "ErrorInfo",
     "FinishReason",
     "GenerateRequest",
+    "HandoverReply",
     "OutputOptions",
     "ResumeReply",
     "ResumeRequest",
@@ -127,6 +129,23 @@ class BootstrapInfo(_Wire, frozen=True):
     room: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
+class Continuation(_Wire, frozen=True):
+    """The part of a stream the client already has, when a request continues elsewhere:
+    on a restarted engine, on another DP rank, handler or node. The engine gets the prompt
+    followed by `token_ids` and generates the rest; chunks go on from `next_index`, and the
+    client sees one stream. Sent by the client library and the frontend when a node is
+    lost, and by a draining node handing its streams over (`reply_to`)."""
+
+    token_ids: list[TokenId]  # every token the client already got, in order
+    next_index: Annotated[int, msgspec.Meta(ge=0)]  # the index of the next chunk it expects
+    migrations: Annotated[int, msgspec.Meta(ge=0)] = 0  # seams so far, this one included
+    prompt_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # as the first engine counted them
+    cached_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # the first attempt's prefix hit
+    # A handover from a draining node: stream to this subject (the client's inbox), and
+    # answer the message's own reply subject with whether the stream was taken.
+    reply_to: str = ""
+
+
 class GenerateRequest(_Wire, frozen=True):
     """A streaming generate request. Exactly one of token_ids, prompt, messages."""
 
@@ -144,6 +163,7 @@ class GenerateRequest(_Wire, frozen=True):
     priority: int | None = None
     bootstrap_info: BootstrapInfo | None = None  # disaggregated prefill/decode
     lora: str = ""  # a loaded LoRA adapter's name (see the admin op lora_load)
+    continuation: Continuation | None = None  # the stream continues from here (see above)
 
     def input_field(self) -> str:
         """The input form given (`token_ids`, `prompt` or `messages`), the `field` of a
@@ -198,6 +218,7 @@ class StreamChunk(_Wire, frozen=True):
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
     bootstrap_info: BootstrapInfo | None = None  # a prefill node's first chunk
+    migrations: int = 0  # seams the stream went through (engine restarts, moves): 0 omitted
 
 
 class EmbedRequest(_Wire, frozen=True):
@@ -241,9 +262,20 @@ class EmbedResponse(_Wire, frozen=True):
 
 
 class CancelRequest(_Wire, frozen=True):
-    """Cancel an in-flight request by id (broadcast on the cancel subject)."""
+    """Cancel an in-flight request by id (broadcast on the cancel subject). With
+    `below_migrations`, only a copy of the stream left behind by a move is cancelled (one
+    whose migrations are fewer): a client that moved a stream stops the old one."""
 
     request_id: RequestId
+    below_migrations: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class HandoverReply(_Wire, frozen=True):
+    """A node's answer to a continuation handed over by a draining node (a request whose
+    `continuation.reply_to` is set): whether it took the stream, or why not."""
+
+    accepted: bool
+    error: ErrorInfo | None = None
 
 
 class ResumeRequest(_Wire, frozen=True):

@@ -175,6 +175,12 @@ class HandlersSection(_Section, frozen=True):
     # after it ended, within `resume_buffer_bytes` per handler (oldest ended ones go first).
     resume_window: Seconds = 30.0
     resume_buffer_bytes: Pos = 16 * 1024 * 1024
+    # Seams one stream may go through (its engine restarted, it moved to another node)
+    # before a lost engine ends it with an error instead of continuing it.
+    migration_limit: Annotated[int, msgspec.Meta(ge=0)] = 3
+    # On a stop, streams still running at the drain timeout are handed over to another
+    # instance (a continuation), when one takes them; else they end with `shutdown`.
+    handover_on_drain: bool = True
 
 
 class EventsSection(_Section, frozen=True):

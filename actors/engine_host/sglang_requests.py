@@ -53,6 +53,35 @@ class _Request:
     cancelled: bool = False  # aborted by the client
     prompt_len: int = 0
     deltas: compat.StreamDeltas | None = None
+    seam: _Seam | None = None  # a continuation's stop strings that may straddle its start
+
+
+@dataclass
+class _Seam:
+    """A continuation with stop strings: SGLang matches them in the new text only, so one
+    that began in the text before the seam (`before`, its end) is matched here, in the new
+    text's first characters (`after`), until no stop string can straddle any more."""
+
+    stops: list[str]
+    before: str
+    after: str = ""
+
+    def straddles(self, text: str) -> bool:
+        """Whether `text`, the next new text, completes a stop string begun before."""
+        self.after += text
+        joined = self.before + self.after
+        return any(
+            0
+            <= (at := joined.find(stop, max(0, len(self.before) - len(stop) + 1)))
+            < len(self.before)
+            < at + len(stop)
+            for stop in self.stops
+        )
+
+    @property
+    def done(self) -> bool:
+        """No stop string can straddle the seam any more."""
+        return len(self.after) >= max(len(stop) for stop in self.stops)
 
 
 def _refusal_field(cmd: HostGenerate, finish: compat.Finish | None) -> str:
@@ -146,7 +175,10 @@ class Requests:
             why = f"cannot tokenize the input: {exc}"
             self.end(cmd.request_id, "invalid_request", why, prompt_field)
             return
+        ids += cmd.continuation_ids  # a continuation: the tokens generated before it
         entry.prompt_len = len(ids)
+        if cmd.continuation_ids and cmd.stop.stop:
+            entry.seam = await self._seam(cmd)
         problem = self._prompt_problem(len(ids), cmd.max_prompt_tokens)
         if problem is not None:
             self.end(cmd.request_id, "invalid_request", problem, prompt_field)
@@ -162,7 +194,7 @@ class Requests:
                 ),
             )
             async for item in stream:
-                if self._chunk(cmd, deltas, item, len(ids)):
+                if self._chunk(entry, item, len(ids)):
                     return
         except ValueError as exc:  # SGLang's request validation
             refused = deltas.completion_tokens == 0
@@ -176,13 +208,22 @@ class Requests:
             return
         self.end(cmd.request_id, "engine_error", "the engine's stream ended without a finish")
 
-    def _chunk(
-        self, cmd: HostGenerate, deltas: compat.StreamDeltas, item: Any, prompt_len: int
-    ) -> bool:
+    def _chunk(self, entry: _Request, item: Any, prompt_len: int) -> bool:
         """Emit one streamed item as a chunk; True for the last."""
+        cmd, deltas = entry.cmd, entry.deltas
+        assert deltas is not None
         delta = deltas.next(item)
         meta = item.get("meta_info") or {}
         finish = compat.finish_of(meta)
+        seam = entry.seam
+        if finish is None and seam is not None and not seam.done and seam.straddles(delta.text):
+            # A stop string completed across the seam: the request ends here, as it would
+            # have without the seam (its text is the stop string's: left out).
+            entry.seam = None
+            usage = compat.usage_of(deltas, meta, prompt_len)
+            self.emit(HostChunk(cmd.request_id, delta.token_ids, finish_reason="stop", usage=usage))
+            self.engine.tokenizer_manager.abort_request(rid=entry.rid)
+            return True
         self.emit(
             HostChunk(
                 cmd.request_id,
@@ -197,6 +238,16 @@ class Requests:
             )
         )
         return finish is not None
+
+    async def _seam(self, cmd: HostGenerate) -> _Seam:
+        """The text just before a continuation's seam, as long as a stop string can reach."""
+        reach = max(len(stop) for stop in cmd.stop.stop)
+        tokenizer = self.engine.tokenizer_manager.tokenizer
+        tail = cmd.continuation_ids[-reach:]  # a token is at least one character
+        decode = functools.partial(tokenizer.decode, tail, skip_special_tokens=True)
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(self.tokenizing, decode)
+        return _Seam(list(cmd.stop.stop), str(text)[-reach:])
 
     async def _prompt_ids(self, cmd: HostGenerate) -> list[int]:
         if cmd.token_ids is not None:

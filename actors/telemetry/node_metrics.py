@@ -36,6 +36,16 @@ RESUMES = Counter(
     ["state"],
     registry=REGISTRY,
 )
+MIGRATIONS = Counter(
+    "sgl_node_migrations",
+    "Streams continued across a seam, by why: engine_lost (its engine died, stalled or "
+    "restarted, or its DP rank was lost), handler_crash, handed_over (to another node on a "
+    "drain), taken_over (a continuation this node took from elsewhere)",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("engine_lost", "handler_crash", "handed_over", "taken_over"):
+    MIGRATIONS.labels(_reason)
 TTFT = Histogram(
     "sgl_node_time_to_first_token_seconds",
     "Request received to first token published",

@@ -446,13 +446,15 @@ class SimEngine:
                 raise Refused("invalid_request", f"LoRA adapter {cmd.lora!r} is not loaded", "lora")
             check_guidance(cmd)
             prompt = prompt_ids(cmd, self.tokenizer, self.sim.vocab_size)
+            forced = _guided_tokens(cmd, prompt)
+            context = prompt + cmd.continuation_ids
             with self._lock:
-                rank = self._admission_rank(cmd, len(prompt))
+                rank = self._admission_rank(cmd, len(context))
                 if isinstance(rank, int):  # a follower's rank: it runs the request
                     forward_to = rank
                 else:
                     forward_to = None
-                    self._enqueue(cmd, prompt, rank)
+                    self._enqueue(cmd, context, forced, rank)
             if forward_to is not None and self._leader is not None:
                 self._leader.forward(msgspec.structs.replace(cmd, dp_rank=forward_to), forward_to)
         except Refused as refusal:
@@ -466,17 +468,25 @@ class SimEngine:
                 )
             )
 
-    def _enqueue(self, cmd: HostGenerate, prompt: list[int], rank: RankScheduler) -> None:
-        """Queue `cmd` on a local rank; call with `_lock` held."""
+    def _enqueue(
+        self,
+        cmd: HostGenerate,
+        context: list[int],
+        forced: list[int] | None,
+        rank: RankScheduler,
+    ) -> None:
+        """Queue `cmd` (its prompt and any continuation: `context`) on a local rank; call
+        with `_lock` held."""
         req = SimRequest(
             request_id=cmd.request_id,
-            prompt=prompt,
+            prompt=context,
             stop=cmd.stop,
             output=cmd.output,
             eos_token_id=self.sim.eos_token_id,
             priority=cmd.priority or 0,
             arrival=next(self._arrivals),
-            forced=_guided_tokens(cmd, prompt),
+            forced=forced,
+            continued=len(cmd.continuation_ids),
         )
         self._live[cmd.request_id] = rank
         rank.enqueue(req)
@@ -650,8 +660,15 @@ class SimEngine:
 
 
 def _guided_tokens(cmd: HostGenerate, prompt: list[int]) -> list[int] | None:
-    """The tokens of the document a `json_schema` request gets (None: no schema)."""
+    """The tokens of the document a `json_schema` request gets (None: no schema), after
+    those a continuation already has: the grammar advanced by the prefix (a prefix the
+    schema's document does not start with is refused)."""
     schema = cmd.sampling.json_schema
     if schema is None:
         return None
-    return SimTokenizer.encode(guided_document(schema, prompt_offset(prompt)))
+    document = SimTokenizer.encode(guided_document(schema, prompt_offset(prompt)))
+    had = cmd.continuation_ids
+    if document[: len(had)] != had:
+        why = "the continued tokens are not a prefix the json_schema allows"
+        raise Refused("invalid_request", why, "sampling.json_schema")
+    return document[len(had) :]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.engine_host.sim._kv_cache import KvSequence
-from actors.engine_host.sim._model import fake_logprob, prompt_offset, token_at
+from actors.engine_host.sim._model import LETTER_IDS, fake_logprob, next_token
 from actors.engine_host.sim._tokenizer import StreamDecoder
 from messages.engine import HostChunk
 from messages.request import OutputOptions, StopConditions, TokenLogprob, Usage
@@ -38,7 +38,10 @@ class SimRequest:
     finish_reason: str | None = None
     # guided decoding: the tokens of the document the schema allows, then EOS (_guided.py)
     forced: list[int] | None = None
-    _offset: int = -1
+    # A continuation: how many of `prompt`'s last tokens an earlier attempt generated. Their
+    # text counts as already produced (stop strings may straddle the seam, text they left
+    # held back is sent now), as if one request had generated all of it.
+    continued: int = 0
     _decoder: StreamDecoder = field(default_factory=StreamDecoder)
     _text: str = ""  # decoded so far (minus a matched stop)
     _sent: int = 0  # characters of _text already streamed
@@ -61,15 +64,20 @@ class SimRequest:
             cached_tokens=self.cached_tokens,
         )
 
+    def __post_init__(self) -> None:
+        if self.continued:
+            self._text = self._decoder.feed(self.prompt[-self.continued :])
+            self._sent = len(self._text) - self._held_back()
+
     def advance(self) -> HostChunk:
         """Generate one token and return its chunk (the last one ends the request)."""
-        if self._offset < 0:
-            self._offset = prompt_offset(self.prompt)
         i = len(self.output_ids)
         forced = self.forced
         guided_done = forced is not None and i >= len(forced)  # the grammar allows only EOS
         if forced is None:
-            token = token_at(self._offset, i)
+            last = self.output_ids[-1:]
+            context = last if last and last[0] in LETTER_IDS else self.prompt + self.output_ids
+            token = next_token(context)
         else:
             token = forced[i] if i < len(forced) else self.eos_token_id
         self.output_ids.append(token)
@@ -93,7 +101,7 @@ class SimRequest:
                 self._text += self._decoder.finish()
         logprobs = None
         if self.output.logprobs is not None:
-            logprobs = [fake_logprob(self._offset, i, self.output.logprobs)]
+            logprobs = [fake_logprob(token, self.output.logprobs)]
         return self._chunk([token], logprobs)
 
     def end(self, reason: str) -> HostChunk:
