@@ -17,6 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nats
+
+from messages.chaos import AdminReply, AdminRequest
+from messages.codec import decode_json, encode_json
 from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -284,3 +288,17 @@ def sim_node_on_own_nats(tmp_path: Path) -> tuple[NatsServer, NodeProcess]:
         server.stop()
         raise
     return server, node
+
+
+async def admin_request(node: NodeProcess, token: str, op: str, **args: Any) -> AdminReply:
+    """One admin op on a node's admin subject (admin must be enabled with `token`)."""
+    nc = await nats.connect(node.url)
+    try:
+        msg = await nc.request(
+            f"dynamo.backend.admin.{node.instance_id}",
+            encode_json(AdminRequest(token=token, op=op, args=args)),  # type: ignore[arg-type]
+            timeout=20,
+        )
+        return decode_json(msg.data, AdminReply)
+    finally:
+        await nc.close()

@@ -12,14 +12,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import nats
 import pytest
 
-from messages.chaos import AdminReply, AdminRequest
-from messages.codec import decode_json, encode_json
+from messages.chaos import AdminReply
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
-from tests.node.harness import NodeProcess, start_node
+from tests.node.harness import NodeProcess, admin_request, start_node
 
 TOKEN = "admin-" + uuid.uuid4().hex
 
@@ -38,19 +36,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 
 def admin(node: NodeProcess, op: str, **args: Any) -> AdminReply:
-    async def go() -> AdminReply:
-        nc = await nats.connect(node.url)
-        try:
-            msg = await nc.request(
-                f"dynamo.backend.admin.{node.instance_id}",
-                encode_json(AdminRequest(token=TOKEN, op=op, args=args)),
-                timeout=20,
-            )  # type: ignore[arg-type]
-            return decode_json(msg.data, AdminReply)
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
+    return asyncio.run(admin_request(node, TOKEN, op, **args))
 
 
 def http(
