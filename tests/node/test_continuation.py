@@ -77,7 +77,8 @@ def _assert_exact(results: list[list[StreamChunk]], tokens: int) -> None:
         assert [c.index for c in chunks] == list(range(len(chunks)))
         assert [t for c in chunks for t in c.token_ids] == expected
         usage = chunks[-1].usage
-        assert usage is not None and usage.completion_tokens == tokens
+        assert usage is not None
+        assert usage.completion_tokens == tokens
 
 
 def test_a_handler_crash_mid_stream_is_a_pause_every_stream_completes_exactly(
