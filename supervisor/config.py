@@ -247,6 +247,9 @@ class FrontendSection(_Section, frozen=True):
     kv_block_weight: NonNeg = 1.0  # cost of one KV block that must be prefilled
     load_weight: NonNeg = 1.0  # cost of one request already active or waiting on a rank
     request_timeout: Seconds = 300.0
+    # Seams one stream may go through (its instance lost or stopping after the first
+    # chunk: the stream continues on another) before it ends with the error instead.
+    migration_limit: Annotated[int, msgspec.Meta(ge=0)] = 3
     # SGLang's parser names, for every model (a string) or per model name (a table); empty:
     # the model card's (what the node set or detected), and for tool calls Hermes when the
     # model's chat template renders no tools (see actors/frontend/parsers.py)

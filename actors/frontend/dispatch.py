@@ -3,17 +3,15 @@
 - **Routing**: aggregated instances of the model, each DP rank a candidate, weighed by the
   `Router` with the KV index; when the model has both prefill and decode instances, one
   of each (prefill by KV cost, decode by load) and the disaggregated flow.
-- **Failover**: an attempt that fails before any token was received (no responders, the
+- **Failover**: an attempt that fails before any chunk was received (no responders, the
   instance was lost, or a retryable error: overloaded, engine restarting, stopping) is sent
   again to another instance, up to `MAX_ATTEMPTS`; each attempt has its own request id so
-  a cancel for one never hits another. After a token, a lost instance ends the stream
-  with a `node_lost` error chunk.
-- **Lost instances**: a stream quiet for `PROBE_AFTER` seconds asks `Discovery.is_lost`.
-- **Lost chunks**: a gap in a stream's indices, or a quiet stream, asks the node on its
-  resume subject for the chunks since the last one received (a NATS server restart drops
-  what it carries); duplicates are dropped by index.
-- **Cancel**: a stream abandoned before its last chunk (client gone, deadline) gets a
-  `CancelRequest` on its instance's cancel subject.
+  a cancel for one never hits another.
+- **Migration**: after a chunk, the same failures send the stream on to another instance
+  as a continuation (`Progress`: the tokens the client has, the next chunk index), up to
+  `migration_limit` seams; the client's stream goes on with a pause. A disaggregated
+  stream, or one past the limit, ends with the error instead.
+- **Lost instances, lost chunks, cancel**: see `attempt.py`.
 - **Disaggregated**: a random 63-bit bootstrap room; the prefill request and the decode
   request both carry the prefill card's bootstrap host/port and the room; the decode
   stream is the answer (with the prefill's cached-token count), a prefill failure before
@@ -34,13 +32,14 @@ import msgspec
 from nats.aio.client import Client
 
 from actors.frontend import metrics
+from actors.frontend.attempt import run_attempt
 from actors.frontend.discovery import Discovery, ModelPool
 from actors.frontend.errors import FrontendError, unknown_model
 from actors.frontend.indexer import KvIndexer, RankKey
-from actors.frontend.replies import ReplyMux, is_no_responders
+from actors.frontend.replies import ReplyMux
 from actors.frontend.router import Candidate, Decision, Router
-from actors.frontend.streams import PrefillOutcome, Retry, follow_prefill, retry_of
-from messages.codec import DecodeError, decode_json, encode_json
+from actors.frontend.streams import PrefillOutcome, Progress, Retry, follow_prefill
+from messages.codec import encode_json
 from messages.discovery import InstanceRecord
 from messages.kv import block_hashes
 from messages.request import (
@@ -50,14 +49,9 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor.client import ask_resume, next_within
 
 __all__ = ["Dispatcher", "Route"]
 
-PROBE_AFTER = 1.0  # seconds without a chunk before asking whether the instance is lost
-RESUME_INTERVAL = 1.0  # at most one resume request per stream this often
-RESUME_TIMEOUT = 1.0
-DEADLINE_GRACE = 5.0  # past the request's own timeout (which the node enforces)
 MAX_ATTEMPTS = 4
 PREFILL_USAGE_WAIT = 1.0  # a decode that ends first waits this long for the prefill's usage
 
@@ -92,8 +86,10 @@ class Dispatcher:
         router: Router,
         spawn: Spawn,
         log: Any,
+        migration_limit: int = 3,
     ) -> None:
         self.nc = nc
+        self.migration_limit = migration_limit
         self.mux = mux
         self.discovery = discovery
         self.indexer = indexer
@@ -110,39 +106,90 @@ class Dispatcher:
         """The chunks of `request` (token ids set) until the one with a finish reason.
 
         Raises `FrontendError` when it cannot start (unknown model, nothing left to try,
-        a refusal before any token); after a token, problems end the stream with an
-        error chunk instead. Requests of one `group` go to the same rank first."""
+        a refusal before any token). After a chunk, a lost or stopping instance sends the
+        stream on to another as a continuation (up to `migration_limit` seams), and what
+        cannot go on ends with an error chunk. Requests of one `group` go to the same rank
+        first."""
         tried: set[str] = set()
         last: FrontendError | None = None
-        for attempt in range(MAX_ATTEMPTS):
-            pool = self.discovery.pool(request.model)
-            if pool is None:
-                raise unknown_model(request.model)
-            route = self._grouped(pool, group) if attempt == 0 else None
-            route = route or self._route(pool, request, tried)
+        progress = Progress(prompt_tokens=len(request.token_ids or []))
+        for attempt in range(MAX_ATTEMPTS + self.migration_limit):
+            route = self._next_route(request, group, tried, attempt)
             if route is None:
-                raise last or pool.unavailable()
-            if group is not None and group.route is None:
-                group.route = route
+                error = last or self._unavailable(request.model)
+                if not progress.started:
+                    raise error
+                yield Retry("", "no_instances", error).ending(
+                    request.request_id, progress.next_index
+                )
+                return
             rid = request.request_id if attempt == 0 else f"{request.request_id}.{attempt}"
-            attempt_request = msgspec.structs.replace(request, request_id=rid)
             try:
+                attempt_request = progress.attempt(request, rid)
                 async with contextlib.aclosing(self._follow(route, attempt_request)) as chunks:
                     async for chunk in chunks:
+                        progress.saw(chunk)
                         yield chunk
                 return
             except Retry as retry:
                 tried.add(retry.instance_id)
                 last = retry.error
-                metrics.FAILOVERS.labels(retry.reason).inc()
-                self.log.info(
-                    "failing over",
-                    request_id=request.request_id,
-                    instance_id=retry.instance_id,
-                    reason=retry.reason,
-                    detail=retry.error.message,
-                )
+                if not progress.started and attempt + 1 >= MAX_ATTEMPTS:
+                    break
+                refusal = self._go_on(request, route, retry, progress)
+                if refusal is not None:
+                    yield refusal
+                    return
+        if progress.started:
+            yield error_chunk(
+                request.request_id, progress.next_index, "node_lost", "no instance took it on"
+            )
+            return
         raise last or FrontendError.of_code("no_instances", "no instance could take the request")
+
+    def _next_route(
+        self, request: GenerateRequest, group: RouteGroup | None, tried: set[str], attempt: int
+    ) -> Route | None:
+        pool = self.discovery.pool(request.model)
+        if pool is None:
+            return None
+        route = self._grouped(pool, group) if attempt == 0 else None
+        route = route or self._route(pool, request, tried)
+        if group is not None and group.route is None:
+            group.route = route
+        return route
+
+    def _unavailable(self, model: str) -> FrontendError:
+        pool = self.discovery.pool(model)
+        return unknown_model(model) if pool is None else pool.unavailable()
+
+    def _go_on(
+        self, request: GenerateRequest, route: Route, retry: Retry, progress: Progress
+    ) -> StreamChunk | None:
+        """Whether a failed attempt goes on elsewhere: None if so (counted and logged),
+        else the chunk that ends the stream."""
+        fields = {"request_id": request.request_id, "instance_id": retry.instance_id}
+        if not progress.started:
+            metrics.FAILOVERS.labels(retry.reason).inc()
+            self.log.info("failing over", reason=retry.reason, detail=retry.error.message, **fields)
+            return None
+        why_not = ""
+        if route.prefill is not None:
+            why_not = "a disaggregated stream is not continued"
+        elif progress.migrations >= self.migration_limit:
+            why_not = f"its {progress.migrations} seams reached migration_limit"
+        if why_not:
+            self.log.warning("stream not continued", reason=retry.reason, why=why_not, **fields)
+            return retry.ending(request.request_id, progress.next_index)
+        metrics.MIGRATIONS.labels(retry.reason).inc()
+        self.log.info(
+            "continuing elsewhere",
+            reason=retry.reason,
+            tokens=len(progress.token_ids),
+            next_index=progress.next_index,
+            **fields,
+        )
+        return None
 
     @staticmethod
     def _grouped(pool: ModelPool, group: RouteGroup | None) -> Route | None:
@@ -217,7 +264,9 @@ class Dispatcher:
         self, route: Route, request: GenerateRequest
     ) -> AsyncGenerator[StreamChunk, None]:
         if route.prefill is None:
-            async with contextlib.aclosing(self._stream(route.main.candidate, request)) as chunks:
+            async with contextlib.aclosing(
+                run_attempt(self, route.main.candidate, request)
+            ) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
@@ -234,10 +283,12 @@ class Dispatcher:
             request, request_id=f"{request.request_id}.prefill", bootstrap_info=info
         )
         task = asyncio.get_running_loop().create_task(
-            follow_prefill(self._stream(prefill, prefill_request), prefill.instance_id, outcome)
+            follow_prefill(
+                run_attempt(self, prefill, prefill_request), prefill.instance_id, outcome
+            )
         )
         decode_request = msgspec.structs.replace(request, bootstrap_info=info)
-        stream = self._stream(decode, decode_request, abort=outcome.failed)
+        stream = run_attempt(self, decode, decode_request, abort=outcome.failed)
         try:
             async for chunk in stream:
                 if chunk.finish_reason is not None and not task.done():
@@ -255,117 +306,7 @@ class Dispatcher:
             if not task.done():
                 task.cancel()
 
-    async def _stream(
-        self,
-        candidate: Candidate,
-        request: GenerateRequest,
-        abort: Callable[[], Exception | None] | None = None,
-    ) -> AsyncGenerator[StreamChunk, None]:
-        """One attempt on one rank; raises `Retry` when another instance should try."""
-        record, iid = candidate.record, candidate.instance_id
-        wire = msgspec.structs.replace(request, dp_rank=candidate.dp_rank, model=record.model.name)
-        key = (iid, candidate.dp_rank)
-        reply, queue = self.mux.open()
-        self.inflight[key] += 1
-        metrics.INFLIGHT.inc()
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + (request.timeout or 300.0) + DEADLINE_GRACE
-        ended = False  # the node ended the stream, or is gone: nothing to cancel
-        tokens = 0
-        index = 0  # of the next chunk to yield
-        early: dict[int, StreamChunk] = {}  # chunks that came after a gap
-        heard_at = probed_at = loop.time()
-        try:
-            data = encode_json(wire)
-            if len(data) > self.nc.max_payload:
-                ended = True  # never sent: nothing to cancel
-                why = (
-                    f"the request is {len(data)} bytes on the wire, over the NATS server's "
-                    f"max_payload ({self.nc.max_payload})"
-                )
-                raise FrontendError(413, why, code="request_too_large")
-            await self.nc.publish(record.subjects.instance, data, reply=reply)
-            while True:
-                msg = await next_within(queue, PROBE_AFTER)
-                if msg is not None and is_no_responders(msg):
-                    ended = True
-                    self.discovery.mark_down(iid, "no responders on its subject")
-                    why = f"instance {iid} does not answer (no responders)"
-                    raise Retry(iid, "no_responders", FrontendError.of_code("node_lost", why))
-                if msg is not None:
-                    try:
-                        chunk = decode_json(msg.data, StreamChunk)
-                    except DecodeError as exc:
-                        self.log.error("undecodable chunk", instance_id=iid, error=str(exc))
-                        yield error_chunk(
-                            wire.request_id, index, "internal", f"instance {iid}: {exc}"
-                        )
-                        return
-                    heard_at = loop.time()
-                    if chunk.index >= index:
-                        early[chunk.index] = chunk
-                while index in early:
-                    chunk = early.pop(index)
-                    ended = chunk.finish_reason is not None
-                    index = chunk.index + 1
-                    if not tokens:
-                        retry = retry_of(chunk, iid)
-                        if retry is not None:
-                            raise retry
-                    tokens += len(chunk.token_ids)
-                    yield chunk
-                    if ended:
-                        return
-                now = loop.time()
-                silent = now - heard_at >= PROBE_AFTER
-                if not early and not silent:
-                    continue
-                # A gap in the indices, or silence: ask the node for what it sent since.
-                if record.subjects.resume and now - probed_at >= RESUME_INTERVAL:
-                    probed_at = now
-                    answer = await ask_resume(
-                        self.nc, record.subjects.resume, wire.request_id, index, RESUME_TIMEOUT
-                    )
-                    if answer is not None:
-                        if answer.chunks:
-                            metrics.RESUMED.inc()
-                        for chunk in answer.chunks:
-                            if chunk.index >= index:
-                                early[chunk.index] = chunk
-                        if early:
-                            heard_at = loop.time()
-                            continue
-                if not silent:
-                    continue
-                failure = abort() if abort is not None and not tokens else None
-                if failure is not None:
-                    raise failure from None
-                if loop.time() > give_up_at:
-                    why = f"no answer from instance {iid} within the request's deadline"
-                    if not tokens:
-                        raise FrontendError.of_code("deadline_exceeded", why) from None
-                    yield error_chunk(wire.request_id, index, "deadline_exceeded", why)
-                    return
-                if await self.discovery.is_lost(record, self.indexer.heard_at(iid)):
-                    ended = True
-                    why = f"instance {iid} was lost"
-                    if not tokens:
-                        raise Retry(
-                            iid, "node_lost", FrontendError.of_code("node_lost", why)
-                        ) from None
-                    why += f" mid-stream, after {tokens} tokens"
-                    yield error_chunk(wire.request_id, index, "node_lost", why)
-                    return
-        finally:
-            self.inflight[key] -= 1
-            if self.inflight[key] <= 0:
-                del self.inflight[key]
-            metrics.INFLIGHT.dec()
-            self.mux.close(reply)
-            if not ended:
-                self.spawn(self._cancel(record, wire.request_id))
-
-    async def _cancel(self, record: InstanceRecord, request_id: str) -> None:
+    async def cancel(self, record: InstanceRecord, request_id: str) -> None:
         metrics.CANCELS.inc()
         self.log.info("cancelling", request_id=request_id, instance_id=record.instance_id)
         await self.nc.publish(record.subjects.cancel, encode_json(CancelRequest(request_id)))

@@ -8,7 +8,8 @@ import msgspec
 import nats.errors
 
 from actors.frontend import metrics
-from actors.frontend.dispatch import DEADLINE_GRACE, MAX_ATTEMPTS, Dispatcher
+from actors.frontend.attempt import DEADLINE_GRACE
+from actors.frontend.dispatch import MAX_ATTEMPTS, Dispatcher
 from actors.frontend.errors import FrontendError, from_node_error, unknown_model
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.request import EmbedRequest, EmbedResponse

@@ -76,6 +76,12 @@ FAILOVERS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+MIGRATIONS = Counter(
+    "sgl_frontend_migrations",
+    "Streams continued on another instance after their first chunk, by why",
+    ["reason"],
+    registry=REGISTRY,
+)
 CANCELS = Counter(
     "sgl_frontend_cancels",
     "Cancel requests sent to nodes (client gone, deadline, abandoned attempt)",

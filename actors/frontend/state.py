@@ -59,7 +59,14 @@ class FrontendState:
         self.router = Router(frontend.routing, frontend.kv_block_weight, frontend.load_weight)
         self.mux = ReplyMux(nc)
         self.dispatcher = Dispatcher(
-            nc, self.mux, self.discovery, self.indexer, self.router, self.spawn, log
+            nc,
+            self.mux,
+            self.discovery,
+            self.indexer,
+            self.router,
+            self.spawn,
+            log,
+            frontend.migration_limit,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Any] = []
