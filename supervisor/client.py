@@ -26,7 +26,6 @@ import msgspec
 import nats
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
@@ -42,40 +41,17 @@ from messages.request import (
     ResumeRequest,
     StopConditions,
     StreamChunk,
-    error_chunk,
 )
+from supervisor.client_stream import Lost, StreamOptions, next_within, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
 __all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main", "next_within"]
 
 _NODE = NodeSection()
 _DISCOVERY = DiscoverySection()
-_POLL = 0.25  # seconds between checks for gaps, reconnects and silence while streaming
-_PROBE_INTERVAL = 1.0  # at most one resume request per stream this often
 _RESUME_TIMEOUT = 2.0
 
 T = TypeVar("T")
-
-
-async def next_within(queue: asyncio.Queue[T], timeout: float) -> T | None:
-    """The next item of `queue`, or None if none comes within `timeout` seconds.
-
-    A cancellation of the caller always raises here. `asyncio.wait_for(queue.get(), t)`
-    (and nats-py's `next_msg`, built on it) returns the item instead when it arrives in
-    the same loop turn as the cancel, on Python 3.11: a stream whose consumer was
-    cancelled then ran on to its end and was never cancelled on the node. An item the
-    getter took just as the caller was cancelled goes with the caller; on a timeout,
-    an item not yet taken stays in the queue.
-    """
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    try:
-        await asyncio.wait({getter}, timeout=timeout)
-    finally:
-        if not getter.done():
-            getter.cancel()  # Queue.get leaves an item it has not taken in the queue
-    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 async def ask_resume(
@@ -148,7 +124,8 @@ class NodeClient:
     async def close(self) -> None:
         """Close the connection."""
         if self.nc is not None:
-            await self.nc.close()
+            with contextlib.suppress(ConnectionError):  # the server went away first
+                await self.nc.close()
 
     async def __aenter__(self) -> NodeClient:
         return await self.connect()
@@ -172,87 +149,48 @@ class NodeClient:
         request: GenerateRequest | bytes,
         instance_id: str | None = None,
         idle_timeout: float = 120.0,
-        probe_after: float = 5.0,
-        lost_after: float = 15.0,
+        probe_after: float = 2.0,
+        lost_after: float = 6.0,
+        migration_limit: int = 3,
+        retries: int = 3,
     ) -> AsyncIterator[StreamChunk]:
         """Send a request and yield its chunks until the one with a finish reason.
 
-        `request` may be raw bytes (to send anything at all, e.g. in tests). `instance_id`
-        picks one node; otherwise NATS spreads requests over the nodes. Raises
-        `NoRespondersError` if nobody serves the subject and `TimeoutError` if no chunk
-        comes for `idle_timeout` seconds.
+        `request` may be raw bytes (to send anything at all, e.g. in tests; such a request
+        is never continued). `instance_id` picks one node; otherwise NATS spreads requests
+        over the nodes. Raises `NoRespondersError` if nobody serves the subject and
+        `TimeoutError` if no chunk comes for `idle_timeout` seconds.
 
         Chunks lost in transit (a NATS server restart drops what it carries) are asked for
-        again on the resume subject: at once on a gap in the indices, after this client
-        reconnected, and after `probe_after` seconds of silence. If no node answers for
-        `lost_after` seconds, the stream ends with a `stream_lost` error chunk.
+        again on the resume subject: at once on a gap, after this client reconnected, and
+        after `probe_after` seconds of silence. If no node holds the stream for
+        `lost_after` seconds (its node died), or its node ends it stopping or with a
+        retryable error, the stream continues on another node from the tokens already
+        yielded (up to `migration_limit` seams): the caller sees one stream with a pause.
+        A refusal before the first chunk (overloaded, not ready, engine restarting,
+        stopping) is sent again after 0.2 s, doubling, up to `retries` times (0: the
+        refusal is the answer). What cannot go on ends with the chunk that ended it where
+        it last ran (`stream_lost` when no node holds it and none takes it on).
         """
-        nc = self._nc()
         subject = f"{self.base}.{self.endpoint}" + (f".{instance_id}" if instance_id else "")
-        data = request if isinstance(request, bytes) else encode_json(request)
-        request_id = request.request_id if isinstance(request, GenerateRequest) else ""
-        inbox = nc.new_inbox()
-        arrived: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def deliver(msg: Msg) -> None:
-            arrived.put_nowait(msg)
-
-        sub = await nc.subscribe(inbox, cb=deliver)
-        loop = asyncio.get_running_loop()
-        expected = 0  # the index of the next chunk to yield
-        early: dict[int, StreamChunk] = {}  # chunks that came after a gap
-        # the last chunk; the last chunk or answer from a node; the last resume request
-        chunk_at = heard_at = probed_at = loop.time()
-        reconnects = self._reconnects
+        options = StreamOptions(idle_timeout, probe_after, lost_after, migration_limit, retries)
         try:
-            await nc.publish(subject, data, reply=inbox)
-            while True:
-                msg = await next_within(arrived, _POLL)
-                if msg is not None:
-                    if msg.headers and msg.headers.get("Status") == "503":
-                        msg_text = f"no node serves {subject}"
-                        raise NoRespondersError(msg_text)
-                    chunk = decode_json(msg.data, StreamChunk)
-                    request_id = request_id or chunk.request_id
-                    chunk_at = heard_at = loop.time()
-                    if chunk.index >= expected:
-                        early[chunk.index] = chunk
-                while expected in early:
-                    chunk = early.pop(expected)
-                    expected += 1
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
-                now = loop.time()
-                if now - chunk_at >= idle_timeout:
-                    msg_text = f"no chunk for {idle_timeout:g}s on {subject}"
-                    raise TimeoutError(msg_text)
-                reconnected = reconnects != self._reconnects
-                if not request_id or not (early or reconnected or now - heard_at >= probe_after):
-                    continue
-                if now - probed_at < _PROBE_INTERVAL and not reconnected:
-                    continue
-                reconnects, probed_at = self._reconnects, now
-                answer = await self._resume(request_id, expected)
-                if answer is not None:
-                    heard_at = loop.time()
-                    for chunk in answer.chunks:
-                        if chunk.index >= expected:
-                            early[chunk.index] = chunk
-                    continue
-                if loop.time() - heard_at >= lost_after:
-                    why = (
-                        f"no node holds request {request_id} any more: chunks from index "
-                        f"{expected} on were lost in transit (the node restarted or is "
-                        "unreachable)"
-                    )
-                    yield error_chunk(request_id, expected, "stream_lost", why)
-                    return
-        finally:
-            with contextlib.suppress(Exception):  # the connection may be gone already
-                await sub.unsubscribe()
+            async for chunk in stream_chunks(self, request, subject, options):
+                yield chunk
+        except Lost as lost:
+            raise NoRespondersError(lost.message) from None
 
-    async def _resume(self, request_id: str, from_index: int) -> ResumeReply | None:
+    @property
+    def reconnects(self) -> int:
+        """How often the connection came back (streams ask for what they may have missed)."""
+        return self._reconnects
+
+    def connection(self) -> Client:
+        """The NATS connection (raises if not connected)."""
+        return self._nc()
+
+    async def resume(self, request_id: str, from_index: int) -> ResumeReply | None:
+        """Ask the node holding `request_id` for its chunks from `from_index` on."""
         return await ask_resume(
             self._nc(), f"{self.base}.resume", request_id, from_index, _RESUME_TIMEOUT
         )

@@ -175,6 +175,15 @@ class Requests:
             why = f"cannot tokenize the input: {exc}"
             self.end(cmd.request_id, "invalid_request", why, prompt_field)
             return
+        guided = cmd.sampling.json_schema is not None or cmd.sampling.regex is not None
+        if cmd.continuation_ids and guided:
+            why = (
+                "a stream under guided decoding (sampling.json_schema or sampling.regex) "
+                "cannot continue after its engine was lost: SGLang's grammar starts from "
+                "the beginning and cannot take the tokens already streamed"
+            )
+            self.end(cmd.request_id, "engine_error", why)
+            return
         ids += cmd.continuation_ids  # a continuation: the tokens generated before it
         entry.prompt_len = len(ids)
         if cmd.continuation_ids and cmd.stop.stop:

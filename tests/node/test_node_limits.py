@@ -16,6 +16,7 @@ import pytest
 
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
+from tests.frontend.harness import node_metric
 from tests.node.harness import ROOT, NatsServer, NodeProcess, start_node
 
 
@@ -28,8 +29,8 @@ def _request(max_tokens: int, **kw: Any) -> GenerateRequest:
     )
 
 
-async def _collect(client: NodeClient, req: GenerateRequest) -> list[StreamChunk]:
-    return [chunk async for chunk in client.generate(req, idle_timeout=30)]
+async def _collect(client: NodeClient, req: GenerateRequest, **kw: Any) -> list[StreamChunk]:
+    return [chunk async for chunk in client.generate(req, idle_timeout=30, **kw)]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 def test_beyond_max_inflight_the_node_answers_overloaded_at_once(node: NodeProcess) -> None:
     async def go() -> list[list[StreamChunk]]:
         async with NodeClient(node.url) as client:
-            return await asyncio.gather(*(_collect(client, _request(100)) for _ in range(6)))
+            streams = (_collect(client, _request(100), retries=0) for _ in range(6))
+            return await asyncio.gather(*streams)
 
     results = asyncio.run(go())
     endings = sorted(
@@ -61,6 +63,21 @@ def test_beyond_max_inflight_the_node_answers_overloaded_at_once(node: NodeProce
         if chunks[-1].error is not None:
             assert len(chunks) == 1  # refused at once, no tokens
             assert chunks[-1].error.retryable
+
+
+def test_the_client_sends_a_refused_request_again_until_the_node_takes_it(
+    node: NodeProcess,
+) -> None:
+    async def go() -> list[list[StreamChunk]]:
+        async with NodeClient(node.url) as client:
+            # 3 over the limit are refused, then sent again 0.2, 0.6, 1.4 s later: the
+            # first three (1 s of decoding) have ended by the last of those.
+            return await asyncio.gather(*(_collect(client, _request(100)) for _ in range(6)))
+
+    results = asyncio.run(go())
+    assert [chunks[-1].finish_reason for chunks in results] == ["length"] * 6
+    refused = node_metric(node, "sgl_node_requests_total", {"outcome": "overloaded"})
+    assert refused >= 3  # they were refused first, and the client sent them again
 
 
 def test_a_request_past_its_timeout_ends_with_deadline_exceeded(node: NodeProcess) -> None:

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from actors.chaos import scheduler_pids
@@ -213,40 +214,57 @@ def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(
         assert name in text, name
 
 
-def _recovers(node: NodeProcess, kill: Any) -> float:
-    """Start streams, run `kill`, check they end with an error fast, then wait for recovery."""
+def _continues(node: NodeProcess, kill: Any) -> None:
+    """Two streams in flight when `kill` runs: a greedy one continues on the restarted
+    engine to exactly the tokens of an uninterrupted run (asked first); one under guided
+    decoding, which SGLang cannot continue, ends with a precise `engine_error`."""
     registrations = len(node.wait_log(lambda r: r.get("event") == "registered"))
+    plain = chat(max_tokens=40)
+    guided = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt="Write the alphabet in lower case letters:",
+        sampling=SamplingOptions(temperature=0.0, regex="[a-z ]{200}"),
+        stop=StopConditions(max_tokens=200),
+    )
 
-    async def go() -> tuple[list[StreamChunk], float]:
+    async def go() -> tuple[list[StreamChunk], list[StreamChunk], list[int]]:
         async with NodeClient(node.url) as client:
-            request = GenerateRequest(
-                request_id=uuid.uuid4().hex,
-                prompt="Count from one to one thousand.",
-                stop=StopConditions(max_tokens=2000, ignore_eos=True),
-            )
-            chunks: list[StreamChunk] = []
-            killed_at = 0.0
-            async for chunk in client.generate(request, idle_timeout=60):
-                chunks.append(chunk)
-                if len(chunks) == 3:
-                    killed_at = time.monotonic()
-                    kill()
-            return chunks, time.monotonic() - killed_at
+            reference = [t for _, c in await collect(client, plain) for t in c.token_ids]
+            started = [asyncio.Event(), asyncio.Event()]
 
-    chunks, took = asyncio.run(go())
-    last = chunks[-1]
-    assert last.finish_reason == "error"
+            async def stream(request: GenerateRequest, first: asyncio.Event) -> list[StreamChunk]:
+                chunks = []
+                async for chunk in client.generate(request, idle_timeout=300):
+                    chunks.append(chunk)
+                    if len(chunks) >= 3:
+                        first.set()
+                return chunks
+
+            again = msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)
+            tasks = [
+                asyncio.create_task(stream(again, started[0])),
+                asyncio.create_task(stream(guided, started[1])),
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+            kill()
+            done = await asyncio.gather(*tasks)
+            return done[0], done[1], reference
+
+    continued, stopped, reference = asyncio.run(go())
+    assert continued[-1].finish_reason == "length", continued[-1]
+    assert continued[-1].migrations == 1
+    assert [c.index for c in continued] == list(range(len(continued)))
+    assert [t for c in continued for t in c.token_ids] == reference
+    usage = continued[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens == len(reference)
+    last = stopped[-1]
+    assert last.finish_reason == "error", last
     assert last.error is not None
-    assert last.error.code == "engine_restarting"
+    assert last.error.code == "engine_error"
+    assert "guided decoding" in last.error.message
     node.wait_log(lambda r: r.get("event") == "registered", count=registrations + 1, timeout=300)
     node.wait_ready(300)
-
-    async def again() -> list[StreamChunk]:
-        async with NodeClient(node.url) as client:
-            return [c async for c in client.generate(chat(max_tokens=16))]
-
-    assert "Paris" in "".join(c.text for c in asyncio.run(again()))
-    return took
 
 
 def _host_pid(node: NodeProcess) -> int:
@@ -256,22 +274,20 @@ def _host_pid(node: NodeProcess) -> int:
     return int({r["id"]: r for r in engine["children"]}["engine_host"]["pid"])
 
 
-def test_kill_9_of_the_engine_host_errors_in_flight_fast_and_the_node_recovers(
+def test_kill_9_of_the_engine_host_mid_stream_the_stream_continues_exactly(
     node: NodeProcess,
 ) -> None:
     pid = _host_pid(node)
-    took = _recovers(node, lambda: os.kill(pid, signal.SIGKILL))
-    assert took < 1.0
+    _continues(node, lambda: os.kill(pid, signal.SIGKILL))
     assert _host_pid(node) != pid
 
 
-def test_kill_9_of_sglangs_scheduler_errors_in_flight_fast_and_the_node_recovers(
+def test_kill_9_of_sglangs_scheduler_mid_stream_the_stream_continues_exactly(
     node: NodeProcess,
 ) -> None:
     pids = scheduler_pids(_host_pid(node))
     assert pids, "no SGLang scheduler process found under the engine host"
-    took = _recovers(node, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
-    assert took < 1.0
+    _continues(node, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
 
 
 def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(

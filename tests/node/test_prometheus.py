@@ -244,6 +244,7 @@ def test_every_query_of_the_grafana_dashboard_returns_data(watched: dict[str, An
         for target in panel.get("targets", [])
     ]
     assert len(queries) >= 8
+    watched["frontend"].wait_instances(1)  # registered again after the kill test's restart
     ask(watched["frontend"], 2)  # fresh traffic in every rate window
     empty: list[tuple[str, str]] = []
     deadline = time.monotonic() + 30

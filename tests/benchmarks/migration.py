@@ -1,0 +1,230 @@
+"""The pause a continuation costs: for each fault, the gap between the last chunk a stream
+got before the fault and the first after it (its seam), beside the same streams' ordinary
+gap between chunks in the same run (the baseline); and the output rate of the node that
+takes the moved streams on, before and while it absorbs them.
+
+Two sim nodes (10 ms decode steps) on one NATS server, 8 streams of 300 tokens pinned
+four to each, through the client library; the fault hits node A once every stream has
+10 chunks. Then one real-engine node (SmolLM2 on the CPU): its engine host killed under
+2 greedy streams.
+
+    python3 supervisor/bootstrap.py exec python -m tests.benchmarks.migration
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from messages.request import GenerateRequest, StopConditions, StreamChunk
+from supervisor.client import NodeClient
+from tests.benchmarks._common import median, percentile, table, write_section
+from tests.node.harness import NatsServer, NodeProcess, admin_request, start_node
+
+RUNS = int(os.environ.get("SGL_NODE_BENCH_RUNS", "3"))
+TOKEN = "bench-" + uuid.uuid4().hex
+STREAMS = 8
+TOKENS = 300
+Timed = list[tuple[float, StreamChunk]]
+
+
+def _host_pid(node: NodeProcess) -> int:
+    _, body = node.http("/tree")
+    core = {r["id"]: r for r in json.loads(body)["children"]}["core"]
+    engine = {r["id"]: r for r in core["children"]}["engine"]
+    return int({r["id"]: r for r in engine["children"]}["engine_host"]["pid"])
+
+
+def _admin(node: NodeProcess, **fault: Any) -> None:
+    reply = asyncio.run(admin_request(node, TOKEN, "chaos", **fault))
+    assert reply.ok, reply
+
+
+def _start(tmp: Path, name: str, url: str, backend: str = "sim") -> NodeProcess:
+    token = tmp / "token"
+    token.write_text(TOKEN)
+    return start_node(
+        tmp,
+        backend=backend,
+        name=f"{name}-{uuid.uuid4().hex[:6]}",
+        embedded_nats=not url,
+        nats_url=url,
+        engine__sim={"decode_time_per_step": 0.01},
+        engine__health={"stall_timeout": 2.0},
+        shutdown={"drain_timeout": 1.0},
+        admin={"enabled": True, "token_file": str(token)},
+        chaos={"enabled": True},
+        supervision={"backoff_initial": 0.0, "intensity": 100},
+    )
+
+
+async def _streams(
+    url: str, targets: list[str], request: Callable[[], GenerateRequest], fault: Callable[[], None]
+) -> list[Timed]:
+    async with NodeClient(url) as client:
+        ready = [asyncio.Event() for _ in targets]
+
+        async def stream(i: int) -> Timed:
+            timed: Timed = []
+            async for chunk in client.generate(request(), instance_id=targets[i], idle_timeout=300):
+                timed.append((time.monotonic(), chunk))
+                if len(timed) >= 10:
+                    ready[i].set()
+            return timed
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(len(targets))]
+        await asyncio.gather(*(e.wait() for e in ready))
+        await asyncio.get_running_loop().run_in_executor(None, fault)
+        return list(await asyncio.gather(*tasks))
+
+
+def _measure(results: list[Timed]) -> tuple[list[float], list[float], int, float]:
+    """Seam gaps, ordinary gaps, streams that did not complete, when the last seam ended."""
+    seams, gaps, failed, last = [], [], 0, 0.0
+    for timed in results:
+        failed += timed[-1][1].finish_reason != "length"
+        for (t0, c0), (t1, c1) in itertools.pairwise(timed):
+            if c1.migrations > c0.migrations:
+                seams.append(t1 - t0)
+                last = max(last, t1)
+            else:
+                gaps.append(t1 - t0)
+    return seams, gaps, failed, last
+
+
+def _request() -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt="migrate", stop=StopConditions(max_tokens=TOKENS)
+    )
+
+
+def _rate(results: list[Timed], start: float, end: float) -> float:
+    tokens = sum(len(c.token_ids) for timed in results for t, c in timed if start <= t < end)
+    return tokens / (end - start)
+
+
+def _sim_faults(tmp: Path) -> list[tuple[Any, ...]]:
+    server = NatsServer(tmp)
+    nodes = [_start(tmp, "a", server.url), _start(tmp, "b", server.url)]
+    faults: dict[str, Callable[[list[NodeProcess]], None]] = {
+        "engine host kill -9 (same node)": lambda n: os.kill(_host_pid(n[0]), signal.SIGKILL),
+        "handler crash (same node)": lambda n: _admin(
+            n[0], fault="crash_actor", target="core/handlers/handler-1"
+        ),
+        "SIGSTOP past the 2 s stall timeout (same node)": lambda n: _admin(
+            n[0], fault="stop_engine_host", duration=6.0
+        ),
+        "SIGTERM, 1 s drain (handed to node B)": lambda n: n[0].proc.send_signal(signal.SIGTERM),
+        "node kill -9 (client moves it to node B)": lambda n: n[0].kill(),
+    }
+    rows: list[tuple[Any, ...]] = []
+    try:
+        for node in nodes:
+            node.wait_ready(60)
+        for what, fault in faults.items():
+            seams, gaps, failed, absorb = [], [], 0, []
+            for _ in range(RUNS):
+                targets = [nodes[i % 2].instance_id for i in range(STREAMS)]
+                at = [0.0]
+
+                def hit(fault: Any = fault, at: list[float] = at) -> None:
+                    at[0] = time.monotonic()
+                    fault(nodes)
+
+                results = asyncio.run(_streams(server.url, targets, _request, hit))
+                s, g, f, last = _measure(results)
+                seams, gaps, failed = seams + s, gaps + g, failed + f
+                before = _rate(results[1::2], at[0] - 1.0, at[0])  # node B's streams
+                absorb.append(_rate(results, last, last + 1.0) / before if last else float("nan"))
+                if nodes[0].proc.poll() is not None:  # stopped or killed: a fresh node A
+                    nodes[0] = _start(tmp, "a", server.url)
+                nodes[0].wait_ready(60)
+            rows.append(_row(what, "sim", seams, gaps, failed, median(absorb)))
+    finally:
+        for node in nodes:
+            node.kill()
+        server.stop()
+    return rows
+
+
+def _row(
+    what: str, engine: str, seams: list[float], gaps: list[float], failed: int, absorb: float
+) -> tuple[Any, ...]:
+    return (
+        what,
+        engine,
+        len(seams),
+        failed,
+        percentile(seams, 50),
+        percentile(seams, 99),
+        percentile(gaps, 50) * 1000,
+        absorb,
+    )
+
+
+def _real_engine(tmp: Path) -> list[tuple[Any, ...]]:
+    node = _start(tmp, "real", "", backend="sglang")
+    try:
+        node.wait_ready(600)
+        seams, gaps, failed = [], [], 0
+        for _ in range(max(1, RUNS // 2)):
+            pid = _host_pid(node)
+
+            def request() -> GenerateRequest:
+                return GenerateRequest(
+                    request_id=uuid.uuid4().hex,
+                    prompt="Count from one to fifty:",
+                    stop=StopConditions(max_tokens=60),
+                )
+
+            results = asyncio.run(
+                _streams(node.url, [node.instance_id] * 2, request, lambda p=pid: os.kill(p, 9))
+            )
+            s, g, f, _ = _measure(results)
+            seams, gaps, failed = seams + s, gaps + g, failed + f
+            node.wait_ready(600)
+        return [
+            _row("engine host kill -9 (same node)", "SGLang", seams, gaps, failed, float("nan"))
+        ]
+    finally:
+        node.kill()
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-migration-"))
+    rows = _sim_faults(tmp) + _real_engine(tmp)
+    header = [
+        "fault",
+        "engine",
+        "seams",
+        "not completed",
+        "pause p50 (s)",
+        "pause p99 (s)",
+        "ordinary gap p50 (ms)",
+        "output rate after / before",
+    ]
+    body = (
+        f"{RUNS} runs per sim fault of {STREAMS} streams x {TOKENS} tokens (sim, 10 ms decode "
+        "steps), half on the node hit; the real engine: SmolLM2-135M-Instruct on the CPU, 2 "
+        "streams of 60 tokens, its engine host killed. *Pause*: from the last chunk before a "
+        "stream's seam to the first after it (each seam is one stream moved or continued). "
+        "*Ordinary gap*: between the other chunks of the same streams (the baseline). *Output "
+        "rate*: tokens per second over all streams in the second after the last seam, over the "
+        "surviving node's rate in the second before the fault. Restart backoff is off "
+        "(`supervision.backoff_initial = 0`), as in the recovery benchmark.\n\n"
+        + table(header, rows)
+    )
+    write_section("migration", "The pause a continuation costs", body)
+
+
+if __name__ == "__main__":
+    main()
