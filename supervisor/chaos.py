@@ -31,6 +31,7 @@ import collections
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -108,16 +109,24 @@ class Verdict(msgspec.Struct):
         return self.lost == 0 and self.recovered and self.kv_view_equal is not False
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux: 32768)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int = 1) -> int:
     """A port p such that p .. p+count-1 are all free now (a node's port ranges: the KV
-    publishers and their replay sockets). Every port of the range is tried: the kernel
-    hands out ports next to a free one to outgoing connections too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + count > 65000:
-            continue
+    publishers and their replay sockets), chosen below the kernel's ephemeral range: a
+    port from that range may be taken as the source port of any outgoing connection
+    while the node is not bound to it, and an engine restarted then cannot bind it
+    (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere)."""
+    low, high = 10000, _ephemeral_low() - count
+    for _ in range(500):
+        base = random.randint(low, high)
         try:
             for port in range(base, base + count):
                 with socket.socket() as s:
@@ -125,7 +134,7 @@ def free_ports(count: int = 1) -> int:
         except OSError:
             continue
         return base
-    msg = "no free port range"
+    msg = f"no free range of {count} ports in {low}..{high + count - 1}"
     raise RuntimeError(msg)
 
 

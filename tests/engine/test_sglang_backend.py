@@ -16,7 +16,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from messages.engine import (
 from messages.kv import AllBlocksCleared, BlockStored, block_hashes, decode_sglang_batch
 from messages.metrics import decode_scheduler_metrics
 from messages.request import ChatMessage, OutputOptions, SamplingOptions, StopConditions
+from supervisor.chaos import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240.0
@@ -57,23 +57,9 @@ FIGURES: dict[str, float] = {}
 
 
 def free_port(span: int = 1) -> int:
-    """A TCP port p with p .. p+span-1 free (the KV publisher binds port + rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span < 65535 and all(_free(port + i) for i in range(1, span)):
-            return int(port)
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    """A TCP port p with p .. p+span-1 free (the KV publisher binds port + rank), below
+    the ephemeral range (see supervisor.chaos.free_ports)."""
+    return free_ports(span)
 
 
 class Collector:

@@ -346,3 +346,43 @@ def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
     finally:
         node.kill()
+
+
+def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_node(
+    node: NodeProcess, sglang_fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two real-engine nodes: a greedy stream on the second, which is killed (its whole
+    process group, as a lost machine) after 3 chunks; the client library continues it on
+    the shared node, to exactly the tokens an uninterrupted run gives."""
+    server = sglang_fleet["server"]
+    other = start_node(
+        tmp_path,
+        backend="sglang",
+        name="other",
+        embedded_nats=False,
+        nats_url=server.url,
+        engine__health={"stall_timeout": 120.0, "canary_after_idle": 600.0},
+    )
+    try:
+        other.wait_ready(600)
+        request = chat(max_tokens=40)
+
+        async def go() -> tuple[list[int], list[StreamChunk]]:
+            async with NodeClient(server.url) as client:
+                first = client.generate(request, instance_id=node.instance_id)
+                reference = [t async for c in first for t in c.token_ids]
+                again = msgspec.structs.replace(request, request_id=uuid.uuid4().hex)
+                chunks: list[StreamChunk] = []
+                async for chunk in client.generate(again, instance_id=other.instance_id):
+                    chunks.append(chunk)
+                    if len(chunks) == 3:
+                        other.kill()
+                return reference, chunks
+
+        reference, chunks = asyncio.run(go())
+    finally:
+        other.kill()
+    assert chunks[-1].finish_reason == "length", chunks[-1]
+    assert chunks[-1].migrations == 1
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [t for c in chunks for t in c.token_ids] == reference
