@@ -251,7 +251,7 @@ def _continues(node: NodeProcess, kill: Any) -> None:
             return done[0], done[1], reference
 
     continued, stopped, reference = asyncio.run(go())
-    assert continued[-1].finish_reason == "length", continued[-1]
+    assert continued[-1].finish_reason in ("stop", "length"), continued[-1]
     assert continued[-1].migrations == 1
     assert [c.index for c in continued] == list(range(len(continued)))
     assert [t for c in continued for t in c.token_ids] == reference
@@ -382,7 +382,7 @@ def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_n
         reference, chunks = asyncio.run(go())
     finally:
         other.kill()
-    assert chunks[-1].finish_reason == "length", chunks[-1]
+    assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
     assert chunks[-1].migrations == 1
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [t for c in chunks for t in c.token_ids] == reference
