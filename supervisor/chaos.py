@@ -377,6 +377,7 @@ class Runner:
                         request,
                         idle_timeout=load.deadline + 5.0,
                         lost_after=load.lost_after or load.deadline,
+                        retries=1000,  # a refused or unserved request waits for its deadline
                     ):
                         last = chunk
                         chunks += 1
