@@ -2,12 +2,14 @@
 
 Starts a node (or attaches to one), drives it with concurrent streaming clients, injects
 the scenario's faults through the admin subject, and prints a verdict: requests sent,
-completed, ended with an error (by code; `stream_lost` is the client's own verdict on a
-request no node holds any more) and **lost** (the stream never ended: no terminal chunk
-and no error), restarts per child, the time from each fault until the tree is all running and
-the instance registered again, and whether a KV-event subscriber's view equals the
-engine's at the end (sim engine). Exit 1 if anything was lost, the tree did not recover,
-or the KV views differ; 0 otherwise. Scenarios ship in `configs/chaos/`.
+completed, ended with an error (by code), ended with the client's own `stream_lost` (no
+node held the stream any more), refused before acceptance (no responders), and **lost**
+(the stream never ended: no terminal chunk and no error); each failure is also counted on
+the fault injected last before it ended (see `supervisor.chaos_verdict`). Then restarts
+per child, the time from each fault until the tree is all running and the instance
+registered again, and whether a KV-event subscriber's view equals the engine's at the end
+(sim engine). Exit 1 if anything was lost, the tree did not recover, or the KV views
+differ; 0 otherwise. Scenarios ship in `configs/chaos/`.
 
 Scenario format::
 
@@ -59,9 +61,10 @@ from messages.chaos import AdminReply, AdminRequest, Fault
 from messages.codec import decode_json, encode_json
 from messages.kv import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
 from messages.request import GenerateRequest, StopConditions
+from supervisor.chaos_verdict import Verdict, end_state, print_verdict
 from supervisor.client import NodeClient, NoRespondersError
 
-__all__ = ["Scenario", "free_ports", "main", "run_scenario"]
+__all__ = ["Scenario", "Verdict", "free_ports", "main", "run_scenario"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Faults after which the tree restarts something (recovery = back to all running + ready).
@@ -121,27 +124,6 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.node_faults and self.nodes < 2:  # node 0 would take NATS down with it
             msg = "node_faults need nodes >= 2 (the runner's own NATS server outlives them)"
             raise ValueError(msg)
-
-
-class Verdict(msgspec.Struct):
-    """What a run measured."""
-
-    scenario: str
-    sent: int = 0
-    completed: int = 0
-    migrated: int = 0  # completed streams continued on another engine or node on the way
-    errors: dict[str, int] = {}
-    lost: int = 0
-    lost_detail: list[dict[str, Any]] = []  # when each lost request started and how it ended
-    faults: list[dict[str, Any]] = []
-    restarts: dict[str, int] = {}
-    kv_view_equal: bool | None = None
-    kv_detail: str = ""
-    recovered: bool = True
-
-    @property
-    def passed(self) -> bool:
-        return self.lost == 0 and self.recovered and self.kv_view_equal is not False
 
 
 def _ephemeral_low() -> int:
@@ -312,7 +294,7 @@ class Runner:
         self.node = nodes[0]
         self.down: set[int] = set()  # nodes a node fault took away
         self.token = token
-        self.verdict = Verdict(scenario=scenario.name, errors={}, lost_detail=[])
+        self.verdict = Verdict(scenario=scenario.name)
         self.started = time.monotonic()
         self.kv: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
         self.stop_load = asyncio.Event()
@@ -383,16 +365,14 @@ class Runner:
                         chunks += 1
             except NoRespondersError:
                 # The node is away from NATS (cut, restart): the client is told at once.
-                self.verdict.errors["no_responders"] = (
-                    self.verdict.errors.get("no_responders", 0) + 1
-                )
+                self._count("refused:no_responders")
                 await asyncio.sleep(0.2)
                 continue
             except (TimeoutError, Exception) as exc:  # noqa: BLE001 - anything but a terminal chunk
                 last = None
                 why = f"{type(exc).__name__}: {exc}"
             if last is None or last.finish_reason is None:
-                self.verdict.lost += 1
+                self._count("lost")
                 self.verdict.lost_detail.append(
                     {
                         "sent_at": round(sent_at, 3),
@@ -403,19 +383,28 @@ class Runner:
                     }
                 )
             elif last.finish_reason in ("stop", "length"):
-                self.verdict.completed += 1
+                self._count("completed")
                 self.verdict.migrated += last.migrations > 0
             else:
                 code = last.error.code if last.error else last.finish_reason
-                self.verdict.errors[code] = self.verdict.errors.get(code, 0) + 1
+                self._count(end_state(code, chunks))
                 await asyncio.sleep(0.2)  # a failed node is not hammered while it restarts
+
+    def _count(self, state: str) -> None:
+        self.verdict.count(state, time.monotonic() - self.started)
 
     async def _inject(self, client: NodeClient, fault: Fault) -> None:
         assert client.nc is not None
         request = AdminRequest(token=self.token, op="chaos", args=msgspec.to_builtins(fault))
         restarts_before = self._restarts()
         at = time.monotonic()
-        record: dict[str, Any] = {"fault": fault.fault, "target": fault.target}
+        record: dict[str, Any] = {
+            "fault": fault.fault,
+            "target": fault.target,
+            "injected_at": round(at - self.started, 3),
+            "ends": {},
+        }
+        self.verdict.faults.append(record)  # ends from now on are counted on this fault
         try:
             msg = await client.nc.request(
                 f"{client.base}.admin.{self.node.instance_id}", encode_json(request), timeout=15
@@ -424,7 +413,6 @@ class Runner:
             record.update(ok=reply.ok, detail=reply.message)
         except Exception as exc:  # noqa: BLE001
             record.update(ok=False, detail=f"{type(exc).__name__}: {exc}")
-        self.verdict.faults.append(record)
         # A fault that restarts something has taken effect once a restart count moved; for
         # the others, recovery is measured from the end of the fault's duration.
         if fault.fault in _RESTARTING_FAULTS and record.get("ok"):
@@ -547,43 +535,6 @@ def _all_running(node: NodeUnderTest) -> bool:
     return all(r["state"] == "running" for r in _flatten(tree["children"]).values())
 
 
-def print_verdict(verdict: Verdict) -> None:
-    """The verdict as a table."""
-    rows = [
-        ("scenario", verdict.scenario),
-        ("requests sent", verdict.sent),
-        ("completed", verdict.completed),
-        ("  of which migrated", verdict.migrated),
-        (
-            "ended with an error",
-            ", ".join(f"{k}: {v}" for k, v in sorted(verdict.errors.items())) or "0",
-        ),
-        ("LOST", verdict.lost),
-        *(
-            (
-                f"  lost {d['request_id'][:8]}",
-                f"sent at {d['sent_at']} s, {d['chunks']} chunks, {d['why']}",
-            )
-            for d in verdict.lost_detail
-        ),
-        ("restarts", ", ".join(f"{k}: {v}" for k, v in sorted(verdict.restarts.items())) or "none"),
-        ("KV view equal", f"{verdict.kv_view_equal} ({verdict.kv_detail})"),
-    ]
-    for fault in verdict.faults:
-        state = "ok" if fault.get("ok") else "FAILED"
-        recovered = fault.get("recovered_after")
-        rows.append(
-            (
-                f"fault {fault['fault']}",
-                f"{state}; recovered after {recovered} s; {fault.get('detail', '')}",
-            )
-        )
-    rows.append(("verdict", "PASS" if verdict.passed else "FAIL"))
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
-
-
 def run_scenario(
     scenario: Scenario,
     workdir: Path | None = None,
@@ -594,7 +545,7 @@ def run_scenario(
     resources)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sgl-chaos-"))
     token = secrets.token_hex(16)
-    verdict = Verdict(scenario=scenario.name, errors={}, recovered=False)
+    verdict = Verdict(scenario=scenario.name, recovered=False)
     nats = RunNats(workdir) if scenario.nodes > 1 else None
     nodes: list[NodeUnderTest] = []
     runner: Runner | None = None

@@ -28,7 +28,13 @@ from typing import Any
 
 import structlog
 
-from supervisor.core._postmortem import explain_signal_death, oom_kill_count
+from supervisor.core import _memory_watch
+from supervisor.core._postmortem import (
+    MemoryCgroup,
+    explain_signal_death,
+    memory_cgroup,
+    oom_kill_count,
+)
 from supervisor.core._protocol import (
     ChildExited,
     ChildReady,
@@ -165,7 +171,9 @@ class ProcessChild:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid: int | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL)
+        self._cgroup: MemoryCgroup | None = None  # the child's memory cgroup, read at spawn
         self._oom_at_spawn: int | None = None
+        self._memory: _memory_watch.GroupMemory | None = None  # its last RSS sample
         self._stop_requested = False
         self._killed = False
         self._kill_detail = ""
@@ -195,7 +203,9 @@ class ProcessChild:
             stderr=subprocess.PIPE,
         )
         self.pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
-        self._oom_at_spawn = oom_kill_count()
+        self._cgroup = memory_cgroup(self.proc.pid)
+        self._oom_at_spawn = oom_kill_count(self._cgroup) if self._cgroup else None
+        _memory_watch.watch(self.pgid)
         self.log = self.log.bind(pid=self.proc.pid)
         with _groups_lock:
             _live_groups.add(self.pgid)
@@ -256,6 +266,7 @@ class ProcessChild:
         assert self.proc is not None
         assert self.pgid is not None
         code = self.proc.wait()
+        self._memory = _memory_watch.forget(self.pgid)
         self._reaped.set()
         # Whatever the leader left behind in its group goes with it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -267,7 +278,7 @@ class ProcessChild:
         with _groups_lock:
             _live_groups.discard(self.pgid)
         reason = self._reason(code)
-        if isinstance(reason, Killed) and reason.output:
+        if isinstance(reason, Killed) and not self._killed:
             self.log.warning(
                 "process killed by a signal the supervisor did not send",
                 pid=self.proc.pid,
@@ -286,7 +297,9 @@ class ProcessChild:
             return Normal()
         if code < 0:  # a signal the tree did not send: say what can be read of its sender
             assert self.proc is not None
-            why = explain_signal_death(self.proc.pid, self._oom_at_spawn)
+            why = explain_signal_death(
+                self.proc.pid, self._cgroup, self._oom_at_spawn, self._memory
+            )
             name = signal.Signals(-code).name
             return Killed(
                 signal=-code,

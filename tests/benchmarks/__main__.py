@@ -1,6 +1,15 @@
-"""Run every benchmark in turn: `python -m tests.benchmarks` (about 40 minutes)."""
+"""Run every benchmark in turn: `python -m tests.benchmarks` (over 40 minutes)."""
 
-from tests.benchmarks import kv_relay, plane, recovery, request_path, routing, scale, ttft_idle
+from tests.benchmarks import (
+    kv_relay,
+    migration,
+    plane,
+    recovery,
+    request_path,
+    routing,
+    scale,
+    ttft_idle,
+)
 
-for bench in (plane, kv_relay, recovery, scale, routing, request_path, ttft_idle):
+for bench in (plane, kv_relay, recovery, scale, routing, migration, request_path, ttft_idle):
     bench.main()

@@ -1,5 +1,7 @@
 """The ceiling for the request plane: a bare nats-py responder that answers each request
-with the same number of chunks, of the same size, as a node streaming `max_tokens` tokens.
+with the same chunks as a node streaming `max_tokens` tokens: one per token, the last
+carrying its token, the finish reason and the usage (as the node's does), so both
+contenders send `max_tokens` chunks per request.
 
     python -m tests.benchmarks._bare_responder URL SUBJECT
 """
@@ -21,14 +23,16 @@ async def main(url: str, subject: str) -> None:
     async def on(msg: nats.aio.msg.Msg) -> None:
         request = decode_json(msg.data, GenerateRequest)
         n = request.stop.max_tokens
-        for i in range(n):
+        for i in range(n - 1):
             chunk = StreamChunk(
                 request_id=request.request_id, index=i, token_ids=[100 + i % 26], text="a"
             )
             await nc.publish(msg.reply, encode_json(chunk))
         end = StreamChunk(
             request_id=request.request_id,
-            index=n,
+            index=n - 1,
+            token_ids=[100 + (n - 1) % 26],
+            text="a",
             finish_reason="length",
             usage=Usage(prompt_tokens=9, completion_tokens=n),
         )

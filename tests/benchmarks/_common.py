@@ -47,6 +47,21 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def ratio_spread(
+    numerators: Sequence[float], denominators: Sequence[float], target: float
+) -> tuple[float, float, float, str]:
+    """Per-run ratios of two contenders measured in the same runs (run i of each, taken
+    back to back): their median, lowest and highest, and a verdict against `target` that
+    says when the runs' spread cannot tell: 'met' (every run at or above the target),
+    'missed' (every run below it), otherwise 'within noise'."""
+    ratios = [n / d for n, d in zip(numerators, denominators, strict=True) if d]
+    if not ratios:
+        return float("nan"), float("nan"), float("nan"), "no runs"
+    low, high = min(ratios), max(ratios)
+    verdict = "met" if low >= target else "missed" if high < target else "within noise"
+    return median(ratios), low, high, verdict
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]

@@ -3,8 +3,8 @@
     python -m tests.benchmarks._load URL SUBJECT CONCURRENCY SECONDS MAX_TOKENS [PROMPT]
 
 Prints one JSON line: requests completed, errors, lost (no chunk for 30 s), this client's
-NATS disconnects, chunks received,
-elapsed seconds, and per request the time to first chunk and the gaps between chunks (seconds).
+NATS disconnects, chunks received (all, and those of completed requests, so a benchmark
+can say how many chunks a request took), elapsed seconds, and per request the time to first chunk and the gaps between chunks (seconds).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from messages.request import GenerateRequest, StopConditions, StreamChunk
 async def main(
     url: str, subject: str, concurrency: int, seconds: float, max_tokens: int, prompt: str
 ) -> None:
-    done = {"requests": 0, "chunks": 0, "errors": 0, "lost": 0, "disconnects": 0}
+    done = {
+        "requests": 0,
+        "chunks": 0,
+        "completed_chunks": 0,
+        "errors": 0,
+        "lost": 0,
+        "disconnects": 0,
+    }
     closing = asyncio.Event()
 
     async def on_disconnect() -> None:  # a lost stream then is this client's, not a node's
@@ -62,6 +69,7 @@ async def main(
             await nc.publish(subject, encode_json(request), reply=reply)
             last = sent
             first = True
+            received = 0
             while True:
                 try:
                     got, data = await asyncio.wait_for(queue.get(), 30)
@@ -78,6 +86,7 @@ async def main(
                 now = time.monotonic()
                 chunk = decode_json(data, StreamChunk)
                 done["chunks"] += 1
+                received += 1
                 if first:
                     ttft.append(now - sent)
                     first = False
@@ -87,6 +96,7 @@ async def main(
                 if chunk.finish_reason is not None:
                     if chunk.finish_reason in ("stop", "length"):
                         done["requests"] += 1
+                        done["completed_chunks"] += received
                     else:
                         done["errors"] += 1
                     break

@@ -36,6 +36,7 @@ def load(url: str, subject: str) -> dict[str, float]:
     return {
         "rps": result["requests"] / result["seconds"],
         "cps": result["chunks"] / result["seconds"],
+        "per_request": result["completed_chunks"] / max(1, result["requests"]),
         "errors": result["errors"],
     }
 
@@ -63,6 +64,8 @@ def main() -> None:
         },
         handlers={"count": 2, "max_inflight": 1024},
         logging={"level": "warning"},
+        # No idle canary: it would run on the node while the bare responder is measured.
+        engine__health={"canary_after_idle": 86400.0},
     )
     try:
         node.wait_ready(60)
@@ -74,14 +77,17 @@ def main() -> None:
         for name in ("bare", "node"):
             rps = median([r["rps"] for r in results[name]])
             cps = median([r["cps"] for r in results[name]])
+            per_request = median([r["per_request"] for r in results[name]])
             errors = sum(r["errors"] for r in results[name])
-            rows.append((name, rps, cps, errors))
+            rows.append((name, rps, cps, per_request, errors))
         ratio_rps = rows[1][1] / rows[0][1]
         ratio_cps = rows[1][2] / rows[0][2]
         body = (
-            f"{CONCURRENCY} concurrent streams of {TOKENS} tokens ({TOKENS + 1} chunks each) for {SECONDS:g} s per run; "
-            f"{RUNS} runs per contender, alternating; medians. One nats-server; the load generator in its own process.\n\n"
-            + table(["contender", "requests/s", "chunks/s", "errors"], rows)
+            f"{CONCURRENCY} concurrent streams of {TOKENS} tokens for {SECONDS:g} s per run; "
+            f"{RUNS} runs per contender, alternating; medians. One nats-server; the load generator in its own process. "
+            "Both contenders send one chunk per token, the last with the finish reason; "
+            "*chunks/request* is what the load generator received per completed request.\n\n"
+            + table(["contender", "requests/s", "chunks/s", "chunks/request", "errors"], rows)
             + f"\n\nnode / bare: **{ratio_rps:.2f}** (requests/s), **{ratio_cps:.2f}** (chunks/s); target ≥ 0.5."
         )
         write_section("plane", "Plane capacity (sim engine at zero cost)", body)

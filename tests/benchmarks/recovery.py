@@ -182,7 +182,9 @@ def main() -> None:
         "Sim engine: 5 ms decode steps. Real engine: SmolLM2-135M-Instruct on the CPU (an SGLang start is ~25 s). "
         "Backoff between restarts is off (`supervision.backoff_initial = 0`), so the figures measure the "
         "mechanism; with the default policy (0.5 s, doubling) repeated restarts wait longer by design. "
-        "Times are medians, in seconds.\n\n" + table(["what", "seconds", "runs"], rows)
+        "Times in seconds: the median over the runs in the last column (1: that one run's time); "
+        "absolute figures, with no baseline run beside them.\n\n"
+        + table(["what", "seconds", "runs"], rows)
     )
     write_section("recovery", "Recovery and stop", body)
 

@@ -104,7 +104,8 @@ def main() -> None:
         "one after another. *Registered* is the time from the first start until discovery lists all N; *exact* means "
         f"it lists exactly those N. Throughput: 32 concurrent 16-token streams over the queue group for {LOAD_SECONDS:g} s. "
         "*Errors + lost*: streams that ended in an error or went silent for 30 s (must be 0). "
-        "Memory: RSS of a node and its engine host, averaged over the nodes.\n\n"
+        "Memory: RSS of a node and its engine host, averaged over the nodes. One run per size, with no "
+        "baseline beside it: absolute figures from this machine.\n\n"
         + table(
             [
                 "nodes",

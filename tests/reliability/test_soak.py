@@ -85,6 +85,8 @@ def test_ten_minutes_of_random_faults_under_load(tmp_path: Path) -> None:
         "sent": verdict.sent,
         "completed": verdict.completed,
         "errors": verdict.errors,
+        "stream_lost": verdict.stream_lost,
+        "refused": verdict.refused,
         "lost": verdict.lost,
         "rss_kb_after_warm_up": warm[0]["rss_kb"],
         "rss_kb_max": max(s["rss_kb"] for s in warm),

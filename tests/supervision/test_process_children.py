@@ -72,7 +72,7 @@ def test_death_by_a_signal_is_killed_with_the_signal_and_what_can_be_read_of_its
     # here (the memory cgroup's OOM-kill counter, the memory left) and the last output.
     assert reason.detail.startswith("SIGKILL, not sent by the supervisor")
     if oom_kill_count() is not None:
-        assert "not the cgroup's OOM killer" in reason.detail
+        assert "not its cgroup's OOM killer" in reason.detail
     assert "memory available now" in reason.detail
     assert "ready" in reason.output
 
