@@ -21,6 +21,12 @@ Scenario format::
     [[faults]]                       # as [[chaos.faults]] in a node config, `at` from load start
     at = 5.0
     fault = "kill_engine_host"
+
+With `nodes = 2` (or more) the runner starts its own NATS server and that many nodes on it;
+admin faults go to node 0, and `[[node_faults]]` hit a whole node (`at`, `node`,
+`signal = "kill"` for kill -9 of its process group or `"term"` for a SIGTERM): recovery is
+then discovery listing exactly the nodes left, all running. `[load] lost_after` sets how
+long the client library waits without news of a stream before continuing it elsewhere.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import tomllib
@@ -76,6 +82,19 @@ class Load(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens: int = 64
     deadline: float = 15.0
     prompt: str = "chaos says hello"
+    # seconds without news of a stream before the client continues it elsewhere (0: the
+    # deadline, so a one-node run's stream is not given up while its node is away)
+    lost_after: float = 0.0
+
+
+class NodeFault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A fault to a whole node, done by the runner: `kill` is kill -9 of the node's
+    process group (a machine lost), `term` a SIGTERM (a stop, drained by the node's
+    `shutdown.drain_timeout`, its streams handed over at the deadline)."""
+
+    at: float
+    node: int = 1
+    signal: Literal["kill", "term"] = "kill"
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,6 +106,21 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     load: Load = Load()
     faults: list[Fault] = []
     recovery_timeout: float = 120.0
+    # several nodes share one NATS server the runner starts; admin faults go to node 0
+    nodes: int = 1
+    node_faults: list[NodeFault] = []
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            msg = f"nodes must be at least 1, got {self.nodes}"
+            raise ValueError(msg)
+        for fault in self.node_faults:
+            if not 0 <= fault.node < self.nodes:
+                msg = f"node_faults: node {fault.node} is not one of the {self.nodes} nodes"
+                raise ValueError(msg)
+        if self.node_faults and self.nodes < 2:  # node 0 would take NATS down with it
+            msg = "node_faults need nodes >= 2 (the runner's own NATS server outlives them)"
+            raise ValueError(msg)
 
 
 class Verdict(msgspec.Struct):
@@ -95,6 +129,7 @@ class Verdict(msgspec.Struct):
     scenario: str
     sent: int = 0
     completed: int = 0
+    migrated: int = 0  # completed streams continued on another engine or node on the way
     errors: dict[str, int] = {}
     lost: int = 0
     lost_detail: list[dict[str, Any]] = []  # when each lost request started and how it ended
@@ -141,18 +176,22 @@ def free_ports(count: int = 1) -> int:
 class NodeUnderTest:
     """A node started for the run, with chaos and admin on."""
 
-    def __init__(self, scenario: Scenario, workdir: Path, token: str) -> None:
+    def __init__(self, scenario: Scenario, workdir: Path, token: str, nats_url: str = "") -> None:
         base = tomllib.loads((ROOT / scenario.config).read_text()) if scenario.config else {}
         self.nats_port, self.system_port = free_ports(), free_ports()
         dp = base.get("engine", {}).get("dp_size", 1)
         # the publishers on kv_events_port + rank, their replay sockets on + dp_size + rank
         base.setdefault("engine", {})["kv_events_port"] = free_ports(2 * dp)
-        base["nats"] = {
-            **base.get("nats", {}),
-            "embedded": True,
-            "port": self.nats_port,
-            "data_dir": str(workdir / "nats"),
-        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        if nats_url:  # one of several nodes on the runner's server
+            base["nats"] = {**base.get("nats", {}), "embedded": False, "url": [nats_url]}
+        else:
+            base["nats"] = {
+                **base.get("nats", {}),
+                "embedded": True,
+                "port": self.nats_port,
+                "data_dir": str(workdir / "nats"),
+            }
         base["system"] = {"port": self.system_port}
         base["admin"] = {"enabled": True, "token_env": "SGL_NODE_CHAOS_TOKEN"}
         base["chaos"] = {"enabled": True, "seed": 1}
@@ -169,7 +208,7 @@ class NodeUnderTest:
             env={**os.environ, "PYTHONPATH": str(ROOT), "SGL_NODE_CHAOS_TOKEN": token},
             start_new_session=True,
         )
-        self.url = f"nats://127.0.0.1:{self.nats_port}"
+        self.url = nats_url or f"nats://127.0.0.1:{self.nats_port}"
 
     def http(self, path: str) -> tuple[int, Any]:
         try:
@@ -182,6 +221,13 @@ class NodeUnderTest:
         except OSError:
             return 0, None
 
+    def kill(self) -> None:
+        """kill -9 of the node's whole process group (the node, its engine host and
+        whatever they started): a machine lost."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -190,6 +236,45 @@ class NodeUnderTest:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(10)
+
+
+class RunNats:
+    """The NATS server of a several-node run (a node's embedded one would die with it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        from supervisor.tree import nats_server_binary
+
+        self.port = free_ports()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        store = workdir / "nats"
+        self.log = (workdir / "nats.log").open("w")
+        command = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*command, "--jetstream", "--store_dir", str(store)],
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        msg = f"the run's nats-server did not start; see {workdir / 'nats.log'}"
+        raise RuntimeError(msg)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
 
 
 def _toml(data: dict[str, Any], prefix: str = "") -> str:
@@ -219,16 +304,22 @@ def _flatten(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, dict[str
 
 
 class Runner:
-    """Drives one scenario against one node."""
+    """Drives one scenario against its nodes (admin faults go to the first)."""
 
-    def __init__(self, scenario: Scenario, node: NodeUnderTest, token: str) -> None:
+    def __init__(self, scenario: Scenario, nodes: list[NodeUnderTest], token: str) -> None:
         self.scenario = scenario
-        self.node = node
+        self.nodes = nodes
+        self.node = nodes[0]
+        self.down: set[int] = set()  # nodes a node fault took away
         self.token = token
         self.verdict = Verdict(scenario=scenario.name, errors={}, lost_detail=[])
         self.started = time.monotonic()
-        self.kv: dict[int, set[int]] = collections.defaultdict(set)
+        self.kv: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
         self.stop_load = asyncio.Event()
+
+    def live(self) -> list[NodeUnderTest]:
+        """The nodes no node fault has taken away."""
+        return [node for i, node in enumerate(self.nodes) if i not in self.down]
 
     async def run(self) -> Verdict:
         async with NodeClient(
@@ -239,9 +330,13 @@ class Runner:
                 asyncio.create_task(self._client(client)) for _ in range(self.scenario.load.clients)
             ]
             started = self.started = time.monotonic()
-            for fault in sorted(self.scenario.faults, key=lambda f: f.at):
+            faults: list[Fault | NodeFault] = [*self.scenario.faults, *self.scenario.node_faults]
+            for fault in sorted(faults, key=lambda f: f.at):
                 await asyncio.sleep(max(0.0, started + fault.at - time.monotonic()))
-                await self._inject(client, fault)
+                if isinstance(fault, NodeFault):
+                    await self._hit_node(client, fault)
+                else:
+                    await self._inject(client, fault)
             await asyncio.sleep(max(0.0, started + self.scenario.duration - time.monotonic()))
             self.stop_load.set()
             await asyncio.gather(*clients)
@@ -249,11 +344,13 @@ class Runner:
             await asyncio.sleep(1.0)  # let the last KV events arrive
             await self._compare_kv(client)
             watcher.cancel()
-        status, tree = self.node.http("/tree")
-        if status == 200:
-            for path, row in _flatten(tree["children"]).items():
-                if row["restarts"]:
-                    self.verdict.restarts[path] = row["restarts"]
+        for i, node in enumerate(self.nodes):
+            status, tree = node.http("/tree") if i not in self.down else (0, None)
+            if status == 200 and tree is not None:
+                prefix = f"node{i}:" if len(self.nodes) > 1 else ""
+                for path, row in _flatten(tree["children"]).items():
+                    if row["restarts"]:
+                        self.verdict.restarts[prefix + path] = row["restarts"]
         return self.verdict
 
     async def _client(self, client: NodeClient) -> None:
@@ -277,7 +374,10 @@ class Runner:
                 # that never ends a stream; it must not race that verdict.
                 async with asyncio.timeout(load.deadline + 15.0):
                     async for chunk in client.generate(
-                        request, idle_timeout=load.deadline + 5.0, lost_after=load.deadline
+                        request,
+                        idle_timeout=load.deadline + 5.0,
+                        lost_after=load.lost_after or load.deadline,
+                        retries=1000,  # a refused or unserved request waits for its deadline
                     ):
                         last = chunk
                         chunks += 1
@@ -304,6 +404,7 @@ class Runner:
                 )
             elif last.finish_reason in ("stop", "length"):
                 self.verdict.completed += 1
+                self.verdict.migrated += last.migrations > 0
             else:
                 code = last.error.code if last.error else last.finish_reason
                 self.verdict.errors[code] = self.verdict.errors.get(code, 0) + 1
@@ -332,6 +433,42 @@ class Runner:
             await asyncio.sleep(fault.duration)
         await self._wait_recovered(at, record)
 
+    async def _hit_node(self, client: NodeClient, fault: NodeFault) -> None:
+        """kill -9 or SIGTERM one node; then wait until discovery lists exactly the nodes
+        left (a killed node's lease expires, a stopped one deregisters) and they run."""
+        node = self.nodes[fault.node]
+        record: dict[str, Any] = {"fault": f"{fault.signal}_node", "target": f"node {fault.node}"}
+        at = time.monotonic()
+        self.down.add(fault.node)
+        if fault.signal == "kill":
+            await asyncio.to_thread(node.kill)
+            record.update(ok=True, detail="kill -9 of its process group")
+        else:
+            node.proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = await asyncio.to_thread(node.proc.wait, 120)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = round(time.monotonic() - at, 3)
+            record.update(ok=code == 0, detail=f"exit code {code} after {took} s")
+        self.verdict.faults.append(record)
+        await self._wait_discovery(client, at, record)
+        await self._wait_recovered(at, record)
+
+    async def _wait_discovery(
+        self, client: NodeClient, since: float, record: dict[str, Any]
+    ) -> None:
+        want = {node.instance_id for node in self.live()}
+        deadline = since + self.scenario.recovery_timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # a NATS hiccup: ask again
+                if {r.instance_id for r in await client.instances()} == want:
+                    record["discovery_exact_after"] = round(time.monotonic() - since, 3)
+                    return
+            await asyncio.sleep(0.2)
+        self.verdict.recovered = False
+        record["discovery_exact_after"] = None
+
     def _restarts(self) -> int:
         status, tree = self.node.http("/tree")
         return (
@@ -349,24 +486,21 @@ class Runner:
     async def _wait_recovered(self, since: float, record: dict[str, Any] | None) -> None:
         deadline = since + self.scenario.recovery_timeout
         while time.monotonic() < deadline:
-            status, tree = self.node.http("/tree")
-            ready, _ = self.node.http("/ready")
-            if status == 200 and ready == 200:
-                rows = _flatten(tree["children"])
-                if all(r["state"] == "running" for r in rows.values()):
-                    if record is not None:
-                        record["recovered_after"] = round(time.monotonic() - since, 3)
-                    return
+            if all(_all_running(node) for node in self.live()):
+                if record is not None:
+                    record["recovered_after"] = round(time.monotonic() - since, 3)
+                return
             await asyncio.sleep(0.1)
         self.verdict.recovered = False
         if record is not None:
             record["recovered_after"] = None
 
     async def _watch_kv(self, client: NodeClient) -> None:
+        ours = {node.instance_id for node in self.nodes}
         async for batch in client.watch("kv-events"):
-            if not isinstance(batch, KvEventBatch) or batch.instance_id != self.node.instance_id:
+            if not isinstance(batch, KvEventBatch) or batch.instance_id not in ours:
                 continue
-            view = self.kv[batch.dp_rank]
+            view = self.kv[batch.instance_id, batch.dp_rank]
             for event in batch.events:
                 if isinstance(event, AllBlocksCleared):
                     view.clear()
@@ -376,30 +510,41 @@ class Runner:
                     view.difference_update(event.block_hashes)
 
     async def _compare_kv(self, client: NodeClient) -> None:
+        """Each live node's engine cache against what its KV events told a subscriber."""
         assert client.nc is not None
-        request = AdminRequest(token=self.token, op="kv_view")
-        try:
-            msg = await client.nc.request(
-                f"{client.base}.admin.{self.node.instance_id}", encode_json(request), timeout=15
-            )
-            reply = decode_json(msg.data, AdminReply)
-        except Exception as exc:  # noqa: BLE001
-            self.verdict.kv_detail = f"kv_view failed: {exc}"
-            return
-        if not reply.ok:
-            self.verdict.kv_detail = f"not comparable: {reply.message}"
-            return
-        diffs = []
-        for rank, engine_ids in enumerate(reply.data["ranks"]):
-            seen = self.kv.get(rank, set())
-            if set(engine_ids) != seen:
-                diffs.append(
-                    f"rank {rank}: engine {len(engine_ids)} blocks, subscriber {len(seen)}"
+        diffs, matched = [], 0
+        for node in self.live():
+            request = AdminRequest(token=self.token, op="kv_view")
+            try:
+                msg = await client.nc.request(
+                    f"{client.base}.admin.{node.instance_id}", encode_json(request), timeout=15
                 )
+                reply = decode_json(msg.data, AdminReply)
+            except Exception as exc:  # noqa: BLE001
+                self.verdict.kv_detail = f"kv_view failed: {exc}"
+                return
+            if not reply.ok:
+                self.verdict.kv_detail = f"not comparable: {reply.message}"
+                return
+            for rank, engine_ids in enumerate(reply.data["ranks"]):
+                seen = self.kv.get((node.instance_id, rank), set())
+                matched += len(seen)
+                if set(engine_ids) != seen:
+                    diffs.append(
+                        f"{node.instance_id} rank {rank}: engine {len(engine_ids)} blocks, "
+                        f"subscriber {len(seen)}"
+                    )
         self.verdict.kv_view_equal = not diffs
-        self.verdict.kv_detail = (
-            "; ".join(diffs) or f"{sum(len(v) for v in self.kv.values())} blocks match"
-        )
+        self.verdict.kv_detail = "; ".join(diffs) or f"{matched} blocks match"
+
+
+def _all_running(node: NodeUnderTest) -> bool:
+    """The node is ready and every child of its tree is running."""
+    status, tree = node.http("/tree")
+    ready, _ = node.http("/ready")
+    if status != 200 or ready != 200:
+        return False
+    return all(r["state"] == "running" for r in _flatten(tree["children"]).values())
 
 
 def print_verdict(verdict: Verdict) -> None:
@@ -408,6 +553,7 @@ def print_verdict(verdict: Verdict) -> None:
         ("scenario", verdict.scenario),
         ("requests sent", verdict.sent),
         ("completed", verdict.completed),
+        ("  of which migrated", verdict.migrated),
         (
             "ended with an error",
             ", ".join(f"{k}: {v}" for k, v in sorted(verdict.errors.items())) or "0",
@@ -443,28 +589,44 @@ def run_scenario(
     workdir: Path | None = None,
     on_ready: Callable[[NodeUnderTest], None] | None = None,
 ) -> Verdict:
-    """Start a node, run the scenario against it, stop the node; return the verdict.
-    `on_ready` is called with the node once it is ready (e.g. to watch its resources)."""
+    """Start the scenario's node(s), run it against them, stop them; return the verdict.
+    `on_ready` is called with the first node once all are ready (e.g. to watch its
+    resources)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sgl-chaos-"))
     token = secrets.token_hex(16)
-    node = NodeUnderTest(scenario, workdir, token)
     verdict = Verdict(scenario=scenario.name, errors={}, recovered=False)
+    nats = RunNats(workdir) if scenario.nodes > 1 else None
+    nodes: list[NodeUnderTest] = []
+    runner: Runner | None = None
     try:
-        deadline = time.monotonic() + 600
-        while node.http("/ready")[0] != 200:
-            if node.proc.poll() is not None or time.monotonic() > deadline:
-                msg = f"the node did not start; see {workdir / 'node.log'}"
-                raise RuntimeError(msg)
-            time.sleep(0.2)
+        for i in range(scenario.nodes):
+            home = workdir / f"node{i}" if nats else workdir
+            nodes.append(NodeUnderTest(scenario, home, token, nats.url if nats else ""))
+        for node in nodes:
+            _wait_ready(node)
         if on_ready is not None:
-            on_ready(node)
-        verdict = asyncio.run(Runner(scenario, node, token).run())
+            on_ready(nodes[0])
+        runner = Runner(scenario, nodes, token)
+        verdict = asyncio.run(runner.run())
     finally:
-        code = node.stop()
-    if code != 0:
-        verdict.recovered = False
-        verdict.kv_detail += f"; node exit code {code}"
+        down = runner.down if runner else set()
+        codes = {i: node.stop() for i, node in enumerate(nodes) if i not in down}
+        if nats is not None:
+            nats.stop()
+    for i, code in codes.items():
+        if code != 0:
+            verdict.recovered = False
+            verdict.kv_detail += f"; node {i} exit code {code}"
     return verdict
+
+
+def _wait_ready(node: NodeUnderTest, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while node.http("/ready")[0] != 200:
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            msg = f"the node did not start; see {node.log.name}"
+            raise RuntimeError(msg)
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,8 +158,8 @@ class NodeClient:
 
         `request` may be raw bytes (to send anything at all, e.g. in tests; such a request
         is never continued). `instance_id` picks one node; otherwise NATS spreads requests
-        over the nodes. Raises `NoRespondersError` if nobody serves the subject and
-        `TimeoutError` if no chunk comes for `idle_timeout` seconds.
+        over the nodes. Raises `NoRespondersError` if nobody serves the subject (after
+        its `retries`) and `TimeoutError` if no chunk comes for `idle_timeout` seconds.
 
         Chunks lost in transit (a NATS server restart drops what it carries) are asked for
         again on the resume subject: at once on a gap, after this client reconnected, and
@@ -168,7 +168,8 @@ class NodeClient:
         retryable error, the stream continues on another node from the tokens already
         yielded (up to `migration_limit` seams): the caller sees one stream with a pause.
         A refusal before the first chunk (overloaded, not ready, engine restarting,
-        stopping) is sent again after 0.2 s, doubling, up to `retries` times (0: the
+        stopping), or no node serving the subject, is sent again after 0.2 s, doubling up
+        to 2 s, up to `retries` times and never past the request's `timeout` (0: the
         refusal is the answer). What cannot go on ends with the chunk that ended it where
         it last ran (`stream_lost` when no node holds it and none takes it on).
         """

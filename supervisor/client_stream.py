@@ -7,8 +7,10 @@ silence. When no node answers for `lost_after` seconds, or the node ends the str
 because it is stopping or its engine cannot go on (a retryable error), the stream goes
 on elsewhere: a continuation with every token the caller has, up to `migration_limit`
 seams; the copy left behind, if it still runs somewhere, is cancelled. A refusal before
-the first chunk (overloaded, not ready, engine restarting, stopping) is sent again after
-a short backoff. What cannot go on ends with an error chunk — never silence.
+the first chunk (overloaded, not ready, engine restarting, stopping), or no node serving
+the subject at all (every node away from NATS for a moment), is sent again after a short
+backoff, never past the request's deadline. What cannot go on ends with an error chunk
+— never silence; a request no node ever answered raises `Lost(no_responders=True)`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ T = TypeVar("T")
 POLL = 0.25  # seconds between checks for gaps, reconnects and silence while streaming
 PROBE_INTERVAL = 1.0  # at most one resume request per stream this often
 BACKOFF = 0.2  # seconds before the first re-send after a refusal; doubles
+MAX_BACKOFF = 2.0  # ... up to this
 _RETRY_BEFORE_START = {"overloaded", "not_ready", "engine_restarting"}
 
 
@@ -144,9 +147,12 @@ async def stream_chunks(
     request_id = request.request_id if isinstance(request, GenerateRequest) else ""
     tries = seen = 0  # sends since the caller's last chunk; its index then
     first_ending: StreamChunk | None = None  # what ended the stream where it last ran
+    loop = asyncio.get_running_loop()
+    timeout = request.timeout if isinstance(request, GenerateRequest) else None
+    give_up_at = loop.time() + timeout if timeout else float("inf")
     while True:
         ending: StreamChunk | None = None
-        gone = False  # no node serves the subject at all: nobody to try again
+        gone = False  # no node serves the subject at all, and it is too late to wait
         try:
             async for chunk in _attempt(client, data, subject, request_id, progress, options):
                 request_id = request_id or chunk.request_id
@@ -158,21 +164,23 @@ async def stream_chunks(
                 if chunk.finish_reason is not None:
                     return
         except Lost as lost:
-            if not progress.next_index and lost.no_responders:
-                raise
             gone = lost.no_responders
             ending = error_chunk(request_id, progress.next_index, "stream_lost", lost.message)
+            unanswered = lost  # raised if this was the last try and nothing came at all
         assert ending is not None
         if progress.next_index != seen:
             tries, seen, first_ending = 0, progress.next_index, ending
         tries += 1
         started = progress.next_index > 0
+        pause = min(MAX_BACKOFF, BACKOFF * 2 ** (tries - 1)) if tries > 1 or not started else 0.0
         if (
-            gone
-            or not isinstance(request, GenerateRequest)
+            not isinstance(request, GenerateRequest)
             or tries > options.retries
+            or loop.time() + pause >= give_up_at
             or (started and progress.migrations >= options.migration_limit)
         ):
+            if gone and not started:
+                raise unanswered
             final = first_ending or ending
             yield msgspec.structs.replace(final, index=progress.next_index)
             return
@@ -180,8 +188,7 @@ async def stream_chunks(
             data = encode_json(progress.continuation(request))
             subject = f"{client.base}.{client.endpoint}"  # any node: the old one may be gone
             await _cancel_left_behind(client, request_id, progress.migrations + 1)
-        if tries > 1 or not started:
-            await asyncio.sleep(BACKOFF * 2 ** (tries - 1))  # refused: wait, then again
+        await asyncio.sleep(pause)  # refused or unserved: wait, then again
 
 
 async def _cancel_left_behind(client: _Client, request_id: str, migrations: int) -> None:

@@ -10,7 +10,9 @@
 - **Migration**: after a chunk, the same failures send the stream on to another instance
   as a continuation (`Progress`: the tokens the client has, the next chunk index), up to
   `migration_limit` seams; the client's stream goes on with a pause. A disaggregated
-  stream, or one past the limit, ends with the error instead.
+  stream goes on as a new pair: a prefill of the prompt and the tokens so far on a prefill
+  instance, the rest decoded on a decode instance other than the lost one. A stream past
+  the limit ends with the error instead.
 - **Lost instances, lost chunks, cancel**: see `attempt.py`.
 - **Disaggregated**: a random 63-bit bootstrap room; the prefill request and the decode
   request both carry the prefill card's bootstrap host/port and the room; the decode
@@ -173,12 +175,8 @@ class Dispatcher:
             metrics.FAILOVERS.labels(retry.reason).inc()
             self.log.info("failing over", reason=retry.reason, detail=retry.error.message, **fields)
             return None
-        why_not = ""
-        if route.prefill is not None:
-            why_not = "a disaggregated stream is not continued"
-        elif progress.migrations >= self.migration_limit:
+        if progress.migrations >= self.migration_limit:
             why_not = f"its {progress.migrations} seams reached migration_limit"
-        if why_not:
             self.log.warning("stream not continued", reason=retry.reason, why=why_not, **fields)
             return retry.ending(request.request_id, progress.next_index)
         metrics.MIGRATIONS.labels(retry.reason).inc()
@@ -187,6 +185,7 @@ class Dispatcher:
             reason=retry.reason,
             tokens=len(progress.token_ids),
             next_index=progress.next_index,
+            disaggregated=route.prefill is not None,
             **fields,
         )
         return None
