@@ -189,9 +189,7 @@ def test_second_call_returns_at_once_without_rebuilding(built: Build) -> None:
     weights = built.path / "model.safetensors"
     before = (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns, marker.read_text())
     progress: list[str] = []
-    started = time.monotonic()
     again = resolve_model_path(MODEL, cache_dir=built.path.parent, progress=progress.append)
-    assert time.monotonic() - started < 1.0
     assert again == built.path
     assert progress == []
     assert (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns, marker.read_text()) == before

@@ -436,7 +436,8 @@ def test_a_canary_is_served_like_any_request(host: Host) -> None:
     assert sum(len(c.token_ids) for c in chunks) == 1
 
 
-def test_sixty_four_tokens_stream_at_a_steady_rate(host: Host) -> None:
+def test_sixty_four_tokens_stream_in_many_chunks_and_their_timing_is_recorded(host: Host) -> None:
+    # No rate is asserted (speed belongs to tests/benchmarks); the figures are printed.
     sent = time.monotonic()
     host.submit(
         "rate",
@@ -447,6 +448,7 @@ def test_sixty_four_tokens_stream_at_a_steady_rate(host: Host) -> None:
     timed = host.stream("rate")
     tokens = sum(len(c.token_ids) for _, c in timed)
     assert tokens == 64
+    assert len(timed) >= 16  # streamed as generated, not handed over whole
     FIGURES["64-token TTFT (s)"] = timed[0][0] - sent
     FIGURES["decode tokens/s"] = (tokens - 1) / (timed[-1][0] - timed[0][0])
     FIGURES["64-token total (s)"] = timed[-1][0] - sent

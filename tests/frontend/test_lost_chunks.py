@@ -8,12 +8,19 @@ the client, through the official `openai` package, gets the whole answer once, i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import nats
+
+from messages.codec import DecodeError, decode_json
+from messages.request import StreamChunk
 from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend
 from tests.node.harness import NatsServer, sim_node_on_own_nats
 
@@ -51,9 +58,9 @@ def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path
         os.kill(frontend.proc.proc.pid, signal.SIGSTOP)
         try:
             server.stop()
-            time.sleep(0.3)
+            time.sleep(0.3)  # the subject: an outage
             server = NatsServer.on_port(tmp_path, server.port)
-            time.sleep(3.0)  # the node reconnects and sends what it held (after 1 s)
+            _wait_for_the_last_chunk(server.url)  # the node reconnected and sent what it held
         finally:
             os.kill(frontend.proc.proc.pid, signal.SIGCONT)
         reader.join(60)
@@ -66,3 +73,27 @@ def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path
             frontend.kill()
         node.kill()
         server.stop()
+
+
+def _wait_for_the_last_chunk(url: str, timeout: float = 60.0) -> None:
+    """Wait until a node publishes a stream's last chunk to a reply inbox, as seen by a
+    wildcard subscriber of our own on the restarted server: the node has sent what it
+    held (1 s after its reconnect) while the frontend, stopped, could not read it."""
+
+    async def go() -> None:
+        nc = await nats.connect(url)
+        ended = asyncio.Event()
+
+        async def on(msg: Any) -> None:
+            with contextlib.suppress(DecodeError):
+                if decode_json(msg.data, StreamChunk).finish_reason is not None:
+                    ended.set()
+
+        try:
+            await nc.subscribe("_INBOX.>", cb=on)
+            await nc.flush()
+            await asyncio.wait_for(ended.wait(), timeout)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())

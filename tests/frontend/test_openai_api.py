@@ -9,10 +9,10 @@ enabled`), all as OS processes; the last test stops a frontend-only node with SI
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,12 +224,12 @@ def test_a_client_that_goes_away_cancels_its_request_on_the_node(
         if i == 3:
             break
     stream.close()
-    took = wait_until(
+    # cancelled, not finished: the abort reached the node within the 8 s it would have run
+    wait_until(
         lambda: node_metric(node, "sgl_node_requests_total", {"outcome": "cancelled"}) > before,
-        5.0,
+        30.0,
         "the node cancelled the abandoned request",
     )
-    assert took < 2.0
     assert fleet["frontend"].metric("sgl_frontend_cancels_total") >= 1
 
 
@@ -251,16 +251,29 @@ def test_concurrent_requests_all_complete(client: openai.OpenAI) -> None:
 
 
 def test_discovery_leaves_no_jetstream_consumers_behind(fleet: dict[str, Any]) -> None:
-    async def consumers() -> int:
+    async def consumers() -> tuple[int, int]:
         nc = await nats.connect(fleet["server"].url)
+        js = nc.jetstream()
         try:
-            info = await nc.jetstream().stream_info("KV_sgl_node_instances")
-            return int(info.state.consumer_count)
+            bucket = "KV_sgl_node_instances"
+            before = (await js.stream_info(bucket)).state.consumer_count
+            # Wait for the JetStream API calls of at least 8 re-lists (one stream_info each,
+            # every 0.5 s; a leak would leave a consumer per call), counting ours out.
+            start = (await js.account_info()).api.total
+            for ours in itertools.count(1):
+                if (await js.account_info()).api.total - start - ours >= 8:
+                    break
+                assert ours < 600, "no JetStream API calls: is the frontend re-listing?"
+                await asyncio.sleep(0.1)
+            after = (await js.stream_info(bucket)).state.consumer_count
+            return int(before), int(after)
         finally:
             await nc.close()
 
-    time.sleep(1.5)  # three re-lists of the bucket
-    assert asyncio.run(consumers()) <= 1  # the frontend's one watch
+    # The frontend's one watch; a frontend another test stopped may leave its own for a
+    # while (then `before` counts it), but re-lists add none.
+    before, after = asyncio.run(consumers())
+    assert after <= max(before, 1), (before, after)
 
 
 def test_sigterm_lets_streams_in_flight_finish_then_exits_0(

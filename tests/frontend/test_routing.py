@@ -1,13 +1,15 @@
-"""KV-aware routing across two sim nodes, against round-robin on the same nodes.
+"""KV-aware routing across two sim nodes, against round-robin on the same nodes; and
+`random` routing.
 
-Two frontends on one NATS see the same two nodes: one routes by KV cache (`kv`), the
-other `round_robin`. Each runs a shared-prefix workload (groups of prompts with a long
+Three frontends on one NATS see the same two nodes: one routes by KV cache (`kv`), one
+`round_robin`, one `random`. Each runs a shared-prefix workload (groups of prompts with a long
 common prefix, interleaved); the prefix-cache hit rate is measured from the responses'
 `usage.prompt_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,11 +35,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             nodes.append(start_node(tmp, name=name, embedded_nats=False, nats_url=server.url))
         frontends.append(start_frontend(tmp, server.url, name="kv", routing="kv"))
         frontends.append(start_frontend(tmp, server.url, name="rr", routing="round_robin"))
+        frontends.append(start_frontend(tmp, server.url, name="random", routing="random"))
         for node in nodes:
             node.wait_ready(60)
         for frontend in frontends:
             frontend.wait_instances(2)
-        yield {"nodes": nodes, "kv": frontends[0], "rr": frontends[1]}
+        yield {"nodes": nodes, "kv": frontends[0], "rr": frontends[1], "random": frontends[2]}
     finally:
         for frontend in frontends:
             frontend.kill()
@@ -118,3 +121,23 @@ def test_kv_aware_routing_hits_the_prefix_cache_more_than_round_robin(
     # each group misses once with kv (its first prompt), twice with round-robin (once per node)
     assert kv > 0.6
     assert round_robin < kv - 0.1
+
+
+def test_random_routing_spreads_one_repeated_prompt_over_both_nodes_in_no_fixed_order(
+    fleet: dict[str, Any],
+) -> None:
+    """The same prompt 40 times, one after another: `kv` would keep it on the node that
+    cached it, `round_robin` would alternate. Which node served each is read from the
+    nodes' counters. Both nodes at least 5 times: binomially, fails once in ~10^7 runs."""
+    nodes: list[NodeProcess] = fleet["nodes"]
+    client = fleet["random"].client()
+    system = _system_prompt("random", 0)
+    homes = []
+    for _ in range(40):
+        before = _served(nodes)
+        _ask(client, system, "the same question?")
+        served = [after - b for after, b in zip(_served(nodes), before, strict=True)]
+        assert sorted(served) == [0, 1], served
+        homes.append(served.index(1))
+    assert min(homes.count(0), homes.count(1)) >= 5, homes
+    assert any(a == b for a, b in itertools.pairwise(homes)), homes  # not alternating

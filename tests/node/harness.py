@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,14 +14,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 
 from messages.chaos import AdminReply, AdminRequest
-from messages.codec import decode_json, encode_json
+from messages.codec import DecodeError, decode_json, encode_json
+from messages.kv import KvEventBatch
+from messages.metrics import LoadMetrics
 from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -302,3 +305,40 @@ async def admin_request(node: NodeProcess, token: str, op: str, **args: Any) -> 
         return decode_json(msg.data, AdminReply)
     finally:
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def watching(url: str, what: str) -> AsyncIterator[list[Any]]:
+    """Collect a node's KV event batches (`kv-events`) or load metrics (`metrics`) into a
+    list, on a subscription the server has confirmed (flushed) before the body runs: what
+    is published after entry is never missed, with no sleep to let it settle."""
+    from supervisor.client import NodeClient
+
+    base = NodeClient(url).base
+    subject, kind = {
+        "kv-events": (f"{base}.kv_events", KvEventBatch),
+        "metrics": (f"{base}.load_metrics", LoadMetrics),
+    }[what]
+    items: list[Any] = []
+
+    async def on(msg: Any) -> None:
+        with contextlib.suppress(DecodeError):
+            items.append(decode_json(msg.data, kind))
+
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe(subject, cb=on)
+        await nc.flush()
+        yield items
+    finally:
+        await nc.close()
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` every 50 ms on the running loop; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            msg = f"not within {timeout} s: {what}"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.05)

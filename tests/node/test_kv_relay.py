@@ -105,6 +105,27 @@ class Collector:
             return list(self.batches)
 
 
+def dropped() -> float:
+    """Undecodable messages the relay of rank 0 dropped, in this process."""
+    from actors.telemetry import node_metrics
+
+    value = node_metrics.REGISTRY.get_sample_value(
+        "sgl_node_zmq_messages_dropped_total", {"socket": "kv_events_0"}
+    )
+    return value or 0.0
+
+
+def joined(pub: zmq.Socket[bytes], timeout: float = 30.0) -> None:
+    """Wait out ZMQ's slow joiner: send a probe (three frames, not msgpack: dropped and
+    counted, never relayed) until the relay counts one; its SUB is then connected."""
+    before = dropped()
+    deadline = time.monotonic() + timeout
+    while dropped() == before:
+        assert time.monotonic() < deadline, "the relay's SUB never connected"
+        pub.send_multipart([b"kv-events", bytes(8), b"\xc1"])
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def relay_tree(
     tmp_path: Path,
@@ -167,7 +188,7 @@ def relay_tree(
     )
     try:
         assert root.wait_ready(10)
-        time.sleep(0.3)  # ZMQ's slow joiner: let the SUB connect before publishing
+        joined(pub)
         yield pub, collector, root
     finally:
         root.stop_and_wait(10)
@@ -255,6 +276,7 @@ def test_a_publisher_restart_publishes_a_resync(relay: Any) -> None:
 
 def test_garbage_is_dropped_and_counted_and_the_relay_carries_on(relay: Any) -> None:
     pub, collector, root = relay
+    before = dropped()
     pub.send_multipart([b"kv-events", b"\x00" * 8])  # two frames
     pub.send_multipart([b"kv-events", b"\x00" * 3, b"x"])  # short sequence
     pub.send_multipart([b"kv-events", (0).to_bytes(8, "big"), b"\xc1\xc1"])  # not msgpack
@@ -274,14 +296,7 @@ def test_garbage_is_dropped_and_counted_and_the_relay_carries_on(relay: Any) -> 
             lora_id=None,
         )
     ]
-    from actors.telemetry import node_metrics
-
-    assert (
-        node_metrics.REGISTRY.get_sample_value(
-            "sgl_node_zmq_messages_dropped_total", {"socket": "kv_events_0"}
-        )
-        >= 4
-    )
+    assert dropped() - before == 4
     assert all(row.restarts == 0 for row in root.which_children())
 
 
@@ -412,6 +427,6 @@ def test_a_failing_reader_crashes_the_actor_and_its_restart_relays_again(
         batches = collector.wait(3)  # the new relay's start resync
         assert batches[2].resync is not None
         assert batches[2].resync.reason == "relay_start"
-        time.sleep(0.3)  # the new SUB connects (ZMQ's slow joiner)
+        joined(pub)  # the new relay's SUB
         send(pub, 2, [STORED])
         assert collector.wait(4)[3].seq == 2

@@ -19,7 +19,7 @@ from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
 from supervisor.config import ConfigError, loads
 from supervisor.plan import plan_node
-from tests.node.harness import NodeProcess, free_ports, start_node
+from tests.node.harness import NodeProcess, free_ports, start_node, until, watching
 from tests.node.test_node_sim import expected_text
 
 INSTANCE = "mn-engine"
@@ -129,54 +129,54 @@ def test_requests_run_on_both_nodes_ranks_and_their_kv_events_and_metrics_arrive
 ) -> None:
     prompt = "spread over two nodes " * 4  # 88 tokens: 5 full pages
 
+    def stored(batches: list[KvEventBatch]) -> set[int]:
+        return {b.dp_rank for b in batches if any(isinstance(e, BlockStored) for e in b.events)}
+
+    def served(metrics: list[LoadMetrics]) -> bool:  # both ranks, rank 1 with its cache
+        ranks = {m.dp_rank for m in metrics}
+        return ranks == {0, 1} and any(m.kv_total_blocks > 0 for m in metrics if m.dp_rank)
+
     async def go() -> tuple[list[list[StreamChunk]], list[KvEventBatch], list[LoadMetrics]]:
-        async with NodeClient(pair.leader.url) as client:
-            batches: list[KvEventBatch] = []
-            metrics: list[LoadMetrics] = []
-
-            async def watch(what: str, into: list[Any]) -> None:
-                async for item in client.watch(what):
-                    into.append(item)
-
-            tasks = [
-                asyncio.create_task(watch("kv-events", batches)),
-                asyncio.create_task(watch("metrics", metrics)),
-            ]
-            await asyncio.sleep(0.3)
+        async with (
+            NodeClient(pair.leader.url) as client,
+            watching(pair.leader.url, "kv-events") as batches,
+            watching(pair.leader.url, "metrics") as metrics,
+        ):
             answers = [
                 await _collect(client, _request(prompt, rank, max_tokens=12)) for rank in (0, 1)
             ]
             unpinned = await asyncio.gather(
                 *(_collect(client, _request(f"free {i}", None)) for i in range(8))
             )
-            await asyncio.sleep(2.5)  # a metrics interval or two
-            for task in tasks:
-                task.cancel()
-            return answers + list(unpinned), batches, metrics
+            await until(lambda: stored(batches) == {0, 1}, 60, "pages stored on both ranks")
+            await until(lambda: served(metrics), 60, "load metrics of both ranks")
+            return answers + list(unpinned), list(batches), list(metrics)
 
     answers, batches, metrics = asyncio.run(go())
     for chunks in answers[:2]:
         assert chunks[-1].finish_reason == "length"
         assert "".join(c.text for c in chunks) == expected_text(prompt, 12)
     assert all(chunks[-1].finish_reason == "length" for chunks in answers[2:])
-    stored = {b.dp_rank for b in batches if any(isinstance(e, BlockStored) for e in b.events)}
-    assert stored == {0, 1}  # rank 1's events come from the follower's relay
+    assert stored(batches) == {0, 1}  # rank 1's events come from the follower's relay
     assert {b.instance_id for b in batches} == {INSTANCE}
     assert {m.dp_rank for m in metrics} == {0, 1}  # the follower's rank, via the leader
     assert {m.instance_id for m in metrics} == {INSTANCE}
-    served = [m for m in metrics if m.dp_rank == 1]
-    assert served
-    assert max(m.kv_total_blocks for m in served) > 0
+    assert served(metrics)
 
 
 def test_a_lost_follower_fails_its_rank_clearly_and_serves_again_when_it_returns(
     pair: Pair,
 ) -> None:
     pair.follower.kill()
+    # The engine host's own log records come through the node's log as events of their own:
+    # after 3 s of silence the leader's engine host declares the follower lost.
+    assert pair.leader.wait_log(
+        lambda r: "follower lost" in r["event"] and r.get("child", "").endswith("engine_host"),
+        timeout=60,
+    )
 
     async def during() -> tuple[list[StreamChunk], list[StreamChunk]]:
         async with NodeClient(pair.leader.url) as client:
-            await asyncio.sleep(4.0)  # past the leader's 3 s of silence
             pinned = await _collect(client, _request("to the lost rank", 1))
             free = await _collect(client, _request("anywhere", None))
             return pinned, free
@@ -187,11 +187,6 @@ def test_a_lost_follower_fails_its_rank_clearly_and_serves_again_when_it_returns
     assert pinned[-1].finish_reason == "length"
     assert "".join(c.text for c in pinned) == expected_text("to the lost rank", 8)
     assert free[-1].finish_reason == "length"  # the leader's own rank still serves
-    # The engine host's own log records come through the node's log as events of their own.
-    assert pair.leader.wait_log(
-        lambda r: "follower lost" in r["event"] and r.get("child", "").endswith("engine_host"),
-        timeout=5,
-    )
 
     pair.restart_follower()
     pair.follower.wait_ready(90)

@@ -24,7 +24,7 @@ from tests.supervision.children import pid_alive, wait_until
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
     proc = start_node(
-        tmp_path, engine__sim={"decode_time_per_step": 0.01}, shutdown={"drain_timeout": 1.0}
+        tmp_path, engine__sim={"decode_time_per_step": 0.01}, shutdown={"drain_timeout": 4.0}
     )
     try:
         proc.wait_ready(60)
@@ -62,8 +62,10 @@ def test_sigterm_during_20_streams_ends_each_with_tokens_or_shutdown_and_stops_i
 
     async def go() -> list[list[StreamChunk]]:
         async with NodeClient(node.url) as client:
-            # 10 short streams finish within the 1 s drain; 10 long ones are cut by it.
-            reqs = [_request(50) for _ in range(10)] + [_request(1000) for _ in range(10)]
+            # 10 short streams finish within the 4 s drain (4 tokens left, 0.01 s a step:
+            # far inside it even on a loaded machine); 10 long ones, which need at least
+            # 10 s by the sim's step time, are cut by it.
+            reqs = [_request(5) for _ in range(10)] + [_request(1000) for _ in range(10)]
             events = [asyncio.Event() for _ in reqs]
             tasks = [
                 asyncio.create_task(_stream(client, r, e))

@@ -35,7 +35,7 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client import NodeClient
-from tests.node.harness import ROOT, NodeProcess, descendants, start_node
+from tests.node.harness import ROOT, NodeProcess, descendants, start_node, until, watching
 from tests.supervision.children import pid_alive, wait_until
 
 QUESTION = "What is the capital of France?"
@@ -141,17 +141,17 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(
     prompt_ids = list(range(1000, 1064))  # 4 full pages of 16 tokens
     pages = [h for h, _ in block_hashes(prompt_ids, 16)]
 
+    def stored_hashes(events: list[KvEventBatch]) -> list[int]:
+        return [
+            h
+            for b in events
+            for e in b.events
+            if isinstance(e, BlockStored)
+            for h in e.block_hashes
+        ]
+
     async def go() -> tuple[list[StreamChunk], list[KvEventBatch]]:
-        async with NodeClient(node.url) as client:
-            events: list[KvEventBatch] = []
-
-            async def watch() -> None:
-                async for item in client.watch("kv-events"):
-                    assert isinstance(item, KvEventBatch)
-                    events.append(item)
-
-            task = asyncio.create_task(watch())
-            await asyncio.sleep(0.3)
+        async with NodeClient(node.url) as client, watching(node.url, "kv-events") as events:
             finals = []
             for _ in range(2):
                 request = GenerateRequest(
@@ -160,9 +160,12 @@ def test_a_repeated_prompt_hits_the_cache_and_kv_events_show_its_chained_pages(
                     stop=StopConditions(max_tokens=4),
                 )
                 finals.append([c async for c in client.generate(request)][-1])
-            await asyncio.sleep(1.0)
-            task.cancel()
-            return finals, events
+            await until(
+                lambda: set(pages[:3]) <= set(stored_hashes(events)),
+                60,
+                "the prompt's pages stored",
+            )
+            return finals, list(events)
 
     finals, events = asyncio.run(go())
     assert finals[0].usage is not None
@@ -183,20 +186,10 @@ def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(
     node: NodeProcess,
 ) -> None:
     async def go() -> list[LoadMetrics]:
-        async with NodeClient(node.url) as client:
-            samples: list[LoadMetrics] = []
-
-            async def watch() -> None:
-                async for item in client.watch("metrics"):
-                    assert isinstance(item, LoadMetrics)
-                    samples.append(item)
-
-            task = asyncio.create_task(watch())
-            await asyncio.sleep(0.2)
+        async with NodeClient(node.url) as client, watching(node.url, "metrics") as samples:
             [c async for c in client.generate(chat(max_tokens=8))]
-            await asyncio.sleep(2.5)
-            task.cancel()
-            return samples
+            await until(lambda: any(not s.stale for s in samples), 60, "a fresh load sample")
+            return list(samples)
 
     samples = asyncio.run(go())
     fresh = [s for s in samples if not s.stale]
@@ -212,6 +205,53 @@ def test_scheduler_load_metrics_and_sglang_metrics_reach_nats_and_prometheus(
         "sgl_node_kv_total_blocks",
     ):
         assert name in text, name
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of live processes, from /proc (clock ticks to seconds)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _cores_used(pids: list[int], seconds: float) -> float:
+    started, cpu = time.monotonic(), _cpu_seconds(pids)
+    time.sleep(seconds)  # the subject: CPU time used over this span
+    return (_cpu_seconds(pids) - cpu) / (time.monotonic() - started)
+
+
+def test_an_idle_engine_sleeps_using_a_fraction_of_the_cpu_it_uses_busy(
+    node: NodeProcess,
+) -> None:
+    """`sleep_on_idle`: SGLang's scheduler blocks on its sockets when idle instead of
+    polling (which burns a core). Idle vs busy, the engine host and its processes."""
+    host = _host_pid(node)
+    pids = [host, *descendants(host)]
+    idle = _cores_used(pids, 3.0)
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt="Write a very long story about a lighthouse keeper.",
+        stop=StopConditions(max_tokens=2000, ignore_eos=True),
+    )
+
+    async def busy() -> float:
+        async with NodeClient(node.url) as client:
+            stream = client.generate(request, idle_timeout=120)
+            await anext(stream)  # decoding now
+            used = await asyncio.to_thread(_cores_used, pids, 3.0)
+            await client.cancel(request.request_id)
+            async for _ in stream:
+                pass
+            return used
+
+    used = asyncio.run(busy())
+    print(f"engine cores used: idle {idle:.3f}, busy {used:.3f}, ratio {idle / used:.3f}")
+    assert idle < 0.25 * used, (idle, used)
 
 
 def _continues(node: NodeProcess, kill: Any) -> None:
@@ -297,24 +337,18 @@ def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
     try:
         node.wait_ready(600)
 
+        def stored(events: list[KvEventBatch]) -> set[int]:
+            return {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
+
+        def fresh(metrics: list[LoadMetrics]) -> set[int]:
+            return {m.dp_rank for m in metrics if not m.stale}
+
         async def go() -> tuple[list[KvEventBatch], list[LoadMetrics]]:
-            async with NodeClient(node.url) as client:
-                events: list[KvEventBatch] = []
-                metrics: list[LoadMetrics] = []
-
-                async def watch() -> None:
-                    async for item in client.watch("kv-events"):
-                        assert isinstance(item, KvEventBatch)
-                        events.append(item)
-
-                async def watch_metrics() -> None:
-                    async for item in client.watch("metrics"):
-                        assert isinstance(item, LoadMetrics)
-                        metrics.append(item)
-
-                task = asyncio.create_task(watch())
-                metrics_task = asyncio.create_task(watch_metrics())
-                await asyncio.sleep(0.3)
+            async with (
+                NodeClient(node.url) as client,
+                watching(node.url, "kv-events") as events,
+                watching(node.url, "metrics") as metrics,
+            ):
                 for rank in (0, 1):
                     request = GenerateRequest(
                         request_id=uuid.uuid4().hex,
@@ -323,16 +357,13 @@ def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
                         dp_rank=rank,
                     )
                     [c async for c in client.generate(request)]
-                await asyncio.sleep(2.5)
-                task.cancel()
-                metrics_task.cancel()
-                return events, metrics
+                await until(lambda: stored(events) == {0, 1}, 60, "pages stored on both ranks")
+                await until(lambda: fresh(metrics) == {0, 1}, 60, "fresh metrics from both ranks")
+                return list(events), list(metrics)
 
         events, metrics = asyncio.run(go())
-        stored = {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
-        assert stored == {0, 1}
-        fresh = {m.dp_rank for m in metrics if not m.stale}
-        assert fresh == {0, 1}  # each rank's scheduler metrics reach its own socket
+        assert stored(events) == {0, 1}
+        assert fresh(metrics) == {0, 1}  # each rank's scheduler metrics reach its own socket
 
         # SIGTERM: deregistered before the engine host goes, exit 0, no SGLang survivor.
         pids = descendants(node.proc.pid)
@@ -348,10 +379,18 @@ def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
         node.kill()
 
 
+def _canaries(node: NodeProcess, outcome: str) -> float:
+    _, body = node.http("/metrics")
+    prefix = f'sgl_node_engine_canaries_total{{outcome="{outcome}"}}'
+    lines = [line for line in body.decode().splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
 def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_node(
     node: NodeProcess, sglang_fleet: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Two real-engine nodes: a greedy stream on the second, which is killed (its whole
+    """Two real-engine nodes: the second, idle after its start, passes its idle canary.
+    A greedy stream on the second, which is killed (its whole
     process group, as a lost machine) after 3 chunks; the client library continues it on
     the shared node, to exactly the tokens an uninterrupted run gives."""
     server = sglang_fleet["server"]
@@ -361,10 +400,13 @@ def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_n
         name="other",
         embedded_nats=False,
         nats_url=server.url,
-        engine__health={"stall_timeout": 120.0, "canary_after_idle": 600.0},
+        engine__health={"stall_timeout": 120.0, "canary_after_idle": 1.0},
     )
     try:
         other.wait_ready(600)
+        # idle after its start, the real engine gets its canary and answers it
+        assert wait_until(lambda: _canaries(other, "ok") >= 1, timeout=120)
+        assert _canaries(other, "failed") == 0
         request = chat(max_tokens=40)
 
         async def go() -> tuple[list[int], list[StreamChunk]]:

@@ -8,9 +8,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +20,7 @@ from messages.kv import BlockRemoved, BlockStored, KvEventBatch, block_hashes
 from messages.metrics import LoadMetrics
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
-from tests.node.harness import ROOT, NodeProcess, start_node
+from tests.node.harness import ROOT, NodeProcess, start_node, until, watching
 
 TOKENIZER = SimTokenizer()
 
@@ -155,22 +154,20 @@ def test_the_cli_client_in_its_own_process_streams_an_answer(node: NodeProcess) 
 
 
 def test_cancel_mid_stream_ends_it_cancelled_and_the_engine_aborts(node: NodeProcess) -> None:
-    async def go() -> tuple[list[StreamChunk], float]:
+    async def go() -> list[StreamChunk]:
         async with NodeClient(node.url) as client:
             req = request("a long one", max_tokens=800)
             chunks: list[StreamChunk] = []
-            cancelled_at = 0.0
             async for chunk in client.generate(req):
                 chunks.append(chunk)
                 if len(chunks) == 5:
-                    cancelled_at = time.monotonic()
                     await client.cancel(req.request_id)
-            return chunks, time.monotonic() - cancelled_at
+            return chunks
 
-    chunks, took = run(go())
+    chunks = run(go())
+    # the engine acknowledged the abort (its `cancelled` end) before generating them all
     assert chunks[-1].finish_reason == "cancelled"
-    assert len(chunks) < 1000
-    assert took < 1.0  # the abort reaches the engine well within a second here
+    assert sum(len(c.token_ids) for c in chunks) < 800
 
 
 @pytest.mark.parametrize(
@@ -261,24 +258,22 @@ def test_the_node_kept_serving_with_zero_restarts(node: NodeProcess) -> None:
     assert node.http("/health")[0] == 200
 
 
-def _batches(node: NodeProcess, seconds: float, action: Any) -> list[KvEventBatch]:
+def _batches(
+    node: NodeProcess, action: Any, seen: Callable[[list[KvEventBatch]], bool], what: str
+) -> list[KvEventBatch]:
+    """The KV event batches published while `action` runs, until `seen` holds of them."""
+
     async def go() -> list[KvEventBatch]:
-        async with NodeClient(node.url) as client:
-            got: list[KvEventBatch] = []
-
-            async def watch() -> None:
-                async for item in client.watch("kv-events"):
-                    assert isinstance(item, KvEventBatch)
-                    got.append(item)
-
-            task = asyncio.create_task(watch())
-            await asyncio.sleep(0.2)
+        async with NodeClient(node.url) as client, watching(node.url, "kv-events") as got:
             await action(client)
-            await asyncio.sleep(seconds)
-            task.cancel()
-            return got
+            await until(lambda: seen(got), 30, what)
+            return list(got)
 
     return run(go())
+
+
+def _stored(batches: list[KvEventBatch], rank: int) -> list[BlockStored]:
+    return [e for b in batches if b.dp_rank == rank for e in b.events if isinstance(e, BlockStored)]
 
 
 def test_kv_events_on_nats_follow_the_engines_blocks_on_both_ranks(node: NodeProcess) -> None:
@@ -288,14 +283,16 @@ def test_kv_events_on_nats_follow_the_engines_blocks_on_both_ranks(node: NodePro
         for rank in (0, 1):
             await collect(client, request(prompt, max_tokens=4, dp_rank=rank))
 
-    batches = _batches(node, 0.5, action)
-    stored = {b.dp_rank: [e for e in b.events if isinstance(e, BlockStored)] for b in batches}
     tokens = TOKENIZER.encode(prompt)
     pages = [h for h, _ in block_hashes(tokens, 16)]
+
+    def both(batches: list[KvEventBatch]) -> bool:
+        return all(any(e.block_hashes == pages for e in _stored(batches, rank)) for rank in (0, 1))
+
+    batches = _batches(node, action, both, "the prompt's pages stored on both ranks")
     for rank in (0, 1):
-        events = stored[rank]
-        assert events, f"no BlockStored for rank {rank}"
-        first = events[0]
+        # the prompt's event (another test's stream may still be storing pages meanwhile)
+        first = next(e for e in _stored(batches, rank) if e.block_hashes[0] == pages[0])
         assert first.block_hashes == pages
         assert first.parent_block_hash is None
         assert first.token_ids == tokens[: 16 * len(pages)]
@@ -304,14 +301,15 @@ def test_kv_events_on_nats_follow_the_engines_blocks_on_both_ranks(node: NodePro
 
 def test_eviction_shows_as_block_removed(node: NodeProcess) -> None:
     async def action(client: NodeClient) -> None:
-        for i in range(12):  # 12 distinct 5-page prompts overflow 64 blocks on rank 0
-            await collect(client, request(f"{i:03d} " + "z" * 80, max_tokens=1, dp_rank=0))
+        # 20 new 5-page prompts overflow rank 0's 64 blocks even from an empty cache
+        tag = uuid.uuid4().hex[:8]
+        for i in range(20):
+            await collect(client, request(f"{tag}{i:03d} " + "z" * 80, max_tokens=1, dp_rank=0))
 
-    batches = _batches(node, 0.5, action)
-    removed = [
-        e for b in batches if b.dp_rank == 0 for e in b.events if isinstance(e, BlockRemoved)
-    ]
-    assert removed
+    def removed(batches: list[KvEventBatch]) -> bool:
+        return any(isinstance(e, BlockRemoved) for b in batches if b.dp_rank == 0 for e in b.events)
+
+    assert removed(_batches(node, action, removed, "a BlockRemoved on rank 0"))
 
 
 def test_load_metrics_arrive_on_nats_and_prometheus_scrapes(node: NodeProcess) -> None:

@@ -21,6 +21,7 @@ from messages.request import (
 )
 from supervisor.client import NodeClient
 from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.supervision.children import wait_until
 
 CANARY = {"canary_after_idle": 0.3, "canary_timeout": 5.0}
 
@@ -184,16 +185,16 @@ def test_embedding_input_errors_are_named(fleet: dict[str, Any]) -> None:
     assert generate[0].error is not None  # a generate request is refused by an embedding node
 
 
+def _canaries_ok(node: NodeProcess) -> float:
+    _, body = node.http("/metrics")
+    prefix = 'sgl_node_engine_canaries_total{outcome="ok"}'
+    ok = [line for line in body.decode().splitlines() if line.startswith(prefix)]
+    return float(ok[0].rsplit(" ", 1)[1]) if ok else 0.0
+
+
 def test_each_modes_health_canary_passes(fleet: dict[str, Any]) -> None:
-    time.sleep(1.0)  # idle long enough for canaries in every mode
     for name in ("prefill", "decode", "embedding"):
         node: NodeProcess = fleet[name]
-        _, body = node.http("/metrics")
-        ok = [
-            line
-            for line in body.decode().splitlines()
-            if line.startswith('sgl_node_engine_canaries_total{outcome="ok"}')
-        ]
-        assert ok, name
-        assert float(ok[0].rsplit(" ", 1)[1]) >= 1, name
+        # idle for canary_after_idle (0.3 s), each mode sends its canary and passes it
+        assert wait_until(lambda n=node: _canaries_ok(n) >= 1, timeout=60), name
         assert not any(r.get("event") == "engine canary failed" for r in node.records), name

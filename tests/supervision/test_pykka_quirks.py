@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pykka
@@ -159,7 +158,6 @@ def test_an_ask_queued_when_the_actor_exits_fails_at_once_not_at_its_timeout(
     pending = ref.ask("ping", block=False)
     script.release.set()
     tree.wait(ChildExitedEvent, "a")
-    started = time.monotonic()
+    # failing only at its timeout would raise pykka's Timeout, not ActorDeadError
     with pytest.raises(pykka.ActorDeadError, match="exited: crash"):
         pending.get(timeout=30)
-    assert time.monotonic() - started < 5

@@ -1,0 +1,122 @@
+"""The frontend's HTTP statuses for what went wrong, provoked on real nodes (sim engine):
+429 when every instance is overloaded, 503 when the only instance is gone, 504 past the
+request's deadline. Read through the official `openai` client with its retries off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from messages.request import GenerateRequest, StopConditions
+from supervisor.client import NodeClient
+from tests.frontend.harness import Frontend, node_metric, start_frontend, wait_until
+from tests.node.harness import NatsServer, NodeProcess, start_node
+
+SLOW = {"decode_time_per_step": 0.05, "prefill_time_per_token": 0.01}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A slow sim node taking one request at a time (`sim`), one to be killed (`doomed`,
+    whose record outlives it: a 120 s lease), a frontend with a 3 s request deadline."""
+    tmp = tmp_path_factory.mktemp("frontend-errors")
+    server = NatsServer(tmp)
+    common: dict[str, Any] = {"embedded_nats": False, "nats_url": server.url}
+    nodes: list[NodeProcess] = []
+    frontend: Frontend | None = None
+    try:
+        nodes.append(
+            start_node(
+                tmp,
+                name="sim",
+                engine__sim=SLOW,
+                handlers={"max_inflight": 1},
+                # no idle canary: it would take the one slot the 429 test fills itself
+                engine__health={"canary_after_idle": 600.0},
+                **common,
+            )
+        )
+        nodes.append(
+            start_node(
+                tmp,
+                name="doomed",
+                engine={"served_model_name": "doomed"},
+                discovery={"lease_ttl": 120.0, "heartbeat": 5.0},
+                **common,
+            )
+        )
+        for node in nodes:
+            node.wait_ready(60)
+        frontend = start_frontend(tmp, server.url, frontend={"request_timeout": 3.0})
+        frontend.wait_instances(2)
+        yield {"frontend": frontend, "sim": nodes[0], "doomed": nodes[1], "server": server}
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        for node in nodes:
+            node.kill()
+        server.stop()
+
+
+def _refused(frontend: Frontend, model: str, content: str, max_tokens: int) -> openai.APIError:
+    client = frontend.client(max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens
+        )
+    return info.value
+
+
+def test_every_instance_overloaded_is_429(fleet: dict[str, Any]) -> None:
+    node: NodeProcess = fleet["sim"]
+    blocker = GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt="hold", stop=StopConditions(max_tokens=2000)
+    )
+    under_way, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:  # the node's one slot, taken directly (not via the frontend)
+        async with NodeClient(node.url) as client:
+            stream = client.generate(blocker, instance_id=node.instance_id, idle_timeout=120)
+            async for chunk in stream:
+                if chunk.token_ids:  # admitted and decoding (not refused)
+                    under_way.set()
+                if done.is_set():
+                    await client.cancel(blocker.request_id)
+                    done.clear()
+
+    # a slow request of another test may still hold the slot (a prefill runs to its end)
+    wait_until(lambda: node_metric(node, "sgl_node_inflight_requests") == 0, 60, "a free slot")
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        assert under_way.wait(60), "the blocking request never started"
+        error = _refused(fleet["frontend"], "sim", "one more?", 4)
+    finally:
+        done.set()
+        holder.join(60)
+    assert not holder.is_alive()
+    assert error.status_code == 429, error  # type: ignore[attr-defined]
+    assert error.code == "overloaded", error
+    assert isinstance(error, openai.RateLimitError)
+
+
+def test_a_request_past_its_deadline_is_504(fleet: dict[str, Any]) -> None:
+    # about 1200 prompt tokens at 10 ms each: no first token within the 3 s deadline
+    error = _refused(fleet["frontend"], "sim", "slow " * 240, 4)
+    assert error.status_code == 504, error  # type: ignore[attr-defined]
+    assert error.code == "deadline_exceeded", error
+
+
+def test_the_only_instance_gone_is_503(fleet: dict[str, Any]) -> None:
+    doomed: NodeProcess = fleet["doomed"]
+    doomed.kill()  # its record stays listed for its 120 s lease
+    error = _refused(fleet["frontend"], "doomed", "anyone there?", 4)
+    assert error.status_code == 503, error  # type: ignore[attr-defined]
+    assert error.code in ("node_lost", "no_instances"), error
+    assert isinstance(error, openai.InternalServerError)
