@@ -167,6 +167,9 @@ class FrontendServer:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                # C parser and direct chunk writes: h11's pure-Python framing cost ~20 % of
+                # the frontend's CPU per streamed token (tests/benchmarks/peer.py)
+                http="httptools",
                 timeout_graceful_shutdown=max(1, round(drain)),
                 timeout_keep_alive=5,
             )
