@@ -149,6 +149,15 @@ class ChoiceSet:
     async def events(self) -> AsyncGenerator[tuple[Choice, StreamChunk], None]:
         """The chunks of every choice as they come (each choice's in order); a stream that
         ends without a finish reason gives an `internal` error chunk."""
+        if len(self.choices) == 1:  # the usual case: no queue, no task switch per chunk
+            only = self.choices[0]
+            async with contextlib.aclosing(self._chunks(only)) as chunks:
+                async for chunk in chunks:
+                    only.remember(chunk)
+                    yield only, chunk
+            if only.final is None:
+                raise _no_finish()
+            return
         queue: asyncio.Queue[tuple[Choice, StreamChunk | None]] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
