@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -118,7 +118,7 @@ class ChoiceSet:
                 return taken
         raise _no_finish()
 
-    async def _chunks(self, choice: Choice) -> AsyncIterator[StreamChunk]:
+    async def _chunks(self, choice: Choice) -> AsyncGenerator[StreamChunk, None]:
         """The choice's chunks from the first one read, to the one with a finish reason."""
         for chunk in choice.taken:
             yield chunk
@@ -149,6 +149,15 @@ class ChoiceSet:
     async def events(self) -> AsyncGenerator[tuple[Choice, StreamChunk], None]:
         """The chunks of every choice as they come (each choice's in order); a stream that
         ends without a finish reason gives an `internal` error chunk."""
+        if len(self.choices) == 1:  # the usual case: no queue, no task switch per chunk
+            only = self.choices[0]
+            async with contextlib.aclosing(self._chunks(only)) as pieces:
+                async for piece in pieces:
+                    only.remember(piece)
+                    yield only, piece
+            if only.final is None:
+                raise _no_finish()
+            return
         queue: asyncio.Queue[tuple[Choice, StreamChunk | None]] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:

@@ -96,7 +96,7 @@ class SseResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_all() -> None:
             with contextlib.suppress(OSError):  # the client went away mid-write
-                await self.stream_response(send)
+                await self._stream_in_bursts(send)
 
         streaming = asyncio.ensure_future(send_all())
         watching = asyncio.ensure_future(_disconnected(receive))
@@ -112,3 +112,33 @@ class SseResponse(StreamingResponse):
         failure = None if streaming.cancelled() else streaming.exception()
         if failure is not None:
             raise failure
+
+    async def _stream_in_bursts(self, send: Send) -> None:
+        """Like `stream_response`, but the events that came while the last write was on
+        its way go out in one write: one ASGI send and one syscall per burst, not per chunk."""
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})  # fmt: skip
+        pending: list[bytes] = []
+        arrived = asyncio.Event()
+        reader = asyncio.ensure_future(self._read_into(pending, arrived))
+        try:
+            while not reader.done() or pending:
+                await arrived.wait()
+                arrived.clear()
+                if pending:
+                    burst = b"".join(pending)
+                    pending.clear()
+                    await send({"type": "http.response.body", "body": burst, "more_body": True})
+            reader.result()  # the iterator's failure, if it had one
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _read_into(self, pending: list[bytes], arrived: asyncio.Event) -> None:
+        try:
+            async for event in self.body_iterator:
+                pending.append(event.encode() if isinstance(event, str) else bytes(event))
+                arrived.set()
+        finally:
+            arrived.set()
