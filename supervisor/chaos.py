@@ -76,6 +76,9 @@ class Load(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens: int = 64
     deadline: float = 15.0
     prompt: str = "chaos says hello"
+    # silence (no node holding the stream) before the client continues it elsewhere;
+    # 0: the deadline
+    lost_after: float = 0.0
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,6 +100,7 @@ class Verdict(msgspec.Struct):
     completed: int = 0
     errors: dict[str, int] = {}
     lost: int = 0
+    continued: int = 0  # streams that went through a seam (continued elsewhere) and ended
     lost_detail: list[dict[str, Any]] = []  # when each lost request started and how it ended
     faults: list[dict[str, Any]] = []
     restarts: dict[str, int] = {}
@@ -277,7 +281,9 @@ class Runner:
                 # that never ends a stream; it must not race that verdict.
                 async with asyncio.timeout(load.deadline + 15.0):
                     async for chunk in client.generate(
-                        request, idle_timeout=load.deadline + 5.0, lost_after=load.deadline
+                        request,
+                        idle_timeout=load.deadline + 5.0,
+                        lost_after=load.lost_after or load.deadline,
                     ):
                         last = chunk
                         chunks += 1
@@ -304,6 +310,7 @@ class Runner:
                 )
             elif last.finish_reason in ("stop", "length"):
                 self.verdict.completed += 1
+                self.verdict.continued += last.migrations > 0
             else:
                 code = last.error.code if last.error else last.finish_reason
                 self.verdict.errors[code] = self.verdict.errors.get(code, 0) + 1
@@ -413,6 +420,7 @@ def print_verdict(verdict: Verdict) -> None:
             ", ".join(f"{k}: {v}" for k, v in sorted(verdict.errors.items())) or "0",
         ),
         ("LOST", verdict.lost),
+        ("continued across a seam", verdict.continued),
         *(
             (
                 f"  lost {d['request_id'][:8]}",

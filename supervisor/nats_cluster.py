@@ -268,6 +268,17 @@ class NatsCluster:
                 raise TimeoutError(msg)
             time.sleep(0.1)
 
+    def server_of(self, client_name: str) -> int | None:
+        """The index of the running server the client named `client_name` is connected
+        to now (from each server's /connz), or None."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            connz = server.monitor("/connz?limit=4096") or {}
+            if any(c.get("name") == client_name for c in connz.get("connections") or []):
+                return server.index
+        return None
+
     def pids(self) -> list[int]:
         """The pids of the running servers."""
         return [s.proc.pid for s in self.servers if s.proc is not None and s.running]
