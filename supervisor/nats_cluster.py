@@ -163,6 +163,11 @@ class NatsCluster:
             "  max_memory_store: 256MB",
             "  max_file_store: 2GB",
             "}",
+        ]
+        if len(self.servers) == 1:  # a cluster of one is a lone server (a baseline)
+            server.config_path.write_text("\n".join(lines) + "\n")
+            return
+        lines += [
             "cluster {",
             f"  name: {json.dumps(self.name)}",
             f'  listen: "127.0.0.1:{server.route_port}"',
@@ -252,6 +257,8 @@ class NatsCluster:
             if not names - {server.name} <= peers:
                 return f"{server.name} routes to {sorted(p for p in peers if p)} only"
             leader = (jsz.get("meta_cluster") or {}).get("leader")
+            if len(self.servers) == 1:
+                leader = server.name  # a lone server has no meta group
             if not leader:
                 return f"{server.name} has no JetStream meta leader"
             leaders.add(leader)
