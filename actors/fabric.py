@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from actors.nats.auth import connect_options
 from actors.nats.link import NatsLink
 from actors.nats.proxy import NatsCutProxy
+from actors.nats.replicas import check_replicas
 from actors.telemetry import node_metrics
 from messages.chaos import ChaosCutNats
 from messages.node import GetLink, LinkChanged
@@ -51,11 +52,17 @@ class FabricActor(SupervisedActor):
             self.client_name,
             self.connect_timeout,
             self.pending_size,
-            connect_options(self.auth),
+            {**connect_options(self.auth), "dont_randomize": not self.settings.randomize},
             self.resume_delay,
         )
         self.link.connect()
         link = self.link
+        assert link.nc is not None
+        # A node whose JetStream copies cannot be placed fails to start (a clear error);
+        # a cluster with a server down just now only gets a warning.
+        warning = check_replicas(self.settings.replicas, link.nc._server_info)
+        if warning:
+            self.log.warning("jetstream replicas above the servers up", detail=warning)
         self.link.add_listener(lambda event: self.actor_ref.tell(LinkChanged(event)))
         node_metrics.NATS_LINK.link = link
         self.log.info(

@@ -36,6 +36,7 @@ from actors.faults.zmq_faults import ZmqFaults
 from actors.kv.replay import fetch_replay
 from actors.kv.sequence import SequenceTracker, consecutive_from_zero
 from actors.nats.link import NatsLink
+from actors.nats.replicas import explain
 from actors.telemetry import node_metrics
 from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
@@ -90,6 +91,7 @@ class KvRelayActor(SupervisedActor):
     def __init__(self, context: ChildContext, settings: RelaySettings) -> None:
         super().__init__(context)
         self.durable_max_age = settings.durable_max_age
+        self.durable_replicas = settings.durable_replicas
         self.fabric_path = settings.fabric
         self.engine_path = settings.engine_actor
         self.instance_id = settings.instance_id
@@ -138,14 +140,22 @@ class KvRelayActor(SupervisedActor):
         assert self.link is not None
         link = self.link
         name = stream_name(self.subject)
+        replicas = self.durable_replicas
 
         async def ensure() -> None:
             assert link.nc is not None
             js = link.nc.jetstream()
             try:
                 await js.stream_info(name)
+                return
             except nats.js.errors.NotFoundError:
-                await js.add_stream(name=name, subjects=[self.subject], max_age=max_age)
+                pass
+            try:
+                await js.add_stream(
+                    name=name, subjects=[self.subject], max_age=max_age, num_replicas=replicas
+                )
+            except nats.js.errors.APIError as exc:
+                raise RuntimeError(explain(exc, "events.replicas", replicas)) from None
 
         link.call(ensure, timeout=10)
 

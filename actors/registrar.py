@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from actors.discovery.lease import Action, Lease
 from actors.nats.link import NatsLink
+from actors.nats.replicas import explain
 from actors.telemetry import node_metrics
 from messages.codec import encode_json
 from messages.discovery import InstanceRecord, ModelCard
@@ -218,6 +219,7 @@ class RegistrarActor(SupervisedActor):
         assert self.link is not None
         link = self.link
         name, ttl = self.discovery.bucket, self.discovery.lease_ttl
+        replicas = self.discovery.replicas
 
         async def open_bucket() -> KeyValue:
             assert link.nc is not None
@@ -225,7 +227,11 @@ class RegistrarActor(SupervisedActor):
             try:
                 return await js.key_value(name)
             except nats.js.errors.BucketNotFoundError:
-                return await js.create_key_value(bucket=name, ttl=ttl, history=1)
+                pass
+            try:
+                return await js.create_key_value(bucket=name, ttl=ttl, history=1, replicas=replicas)
+            except nats.js.errors.APIError as exc:
+                raise RuntimeError(explain(exc, "discovery.replicas", replicas)) from None
 
         return link.call(open_bucket, timeout=10)
 

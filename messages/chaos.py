@@ -19,6 +19,7 @@ __all__ = [
     "ChaosCutNats",
     "ChaosFailProbes",
     "ChaosZmq",
+    "ClusterFault",
     "Fault",
     "InjectFault",
 ]
@@ -110,3 +111,21 @@ class InjectFault(msgspec.Struct, frozen=True):
     """Ask the ChaosActor to inject `fault` now; the answer is (ok, message)."""
 
     fault: Fault
+
+
+ClusterFaultKind = Literal[
+    "kill_server",  # kill -9 of cluster server `server`; started again `duration` s later
+    "restart_server",  # SIGTERM of server `server`, started again at once
+    "partition_server",  # every route of server `server` cut for `duration` s
+    "rolling_restart",  # each server in turn: SIGTERM, start, wait until the cluster formed
+]
+
+
+class ClusterFault(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A fault on the NATS cluster under a fabric (the cluster chaos runner's scenarios)."""
+
+    fault: ClusterFaultKind
+    at: float = 0.0  # seconds after the load started
+    server: int = 0  # index in the cluster (node k starts on server k)
+    node: int = -1  # >= 0: instead of `server`, the one node `node` is connected to then
+    duration: float = 0.0

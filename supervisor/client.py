@@ -273,7 +273,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m supervisor.client", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
+    parser.add_argument(
+        "--nats",
+        default="nats://127.0.0.1:4222",
+        help="NATS server URL; several (a cluster) comma-separated",
+    )
     parser.add_argument("--namespace", default=_NODE.namespace)
     parser.add_argument("--component", default=_NODE.component)
     parser.add_argument("--endpoint", default=_NODE.endpoint)
@@ -338,7 +342,8 @@ async def _generate(client: NodeClient, args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client = NodeClient(args.nats, args.namespace, args.component, args.endpoint)
+    servers = [url.strip() for url in args.nats.split(",") if url.strip()]
+    client = NodeClient(servers, args.namespace, args.component, args.endpoint)
     try:
         await client.connect()
     except Exception as exc:  # noqa: BLE001 - a CLI reports and exits

@@ -33,6 +33,8 @@ NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: pick a free port
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]+$")]
+# JetStream replica counts: odd (a majority survives the loss of a minority), at most 5
+Replicas = Annotated[int, msgspec.Meta(ge=1, le=5)]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -92,7 +94,11 @@ class NatsSection(_Section, frozen=True):
     """The fabric connection, and the embedded server when `embedded` is true."""
 
     embedded: bool = True
+    # Several URLs: the servers of one cluster; the connection moves to another on a loss.
     url: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    # Shuffle `url` per connection (NATS clients' default), so that nodes, frontends and
+    # clients spread over the servers; false: the first reachable in the order given.
+    randomize: bool = True
     host: str = "127.0.0.1"  # embedded server: listen address
     port: Port = 4222  # embedded server: client port
     data_dir: str = ""  # embedded JetStream store; empty: under the cache dir
@@ -188,6 +194,7 @@ class EventsSection(_Section, frozen=True):
 
     durable: bool = False  # also store KV events in a JetStream stream for replay
     stream_max_age: Seconds = 3600.0
+    replicas: Replicas = 1  # copies of that stream in a NATS cluster (1, 3 or 5)
 
 
 class MetricsSection(_Section, frozen=True):
@@ -202,6 +209,8 @@ class DiscoverySection(_Section, frozen=True):
     bucket: Name = "sgl_node_instances"
     lease_ttl: Seconds = 10.0  # the record expires this long after the last heartbeat
     heartbeat: Seconds = 2.0
+    # Copies of the bucket in a NATS cluster (1, 3 or 5): 3 survives the loss of a server.
+    replicas: Replicas = 1
 
 
 class SystemSection(_Section, frozen=True):
@@ -419,6 +428,7 @@ def _check(config: NodeConfig) -> None:
             "pretends); the sim backend runs the disaggregated flow without one",
         )
     _check_multinode(config)
+    _check_replicas(config)
     model = config.engine.model_path
     if config.engine.backend == "sglang" and not model:
         raise ConfigError("engine.model_path", "required when engine.backend is sglang")
@@ -440,6 +450,27 @@ def _check(config: NodeConfig) -> None:
             seen[port] = key
     if config.engine.kv_events_port + 2 * config.engine.dp_size - 1 > 65535:
         raise ConfigError("engine.kv_events_port", "port + dp_size - 1 exceeds 65535")
+
+
+def _check_replicas(config: NodeConfig) -> None:
+    """Odd counts only, and the embedded server is one server: one copy. (Against a
+    cluster, the node checks the count at start with the size the server reports.)"""
+    for key, count in (
+        ("discovery.replicas", config.discovery.replicas),
+        ("events.replicas", config.events.replicas),
+    ):
+        if count % 2 == 0:
+            raise ConfigError(
+                key,
+                f"must be odd (1, 3 or 5), got {count}: an even count survives no more "
+                "server losses than the odd count below it",
+            )
+        if count > 1 and config.nats.embedded:
+            raise ConfigError(
+                key,
+                f"{count} copies need a NATS cluster (nats.embedded = false and its servers "
+                "in nats.url); the embedded server holds 1",
+            )
 
 
 def _check_multinode(config: NodeConfig) -> None:

@@ -78,6 +78,9 @@ class FabricSettings(_Settings, frozen=True):
     auth: NatsAuthSection = msgspec.field(default_factory=NatsAuthSection)
     cut_proxy: bool = False  # through a proxy that fault injection can cut
     resume_delay: float = 1.0
+    randomize: bool = True  # shuffle `servers` (NATS clients' default)
+    # JetStream copies wanted, by config key (those above 1), checked against the cluster
+    replicas: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class EngineSettings(_Settings, frozen=True):
@@ -111,6 +114,7 @@ class RelaySettings(_Settings, frozen=True):
     dp_rank: int
     subject: str
     durable_max_age: float | None = None  # seconds kept in JetStream; None: not durable
+    durable_replicas: int = 1  # copies of that stream in a NATS cluster
 
 
 class HandlerSettings(_Settings, frozen=True):
@@ -329,7 +333,16 @@ def _fabric(config: NodeConfig, servers: list[str], instance_id: str) -> FabricS
         auth=nats.auth,
         cut_proxy=config.chaos.enabled,
         resume_delay=nats.resume_delay,
+        randomize=nats.randomize,
+        replicas=_replicas_wanted(config),
     )
+
+
+def _replicas_wanted(config: NodeConfig) -> dict[str, int]:
+    wanted = {"discovery.replicas": config.discovery.replicas}
+    if config.events.durable:
+        wanted["events.replicas"] = config.events.replicas
+    return {key: count for key, count in wanted.items() if count > 1}
 
 
 def _engine_settings(config: NodeConfig, host_spec: HostSpec) -> EngineSettings:
@@ -356,6 +369,7 @@ def _relays(
             dp_rank=rank,
             subject=subjects.kv_events,
             durable_max_age=durable,
+            durable_replicas=config.events.replicas,
         )
         for rank in ranks
     ]

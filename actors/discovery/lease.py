@@ -33,8 +33,9 @@ class Lease:
         return self.engine_up and not self.released
 
     def heartbeat(self) -> Action:
-        """The lease must be renewed while the record is written."""
-        return "write" if self.registered else "none"
+        """The lease must be renewed while the record is written, and a write that failed
+        (even the first: a replicated bucket just made has no leader yet) is tried again."""
+        return "write" if self.registered or self.write_failures else "none"
 
     def engine_down(self) -> Action:
         """The engine subtree went down: withdraw (no traffic to an engine that is gone)."""
@@ -79,4 +80,5 @@ class Lease:
     def deleting(self) -> bool:
         """About to delete the record: whether there is one to delete."""
         was, self.registered = self.registered, False
+        self.write_failures = 0  # nothing is wanted written any more
         return was

@@ -36,6 +36,9 @@ PROBE_AFTER = 1.0  # seconds without a chunk before asking whether the instance 
 RESUME_INTERVAL = 1.0  # at most one resume request per stream this often
 RESUME_TIMEOUT = 1.0
 DEADLINE_GRACE = 5.0  # past the request's own timeout (which the node enforces)
+# No node has held the request for this long (every resume probe unanswered): it was lost
+# on its way (published as the frontend's NATS server died) and is sent again.
+UNHELD_AFTER = 5.0
 
 
 class Dispatcher(Protocol):
@@ -62,10 +65,12 @@ class _Order:
     probed_at: float  # the last resume request
     tokens: int = 0
     gone: bool = False  # the instance is lost: nothing to cancel there
+    unheld_since: float | None = None  # since when resume probes find no node holding it
     early: dict[int, StreamChunk] = field(default_factory=dict)
 
     def take(self, chunk: StreamChunk, now: float) -> None:
         self.heard_at = now
+        self.unheld_since = None
         if chunk.index >= self.index:
             self.early[chunk.index] = chunk
 
@@ -131,6 +136,10 @@ async def run_attempt(
                 order.gone = True
                 why = f"instance {iid} was lost after {order.tokens} tokens"
                 raise Retry(iid, "node_lost", FrontendError.of_code("node_lost", why)) from None
+            unheld = order.unheld_since
+            if unheld is not None and loop.time() - unheld >= UNHELD_AFTER:
+                why = f"no node holds the request sent to {iid}: it was lost on its way"
+                raise Retry(iid, "not_received", FrontendError.of_code("node_lost", why))
     finally:
         dispatcher.inflight[key] -= 1
         if dispatcher.inflight[key] <= 0:
@@ -188,7 +197,10 @@ async def _resumed(
     subject = record.subjects.resume
     answer = await ask_resume(dispatcher.nc, subject, request_id, order.index, RESUME_TIMEOUT)
     if answer is None:
+        if order.unheld_since is None:
+            order.unheld_since = now
         return not silent
+    order.unheld_since = None
     if answer.chunks:
         metrics.RESUMED.inc()
     for chunk in answer.chunks:

@@ -134,6 +134,7 @@ class FrontendServer:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                dont_randomize=not nats_section.randomize,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
                 error_cb=self._on_error,

@@ -31,8 +31,9 @@ class NatsCutProxy:
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._run, name="nats-cut-proxy", daemon=True)
 
-    def start(self) -> int:
-        """Start listening; returns the local port."""
+    def start(self, port: int = 0) -> int:
+        """Start listening on `port` (0: any free one); returns the local port."""
+        self.port = port
         self._thread.start()
         if not self._ready.wait(10):
             msg = "the NATS cut proxy did not start"
@@ -42,7 +43,7 @@ class NatsCutProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._accept, "127.0.0.1", 0)
+            asyncio.start_server(self._accept, "127.0.0.1", self.port)
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -84,6 +85,15 @@ class NatsCutProxy:
 
         self.log.warning("cutting the NATS connection", seconds=seconds)
         self._loop.call_soon_threadsafe(sever)
+
+    def heal(self) -> None:
+        """End a cut now: new connections go through again."""
+
+        def end() -> None:
+            self._cut_until = 0.0
+
+        self.log.info("NATS connection no longer cut")
+        self._loop.call_soon_threadsafe(end)
 
     def close(self) -> None:
         """Stop the proxy."""

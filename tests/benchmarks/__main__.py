@@ -1,6 +1,7 @@
 """Run every benchmark in turn: `python -m tests.benchmarks` (over 40 minutes)."""
 
 from tests.benchmarks import (
+    cluster_model,
     kv_relay,
     migration,
     plane,
@@ -11,5 +12,15 @@ from tests.benchmarks import (
     ttft_idle,
 )
 
-for bench in (plane, kv_relay, recovery, scale, routing, migration, request_path, ttft_idle):
+for bench in (
+    plane,
+    kv_relay,
+    recovery,
+    scale,
+    cluster_model,
+    routing,
+    migration,
+    request_path,
+    ttft_idle,
+):
     bench.main()

@@ -1,5 +1,6 @@
-"""Scale: 1, 8 and 32 sim nodes on this machine against one NATS server — time until all
-are registered, discovery exact, aggregate throughput, memory per node.
+"""Scale: 1, 8 and 32 sim nodes on this machine against one NATS server, and against a
+3-server cluster (discovery with 3 copies) in the same run — time until all are
+registered, discovery exact, aggregate throughput, memory per node.
 
     python3 supervisor/bootstrap.py exec python -m tests.benchmarks.scale
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from supervisor.client import NodeClient
+from supervisor.nats_cluster import NatsCluster
 from tests.benchmarks._common import python, table, write_section
 from tests.node.harness import NatsServer, NodeProcess, descendants, start_node
 
@@ -34,13 +36,19 @@ def _rss_kb(pid: int) -> int:
     return total
 
 
-async def _instances(url: str) -> set[str]:
+async def _instances(url: str | list[str]) -> set[str]:
     async with NodeClient(url) as client:
         return {r.instance_id for r in await client.instances()}
 
 
-def run(size: int, tmp: Path) -> tuple[int, float, bool, int, float, float, int, float]:
-    server = NatsServer(tmp, store=f"nats-{size}")
+def run(size: int, tmp: Path, clustered: bool) -> tuple[object, ...]:
+    fabric: NatsServer | NatsCluster
+    if clustered:
+        fabric = NatsCluster(tmp / f"cluster-{size}").start()
+        urls, fabric_name = fabric.urls, "3 servers, R3"
+    else:
+        fabric = NatsServer(tmp, store=f"nats-{size}")
+        urls, fabric_name = [fabric.url], "1 server"
     nodes: list[NodeProcess] = []
     try:
         started = time.monotonic()
@@ -49,18 +57,21 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, int, float, float, int,
                 start_node(
                     tmp,
                     embedded_nats=False,
-                    nats_url=server.url,
-                    name=f"n{size}-{i}",
+                    nats_url=urls[i % len(urls)],
+                    name=f"n{size}-{i}-{len(urls)}",
                     node={"instance_id": f"scale{size}x{i}"},
                     engine__sim={"decode_time_per_step": 0.0},
                     logging={"level": "warning"},
                     system={"enabled": False},
                     metrics={"interval": 5.0},
+                    # each node starts on a server of its own, in turn
+                    nats={"url": urls[i % len(urls) :] + urls[: i % len(urls)]},
+                    discovery={"replicas": len(urls), "lease_ttl": 10.0, "heartbeat": 1.0},
                 )
             )
         expected = {f"scale{size}x{i}" for i in range(size)}
         while True:
-            found = asyncio.run(_instances(server.url))
+            found = asyncio.run(_instances(urls))
             if found >= expected:
                 break
             if time.monotonic() - started > 600:
@@ -76,7 +87,7 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, int, float, float, int,
         proc = python(
             "-m",
             "tests.benchmarks._load",
-            server.url,
+            urls[-1],
             "dynamo.backend.generate",
             "32",
             str(LOAD_SECONDS),
@@ -89,18 +100,22 @@ def run(size: int, tmp: Path) -> tuple[int, float, bool, int, float, float, int,
         cps = result["chunks"] / result["seconds"]
         memory = sum(_rss_kb(n.proc.pid) for n in nodes) / size / 1024
         lost = result["errors"] + result["lost"]
-        return size, registered, exact, died, rps, cps, lost, memory
+        return fabric_name, size, registered, exact, died, rps, cps, lost, memory
     finally:
         for node in nodes:
             node.kill()
-        server.stop()
+        if isinstance(fabric, NatsCluster):
+            fabric.close()
+        else:
+            fabric.stop()
 
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    rows = [run(size, tmp) for size in SIZES]
+    rows = [run(size, tmp, clustered) for clustered in (False, True) for size in SIZES]
     body = (
-        "N node processes (sim engine at zero cost, each with its engine host) on one nats-server; nodes are started "
+        "N node processes (sim engine at zero cost, each with its engine host) on one nats-server, then on a "
+        "3-server cluster on this machine (node i starts on server i mod 3, discovery with 3 copies); nodes are started "
         "one after another. *Registered* is the time from the first start until discovery lists all N; *exact* means "
         f"it lists exactly those N. Throughput: 32 concurrent 16-token streams over the queue group for {LOAD_SECONDS:g} s. "
         "*Errors + lost*: streams that ended in an error or went silent for 30 s (must be 0). "
@@ -108,6 +123,7 @@ def main() -> None:
         "baseline beside it: absolute figures from this machine.\n\n"
         + table(
             [
+                "fabric",
                 "nodes",
                 "all registered after s",
                 "discovery exact",
@@ -120,7 +136,7 @@ def main() -> None:
             rows,
         )
     )
-    write_section("scale", "Scale (sim nodes on one NATS)", body)
+    write_section("scale", "Scale (sim nodes on one NATS server and on a 3-server cluster)", body)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,22 @@ def test_a_lease_is_renewed_only_while_the_record_is_written() -> None:
     assert lease.written() == "renewed"
 
 
+def test_a_first_registration_that_failed_is_tried_again_at_each_heartbeat() -> None:
+    # a replicated bucket just made has no leader for a moment: the first put may fail
+    lease = Lease()
+    assert lease.write_failed() == 1
+    assert lease.heartbeat() == "write"
+    assert lease.write_failed() == 2
+    assert lease.heartbeat() == "write"
+    assert lease.written() == "registered"
+    # a failure before a withdrawal is not retried after it
+    lease = Lease()
+    lease.write_failed()
+    assert lease.engine_down() == "delete"
+    assert lease.deleting() is False
+    assert lease.heartbeat() == "none"
+
+
 def test_the_engine_going_down_withdraws_the_instance_and_its_return_restores_it() -> None:
     lease = Lease()
     lease.written()

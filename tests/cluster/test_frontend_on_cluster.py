@@ -1,0 +1,86 @@
+"""The OpenAI frontend on a three-server NATS cluster, under load from the official client,
+through the loss of its own server (kill -9) and an ordered restart of a node's server:
+every streamed answer completes, and the frontend still sees both instances after.
+
+A request the frontend publishes as its server dies never reaches a node; the frontend
+finds no node holding it (resume probes) and sends it again. The nodes keep the default
+lease (10 s): the restarted server may have led the discovery bucket, and its new
+leader can take ~5 s to be elected and caught up, during which no heartbeat is written
+(with a 5 s lease both records expired then, and for 0.1 s the frontend had no instance
+of the model: 404)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+from supervisor.chaos_nodes import FabricNode
+from supervisor.nats_cluster import NatsCluster
+from tests.frontend.harness import start_frontend
+from tests.supervision.children import wait_until
+
+
+def _load(
+    client: object, stop: threading.Event, outcomes: Counter[str], lock: threading.Lock
+) -> None:
+    while not stop.is_set():
+        try:
+            stream = client.chat.completions.create(  # type: ignore[attr-defined]
+                model="sim",
+                messages=[{"role": "user", "content": "hello cluster"}],
+                max_tokens=48,
+                stream=True,
+            )
+            reasons = [c.choices[0].finish_reason for c in stream if c.choices]
+            outcome = reasons[-1] if reasons and reasons[-1] else "no finish reason"
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            outcome = f"{type(exc).__name__}: {exc}"[:120]
+        with lock:
+            outcomes[outcome] += 1
+
+
+def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
+    tmp_path: Path,
+) -> None:
+    cluster = NatsCluster(tmp_path / "fabric").start()
+    nodes: list[FabricNode] = []
+    frontend = None
+    try:
+        nodes = [FabricNode("configs/sim.toml", cluster.urls, k, 3, tmp_path) for k in (0, 1)]
+        for node in nodes:
+            node.wait_ready(120)
+        urls = cluster.urls
+        frontend = start_frontend(
+            tmp_path, urls[2], nats={"url": urls[2:] + urls[:2], "randomize": False}
+        )
+        frontend.wait_instances(2, timeout=60)
+        stop, lock, outcomes = threading.Event(), threading.Lock(), Counter[str]()
+        client = frontend.client(timeout=60)
+        threads = [
+            threading.Thread(target=_load, args=(client, stop, outcomes, lock)) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: outcomes["length"] >= 10, timeout=60)
+        cluster.kill(2)  # the frontend's own server
+        assert wait_until(lambda: outcomes["length"] >= 30, timeout=60)
+        cluster.start_server(2)
+        cluster.wait_formed(60)
+        cluster.stop_server(0)  # node 0's server, in order
+        cluster.start_server(0)
+        cluster.wait_formed(60)
+        done = outcomes["length"]
+        assert wait_until(lambda: outcomes["length"] >= done + 20, timeout=60)
+        stop.set()
+        for thread in threads:
+            thread.join(90)
+        print(dict(outcomes))
+        assert set(outcomes) == {"length"}, dict(outcomes)
+        frontend.wait_instances(2, timeout=60)
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        for node in nodes:
+            node.kill()
+        cluster.close()
