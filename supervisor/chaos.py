@@ -135,21 +135,30 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+_HANDED_OUT: set[int] = set()  # ports this process was given: never given twice
+
+
 def free_ports(count: int = 1) -> int:
     """A port p such that p .. p+count-1 are all free now (a node's port ranges: the KV
     publishers and their replay sockets), chosen below the kernel's ephemeral range: a
     port from that range may be taken as the source port of any outgoing connection
     while the node is not bound to it, and an engine restarted then cannot bind it
-    (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere)."""
+    (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere).
+    A port is handed out once per process: several taken before any is bound (a
+    cluster's servers) are never the same one."""
     low, high = 10000, _ephemeral_low() - count
     for _ in range(500):
         base = random.randint(low, high)
+        wanted = set(range(base, base + count))
+        if wanted & _HANDED_OUT:
+            continue
         try:
-            for port in range(base, base + count):
+            for port in wanted:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.update(wanted)
         return base
     msg = f"no free range of {count} ports in {low}..{high + count - 1}"
     raise RuntimeError(msg)
