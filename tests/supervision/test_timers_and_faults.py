@@ -26,6 +26,7 @@ from supervisor.core import (
     suspend,
     whereis,
 )
+from tests.supervision.children import wait_until
 from tests.supervision.conftest import Tree
 
 
@@ -112,7 +113,9 @@ def test_an_actors_timers_are_cancelled_when_it_exits(make_tree: Callable[..., T
     ref.tell("crash")
     tree.wait(ChildExitedEvent, "ticker")
     # What is left is the supervisor's restart backoff (about 0.1 s), none of the
-    # crashed incarnation's timers.
+    # crashed incarnation's timers. The exit event is emitted before the supervisor
+    # schedules that backoff: wait for it to be scheduled.
+    assert wait_until(lambda: len(clock.pending()) >= 1, timeout=10), "no backoff scheduled"
     assert len(clock.pending()) == 1
     assert clock.pending()[0] < 0.5
     clock.advance(1.0)
