@@ -311,13 +311,24 @@ def wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    started = start_host(tmp_path_factory.mktemp("host"))
-    FIGURES["host start (s)"] = started.host.start_seconds
-    yield started.host
-    stop_host(started)
+def shared_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Started]]:
+    """The module's one engine host (a list so that `host` can replace a stopped one)."""
+    started = [start_host(tmp_path_factory.mktemp("host"))]
+    FIGURES["host start (s)"] = started[0].host.start_seconds
+    yield started
+    stop_host(started[0])
     if FIGURES:
         print("\nsglang backend figures: " + ", ".join(f"{k} {v:.2f}" for k, v in FIGURES.items()))
+
+
+@pytest.fixture
+def host(shared_host: list[Started], tmp_path_factory: pytest.TempPathFactory) -> Host:
+    """The shared host, started again if a test stopped it (the SIGTERM test does: in
+    random order, the tests after it get a fresh one)."""
+    if shared_host[0].host.process.poll() is not None:
+        stop_host(shared_host[0])
+        shared_host[0] = start_host(tmp_path_factory.mktemp("host"))
+    return shared_host[0].host
 
 
 def unique_ids(n: int, seed: int) -> list[int]:
