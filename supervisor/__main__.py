@@ -61,8 +61,10 @@ def build(config: NodeConfig) -> Root:
     from supervisor.tree import FRONTEND_ROOT, build_frontend_tree, build_node_tree
 
     plan = plan_node(config)
-    prepare(config, plan)
+    swept = prepare(config, plan)
     log = structlog.get_logger().bind(path="main")
+    if swept:
+        log.info("removed run directories of dead node processes", count=len(swept))
     if config.node.tree == "frontend":
         log.info("starting frontend", routing=config.frontend.routing, port=config.frontend.port)
         flags, children = build_frontend_tree(config, plan)

@@ -9,9 +9,12 @@ before the tree starts: the run directory, the embedded server's store and secre
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -222,8 +225,52 @@ def subjects_for(config: NodeConfig, instance_id: str) -> Subjects:
 def default_run_dir(config: NodeConfig, instance_id: str) -> str:
     """A run directory of its own for this process (the nodes of one multi-node engine
     share the instance id, so the rank and pid keep theirs apart)."""
-    base = os.environ.get("TMPDIR") or "/tmp"
-    return f"{base}/sgl-node-{instance_id}-{config.node.node_rank}-{os.getpid()}"
+    return f"{_run_base()}/sgl-node-{instance_id}-{config.node.node_rank}-{os.getpid()}"
+
+
+def _run_base() -> str:
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+_UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) on Linux, less the final NUL
+_RUN_DIR_NAME = re.compile(r"sgl-node-[0-9a-f]+-\d+-(\d+)")
+
+
+def sweep_stale_run_dirs(base: str | None = None) -> list[str]:
+    """Remove the run directories of node processes that no longer exist: a node removes
+    its own when it exits, but not after kill -9 or a power loss, and months of restarts
+    must not fill the temporary directory. A directory is stale when it is this user's and
+    the pid in its name is not a live process. Returns the directories removed."""
+    base = base or _run_base()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _RUN_DIR_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _host_spec(config: NodeConfig, instance_id: str, run_dir: str) -> HostSpec:
@@ -409,15 +456,34 @@ def _system(config: NodeConfig, paths: Paths, host_spec: HostSpec, leader: bool)
     )
 
 
-def prepare(config: NodeConfig, plan: NodePlan) -> None:
+def prepare(config: NodeConfig, plan: NodePlan) -> list[str]:
     """The plan's I/O, once before the tree starts: the run directory (engine sockets,
-    SGLang's metrics directory), the embedded server's store and its secrets file."""
+    SGLang's metrics directory), the embedded server's store and its secrets file. The
+    run directory is removed when the process exits; those of processes that did not get
+    to (kill -9) are swept here; returns those."""
+    longest = max(
+        [
+            plan.host_spec.command_endpoint,
+            plan.host_spec.output_endpoint,
+            *plan.host_spec.metrics_endpoints,
+        ],
+        key=len,
+    ).removeprefix("ipc://")
+    if len(longest.encode()) > _UNIX_PATH_MAX:
+        msg = (
+            f"the engine's socket path {longest!r} is {len(longest.encode())} bytes, more than "
+            f"a unix socket allows ({_UNIX_PATH_MAX}): set TMPDIR to a shorter directory"
+        )
+        raise ConfigError("", msg)
+    swept = sweep_stale_run_dirs(str(Path(plan.run_dir).parent))
     Path(plan.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     Path(plan.host_spec.prometheus_dir).mkdir(exist_ok=True)
     if config.nats.embedded:
         Path(plan.nats_data_dir).mkdir(parents=True, exist_ok=True)
     if config.nats.embedded:
         _write_embedded_config(config, plan.nats_config_file)
+    atexit.register(shutil.rmtree, plan.run_dir, ignore_errors=True)
+    return swept
 
 
 def _write_embedded_config(config: NodeConfig, path: str) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -22,7 +26,16 @@ from tests.supervision.children import pid_alive, wait_until
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NodeProcess]:
+    # The node's run directory under a temporary directory of its own, which already holds
+    # the run directory of a node that was killed -9 (its pid gone) and of a live one. (A
+    # short path: the engine's unix sockets live there, and pytest's paths are too long.)
+    run_base = Path(tempfile.mkdtemp(prefix="sgl-run-"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run_base / f"sgl-node-0badc0de-0-{gone.pid}").mkdir()
+    (run_base / f"sgl-node-0badc0de-0-{os.getpid()}").mkdir()
+    monkeypatch.setenv("TMPDIR", str(run_base))
     proc = start_node(
         tmp_path, engine__sim={"decode_time_per_step": 0.01}, shutdown={"drain_timeout": 4.0}
     )
@@ -31,6 +44,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
         yield proc
     finally:
         proc.kill()
+        shutil.rmtree(run_base, ignore_errors=True)
 
 
 def _ts(record: dict[str, Any]) -> float:
@@ -59,6 +73,13 @@ def test_sigterm_during_20_streams_ends_each_with_tokens_or_shutdown_and_stops_i
 ) -> None:
     pids = descendants(node.proc.pid)
     assert pids  # nats-server and the engine host at least
+    run_base = Path(os.environ["TMPDIR"])
+    own = run_base / f"sgl-node-{node.instance_id}-0-{node.proc.pid}"
+    # The dead node's run directory was swept at start; the live one's was left alone.
+    assert sorted(p.name for p in run_base.iterdir()) == sorted(
+        [own.name, f"sgl-node-0badc0de-0-{os.getpid()}"]
+    )
+    assert (own / "engine-cmd").is_socket()
 
     async def go() -> list[list[StreamChunk]]:
         async with NodeClient(node.url) as client:
@@ -90,6 +111,7 @@ def test_sigterm_during_20_streams_ends_each_with_tokens_or_shutdown_and_stops_i
     )[0]
     assert _ts(deregistered) <= _ts(host_exit) <= _ts(nats_exit)
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+    assert not own.exists()  # the node removes its run directory when it exits
 
 
 def test_kill_9_of_the_engine_host_mid_stream_is_a_pause_the_streams_complete_exactly(
