@@ -24,7 +24,7 @@ from messages.codec import DecodeError, decode_json, encode_json
 from messages.kv import KvEventBatch
 from messages.metrics import LoadMetrics
 from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
-from supervisor.chaos_nodes import NatsServer  # the one way to run a nats-server (re-exported)
+from supervisor.chaos_nodes import NatsServer as NatsServer  # noqa: PLC0414 - re-exported
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
