@@ -37,18 +37,12 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
-import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -61,12 +55,12 @@ from messages.chaos import AdminReply, AdminRequest, Fault
 from messages.codec import decode_json, encode_json
 from messages.kv import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
 from messages.request import GenerateRequest, StopConditions
+from supervisor.chaos_nodes import NatsAccess, NatsServer, NodeUnderTest, free_ports, running_nodes
 from supervisor.chaos_verdict import Verdict, end_state, print_verdict
 from supervisor.client import NodeClient, NoRespondersError
 
 __all__ = ["Scenario", "Verdict", "free_ports", "main", "run_scenario"]
 
-ROOT = Path(__file__).resolve().parent.parent
 # Faults after which the tree restarts something (recovery = back to all running + ready).
 _RESTARTING_FAULTS = (
     "crash_actor",
@@ -124,165 +118,6 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.node_faults and self.nodes < 2:  # node 0 would take NATS down with it
             msg = "node_faults need nodes >= 2 (the runner's own NATS server outlives them)"
             raise ValueError(msg)
-
-
-def _ephemeral_low() -> int:
-    """The lowest port the kernel hands to outgoing connections (Linux: 32768)."""
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        return int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-_HANDED_OUT: set[int] = set()  # ports this process was given: never given twice
-
-
-def free_ports(count: int = 1) -> int:
-    """A port p such that p .. p+count-1 are all free now (a node's port ranges: the KV
-    publishers and their replay sockets), chosen below the kernel's ephemeral range: a
-    port from that range may be taken as the source port of any outgoing connection
-    while the node is not bound to it, and an engine restarted then cannot bind it
-    (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere).
-    A port is handed out once per process: several taken before any is bound (a
-    cluster's servers) are never the same one."""
-    low, high = 10000, _ephemeral_low() - count
-    for _ in range(500):
-        base = random.randint(low, high)
-        wanted = set(range(base, base + count))
-        if wanted & _HANDED_OUT:
-            continue
-        try:
-            for port in wanted:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        _HANDED_OUT.update(wanted)
-        return base
-    msg = f"no free range of {count} ports in {low}..{high + count - 1}"
-    raise RuntimeError(msg)
-
-
-class NodeUnderTest:
-    """A node started for the run, with chaos and admin on."""
-
-    def __init__(self, scenario: Scenario, workdir: Path, token: str, nats_url: str = "") -> None:
-        base = tomllib.loads((ROOT / scenario.config).read_text()) if scenario.config else {}
-        self.nats_port, self.system_port = free_ports(), free_ports()
-        dp = base.get("engine", {}).get("dp_size", 1)
-        # the publishers on kv_events_port + rank, their replay sockets on + dp_size + rank
-        base.setdefault("engine", {})["kv_events_port"] = free_ports(2 * dp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        if nats_url:  # one of several nodes on the runner's server
-            base["nats"] = {**base.get("nats", {}), "embedded": False, "url": [nats_url]}
-        else:
-            base["nats"] = {
-                **base.get("nats", {}),
-                "embedded": True,
-                "port": self.nats_port,
-                "data_dir": str(workdir / "nats"),
-            }
-        base["system"] = {"port": self.system_port}
-        base["admin"] = {"enabled": True, "token_env": "SGL_NODE_CHAOS_TOKEN"}
-        base["chaos"] = {"enabled": True, "seed": 1}
-        base.setdefault("node", {})["instance_id"] = f"chaos{secrets.token_hex(4)}"
-        self.instance_id = base["node"]["instance_id"]
-        config = workdir / "node.toml"
-        config.write_text(_toml(base))
-        self.log = (workdir / "node.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", str(config), "--log-format", "json"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "SGL_NODE_CHAOS_TOKEN": token},
-            start_new_session=True,
-        )
-        self.url = nats_url or f"nats://127.0.0.1:{self.nats_port}"
-
-    def http(self, path: str) -> tuple[int, Any]:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.system_port}{path}", timeout=3
-            ) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, None
-        except OSError:
-            return 0, None
-
-    def kill(self) -> None:
-        """kill -9 of the node's whole process group (the node, its engine host and
-        whatever they started): a machine lost."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(10)
-
-
-class RunNats:
-    """The NATS server of a several-node run (a node's embedded one would die with it)."""
-
-    def __init__(self, workdir: Path) -> None:
-        from supervisor.tree import nats_server_binary
-
-        self.port = free_ports()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        store = workdir / "nats"
-        self.log = (workdir / "nats.log").open("w")
-        command = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(
-            [*command, "--jetstream", "--store_dir", str(store)],
-            stdout=self.log,
-            stderr=self.log,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        self.stop()
-        msg = f"the run's nats-server did not start; see {workdir / 'nats.log'}"
-        raise RuntimeError(msg)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
-
-
-def _toml(data: dict[str, Any], prefix: str = "") -> str:
-    lines, tables = [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            for item in value:
-                lines.append(f"[[{prefix}{key}]]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    text = "\n".join(lines) + "\n"
-    for key, value in tables:
-        text += f"\n[{prefix}{key}]\n" + _toml(value, f"{prefix}{key}.")
-    return text
 
 
 def _flatten(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -554,39 +389,31 @@ def run_scenario(
     resources)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sgl-chaos-"))
     token = secrets.token_hex(16)
-    verdict = Verdict(scenario=scenario.name, recovered=False)
-    nats = RunNats(workdir) if scenario.nodes > 1 else None
-    nodes: list[NodeUnderTest] = []
-    runner: Runner | None = None
-    try:
-        for i in range(scenario.nodes):
+    with contextlib.ExitStack() as stack:
+        # several nodes share a server of the runner's (a node's embedded one dies with it)
+        nats = (
+            stack.enter_context(NatsServer(workdir, store="nats")) if scenario.nodes > 1 else None
+        )
+
+        def start(i: int) -> NodeUnderTest:
+            access = NatsAccess((nats.url,)) if nats else NatsAccess()
             home = workdir / f"node{i}" if nats else workdir
-            nodes.append(NodeUnderTest(scenario, home, token, nats.url if nats else ""))
-        for node in nodes:
-            _wait_ready(node)
+            instance_id = f"chaos{secrets.token_hex(4)}"
+            return NodeUnderTest(
+                scenario.config, home, access, instance_id, name="node", admin_token=token
+            )
+
+        run = stack.enter_context(running_nodes(start, scenario.nodes, ready_timeout=600.0))
         if on_ready is not None:
-            on_ready(nodes[0])
-        runner = Runner(scenario, nodes, token)
+            on_ready(run.nodes[0])
+        runner = Runner(scenario, run.nodes, token)
+        run.gone = runner.down  # a node a node fault took away is not stopped again
         verdict = asyncio.run(runner.run())
-    finally:
-        down = runner.down if runner else set()
-        codes = {i: node.stop() for i, node in enumerate(nodes) if i not in down}
-        if nats is not None:
-            nats.stop()
-    for i, code in codes.items():
+    for i, code in run.codes.items():
         if code != 0:
             verdict.recovered = False
             verdict.kv_detail += f"; node {i} exit code {code}"
     return verdict
-
-
-def _wait_ready(node: NodeUnderTest, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while node.http("/ready")[0] != 200:
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            msg = f"the node did not start; see {node.log.name}"
-            raise RuntimeError(msg)
-        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import tomllib
 
 from messages.chaos import ClusterFault
 from supervisor.chaos import Load, Runner, Scenario
-from supervisor.chaos_nodes import FabricNode, rss_mb
+from supervisor.chaos_nodes import NatsAccess, NodeUnderTest, rss_mb, running_nodes
 from supervisor.chaos_verdict import Verdict, print_verdict
 from supervisor.client import NodeClient
 from supervisor.nats_cluster import NatsCluster
@@ -77,7 +78,7 @@ class ClusterVerdict(Verdict):
 
 
 def _fault_action(
-    cluster: NatsCluster, fault: ClusterFault, nodes: list[FabricNode], timeout: float
+    cluster: NatsCluster, fault: ClusterFault, nodes: list[NodeUnderTest], timeout: float
 ) -> str:
     """Carry out `fault` on the cluster (blocking), wait until it has formed again, and
     say what the fault did (the evidence that it took effect)."""
@@ -124,7 +125,11 @@ class ClusterRunner(Runner):
     """Drives one cluster scenario: load from the client library, faults on the servers."""
 
     def __init__(
-        self, scenario: ClusterScenario, cluster: NatsCluster, nodes: list[FabricNode]
+        self,
+        scenario: ClusterScenario,
+        cluster: NatsCluster,
+        nodes: list[NodeUnderTest],
+        ops: ThreadPoolExecutor,
     ) -> None:
         # the base runner's load loop (`_client`) needs only these
         self.scenario = Scenario(name=scenario.name, duration=scenario.duration, load=scenario.load)
@@ -136,7 +141,7 @@ class ClusterRunner(Runner):
         self.stop_load = asyncio.Event()
         # servers are started again from this one thread: they die with the thread that
         # started them (see nats_cluster), and it lives until the run is over
-        self.ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-ops")
+        self.ops = ops
 
     async def run(self) -> ClusterVerdict:
         urls = self.cluster.urls
@@ -220,22 +225,20 @@ class ClusterRunner(Runner):
 def run_cluster_scenario(scenario: ClusterScenario, workdir: Path | None = None) -> ClusterVerdict:
     """Start the cluster and the nodes, run the scenario, stop everything; the verdict."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sgl-chaos-cluster-"))
-    cluster = NatsCluster(workdir / "fabric", partitionable=True)
-    nodes: list[FabricNode] = []
-    runner: ClusterRunner | None = None
-    try:
-        cluster.start()
-        for k in range(scenario.nodes):
-            nodes.append(FabricNode(scenario.config, cluster.urls, k, scenario.replicas, workdir))
-        for node in nodes:
-            node.wait_ready(120)
-        runner = ClusterRunner(scenario, cluster, nodes)
-        verdict = asyncio.run(runner.run())
-    finally:
-        codes = [node.stop() for node in nodes]
-        cluster.close()
-        if runner is not None:
-            runner.ops.shutdown(wait=True)
+
+    def start(k: int) -> NodeUnderTest:
+        access = NatsAccess.cluster(cluster.urls, k, scenario.replicas)
+        return NodeUnderTest(scenario.config, workdir, access, f"node{k}-{secrets.token_hex(3)}")
+
+    # the servers are started again from the ops thread and die with it (see nats_cluster):
+    # it ends last, after the nodes and the cluster have stopped
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-ops") as ops,
+        NatsCluster(workdir / "fabric", partitionable=True) as cluster,
+        running_nodes(start, scenario.nodes, ready_timeout=120.0) as run,
+    ):
+        verdict = asyncio.run(ClusterRunner(scenario, cluster, run.nodes, ops).run())
+    codes = [run.codes[i] for i in range(len(run.nodes))]
     if any(code not in (0, None) for code in codes[:-1]):  # the last one was SIGKILLed
         verdict.recovered = False
         verdict.kv_detail = f"node exit codes {codes}"

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from actors.nats.proxy import NatsCutProxy
-from supervisor.chaos import free_ports
+from supervisor.chaos_nodes import free_ports
 from supervisor.tree import nats_server_binary
 
 __all__ = ["ClusterServer", "NatsCluster", "main"]

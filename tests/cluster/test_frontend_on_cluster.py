@@ -11,11 +11,12 @@ of the model: 404)."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import Counter
 from pathlib import Path
 
-from supervisor.chaos_nodes import FabricNode
+from supervisor.chaos_nodes import NatsAccess, NodeUnderTest
 from supervisor.nats_cluster import NatsCluster
 from tests.frontend.harness import start_frontend
 from tests.supervision.children import wait_until
@@ -44,10 +45,13 @@ def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
     tmp_path: Path,
 ) -> None:
     cluster = NatsCluster(tmp_path / "fabric").start()
-    nodes: list[FabricNode] = []
+    nodes: list[NodeUnderTest] = []
     frontend = None
     try:
-        nodes = [FabricNode("configs/sim.toml", cluster.urls, k, 3, tmp_path) for k in (0, 1)]
+        for k in (0, 1):
+            access = NatsAccess.cluster(cluster.urls, k, replicas=3)
+            name = f"node{k}-{secrets.token_hex(3)}"
+            nodes.append(NodeUnderTest("configs/sim.toml", tmp_path, access, name))
         for node in nodes:
             node.wait_ready(120)
         urls = cluster.urls

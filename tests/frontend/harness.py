@@ -1,5 +1,6 @@
 """Run the frontend (`python -m supervisor` with `node.tree = "frontend"`) as an OS process
-next to real sim nodes, and read Prometheus figures from either."""
+next to real sim nodes (`sim_fleet`: a server, nodes and frontends for a test module), and
+read Prometheus figures from either."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.engine_host.sim import SimTokenizer, expected_output
-from tests.node.harness import NodeProcess, free_ports, start_node
+from tests.node.harness import NatsServer, NodeProcess, free_ports, start_node
 
 
 def parse_metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -152,3 +153,49 @@ def start_frontend(
     running = Frontend(proc, port)
     running.wait_healthy()
     return running
+
+
+class SimFleet:
+    """A nats-server of its own, sim nodes on it and frontends, for a test module: what
+    it started is killed by `close()` (frontends, then nodes, then the server)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.server = NatsServer(tmp)
+        self.nodes: dict[str, NodeProcess] = {}
+        self.frontends: dict[str, Frontend] = {}
+
+    def node(self, name: str, **options: Any) -> NodeProcess:
+        """Start node `name` on the fleet's server (`start_node` options); not yet ready."""
+        self.nodes[name] = start_node(
+            self.tmp, name=name, embedded_nats=False, nats_url=self.server.url, **options
+        )
+        return self.nodes[name]
+
+    def frontend(self, name: str = "frontend", **options: Any) -> Frontend:
+        """Start frontend `name` on the fleet's server (`start_frontend` options)."""
+        self.frontends[name] = start_frontend(self.tmp, self.server.url, name=name, **options)
+        return self.frontends[name]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until every node started so far is ready."""
+        for node in self.nodes.values():
+            node.wait_ready(timeout)
+
+    def close(self) -> None:
+        """Kill every frontend and node, then stop the server."""
+        for frontend in self.frontends.values():
+            frontend.kill()
+        for node in self.nodes.values():
+            node.kill()
+        self.server.stop()
+
+
+@contextlib.contextmanager
+def sim_fleet(tmp: Path) -> Iterator[SimFleet]:
+    """A `SimFleet` closed when the block ends, however it ends."""
+    fleet = SimFleet(tmp)
+    try:
+        yield fleet
+    finally:
+        fleet.close()

@@ -15,41 +15,23 @@ from tests.frontend.harness import (
     node_metric,
     sim_answer,
     sim_chat_ids,
-    start_frontend,
+    sim_fleet,
 )
-from tests.node.harness import NatsServer, NodeProcess, free_ports, start_node
+from tests.node.harness import NodeProcess, free_ports
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-disagg")
-    server = NatsServer(tmp)
-    common: dict[str, Any] = {"embedded_nats": False, "nats_url": server.url}
-    nodes: dict[str, NodeProcess] = {}
-    frontend: Frontend | None = None
-    try:
-        nodes["prefill"] = start_node(
-            tmp,
-            name="prefill",
-            node={"mode": "prefill"},
-            disaggregation={"bootstrap_port": free_ports()},
-            **common,
+    with sim_fleet(tmp_path_factory.mktemp("frontend-disagg")) as fleet:
+        fleet.node(
+            "prefill", node={"mode": "prefill"}, disaggregation={"bootstrap_port": free_ports()}
         )
         for name in ("decode", "decode2"):
-            nodes[name] = start_node(
-                tmp, name=name, node={"mode": "decode"}, engine__sim=DECODE_SIM, **common
-            )
-        frontend = start_frontend(tmp, server.url)
-        for node in nodes.values():
-            node.wait_ready(60)
+            fleet.node(name, node={"mode": "decode"}, engine__sim=DECODE_SIM)
+        frontend = fleet.frontend()
+        fleet.wait_ready()
         frontend.wait_instances(3)
-        yield {"frontend": frontend, **nodes}
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        for node in nodes.values():
-            node.kill()
-        server.stop()
+        yield {"frontend": frontend, **fleet.nodes}
 
 
 DECODE_SIM = {"decode_time_per_step": 0.01}  # a 300-token stream runs 3 s

@@ -14,8 +14,14 @@ from typing import Any
 import openai
 import pytest
 
-from tests.frontend.harness import Frontend, node_metric, sim_answer, start_frontend, wait_until
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.frontend.harness import (
+    Frontend,
+    node_metric,
+    sim_answer,
+    sim_fleet,
+    wait_until,
+)
+from tests.node.harness import NodeProcess, start_node
 
 LEASE = {"lease_ttl": 3.0, "heartbeat": 1.0}
 SIM = {"decode_time_per_step": 0.02, "prefill_time_per_token": 0.002}
@@ -23,33 +29,14 @@ SIM = {"decode_time_per_step": 0.02, "prefill_time_per_token": 0.002}
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-failover")
-    server = NatsServer(tmp)
-    nodes: list[NodeProcess] = []
-    frontend: Frontend | None = None
-    try:
+    with sim_fleet(tmp_path_factory.mktemp("frontend-failover")) as fleet:
         for name in ("n1", "n2", "n3"):
-            nodes.append(
-                start_node(
-                    tmp,
-                    name=name,
-                    embedded_nats=False,
-                    nats_url=server.url,
-                    engine__sim=SIM,
-                    discovery=LEASE,
-                )
-            )
-        frontend = start_frontend(tmp, server.url, discovery=LEASE)
-        for node in nodes:
-            node.wait_ready(60)
+            fleet.node(name, engine__sim=SIM, discovery=LEASE)
+        frontend = fleet.frontend(discovery=LEASE)
+        fleet.wait_ready()
         frontend.wait_instances(3)
-        yield {"server": server, "tmp": tmp, "nodes": nodes, "frontend": frontend}
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        for node in nodes:
-            node.kill()
-        server.stop()
+        nodes = list(fleet.nodes.values())
+        yield {"server": fleet.server, "tmp": fleet.tmp, "nodes": nodes, "frontend": frontend}
 
 
 def _alive(nodes: list[NodeProcess]) -> list[NodeProcess]:

@@ -15,8 +15,8 @@ import pytest
 
 from messages.request import GenerateRequest, StopConditions
 from supervisor.client import NodeClient
-from tests.frontend.harness import Frontend, node_metric, start_frontend, wait_until
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.frontend.harness import Frontend, node_metric, sim_fleet, wait_until
+from tests.node.harness import NodeProcess
 
 SLOW = {"decode_time_per_step": 0.05, "prefill_time_per_token": 0.01}
 
@@ -25,43 +25,23 @@ SLOW = {"decode_time_per_step": 0.05, "prefill_time_per_token": 0.01}
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A slow sim node taking one request at a time (`sim`), one to be killed (`doomed`,
     whose record outlives it: a 120 s lease), a frontend with a 3 s request deadline."""
-    tmp = tmp_path_factory.mktemp("frontend-errors")
-    server = NatsServer(tmp)
-    common: dict[str, Any] = {"embedded_nats": False, "nats_url": server.url}
-    nodes: list[NodeProcess] = []
-    frontend: Frontend | None = None
-    try:
-        nodes.append(
-            start_node(
-                tmp,
-                name="sim",
-                engine__sim=SLOW,
-                handlers={"max_inflight": 1},
-                # no idle canary: it would take the one slot the 429 test fills itself
-                engine__health={"canary_after_idle": 600.0},
-                **common,
-            )
+    with sim_fleet(tmp_path_factory.mktemp("frontend-errors")) as fleet:
+        sim = fleet.node(
+            "sim",
+            engine__sim=SLOW,
+            handlers={"max_inflight": 1},
+            # no idle canary: it would take the one slot the 429 test fills itself
+            engine__health={"canary_after_idle": 600.0},
         )
-        nodes.append(
-            start_node(
-                tmp,
-                name="doomed",
-                engine={"served_model_name": "doomed"},
-                discovery={"lease_ttl": 120.0, "heartbeat": 5.0},
-                **common,
-            )
+        doomed = fleet.node(
+            "doomed",
+            engine={"served_model_name": "doomed"},
+            discovery={"lease_ttl": 120.0, "heartbeat": 5.0},
         )
-        for node in nodes:
-            node.wait_ready(60)
-        frontend = start_frontend(tmp, server.url, frontend={"request_timeout": 3.0})
+        fleet.wait_ready()
+        frontend = fleet.frontend(frontend={"request_timeout": 3.0})
         frontend.wait_instances(2)
-        yield {"frontend": frontend, "sim": nodes[0], "doomed": nodes[1], "server": server}
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        for node in nodes:
-            node.kill()
-        server.stop()
+        yield {"frontend": frontend, "sim": sim, "doomed": doomed, "server": fleet.server}
 
 
 def _refused(frontend: Frontend, model: str, content: str, max_tokens: int) -> openai.APIError:

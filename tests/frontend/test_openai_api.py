@@ -26,48 +26,31 @@ from tests.frontend.harness import (
     node_metric,
     sim_answer,
     sim_chat_ids,
+    sim_fleet,
     start_frontend,
     wait_until,
 )
-from tests.node.harness import NatsServer, NodeProcess, free_ports, start_node
+from tests.node.harness import NodeProcess, free_ports
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-api")
-    server = NatsServer(tmp)
-    common: dict[str, Any] = {"embedded_nats": False, "nats_url": server.url}
-    nodes: list[NodeProcess] = []
-    frontend: Frontend | None = None
-    try:
-        nodes.append(
-            start_node(tmp, name="sim", engine__sim={"decode_time_per_step": 0.002}, **common)
-        )
+    with sim_fleet(tmp_path_factory.mktemp("frontend-api")) as fleet:
+        node = fleet.node("sim", engine__sim={"decode_time_per_step": 0.002})
         port = free_ports()
-        nodes.append(
-            start_node(
-                tmp,
-                name="embed",
-                node={"mode": "embedding", "component": "embedder"},
-                engine={"served_model_name": "sim-embed"},
-                frontend={"enabled": True, "port": port},
-                **common,
-            )
+        embedder = fleet.node(
+            "embed",
+            node={"mode": "embedding", "component": "embedder"},
+            engine={"served_model_name": "sim-embed"},
+            frontend={"enabled": True, "port": port},
         )
-        for node in nodes:
-            node.wait_ready(60)
-        frontend = Frontend(nodes[1], port)  # in the embedding node's tree, after its core
+        fleet.wait_ready()
+        frontend = Frontend(embedder, port)  # in the embedding node's tree, after its core
         frontend.wait_healthy()
         frontend.wait_instances(2)
-        yield {"frontend": frontend, "node": nodes[0], "embedder": nodes[1], "server": server}
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        for node in nodes:
-            node.kill()
-        server.stop()
+        yield {"frontend": frontend, "node": node, "embedder": embedder, "server": fleet.server}
 
 
 @pytest.fixture(scope="module")

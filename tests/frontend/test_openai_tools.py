@@ -24,8 +24,14 @@ from actors.frontend.openai_formats import ChatCompletionRequest, ChatMessageIn
 from actors.frontend.parsers import ToolSpec
 from actors.frontend.tokenizers import SimBytesTokenizer
 from actors.frontend.tool_calls import ToolPlan, template_input, tool_plan
-from tests.frontend.harness import Frontend, node_metric, sim_answer, start_frontend, wait_until
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.frontend.harness import (
+    Frontend,
+    node_metric,
+    sim_answer,
+    sim_fleet,
+    wait_until,
+)
+from tests.node.harness import NodeProcess
 
 WEATHER_PARAMETERS = {
     "type": "object",
@@ -52,43 +58,16 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-tools")
-    server = NatsServer(tmp)
-    common: dict[str, Any] = {"embedded_nats": False, "nats_url": server.url}
-    nodes: list[NodeProcess] = []
-    frontend: Frontend | None = None
-    try:
-        nodes.append(
-            start_node(
-                tmp,
-                name="sim",
-                dp_size=2,
-                engine__sim={"decode_time_per_step": 0.002},
-                **common,
-            )
+    with sim_fleet(tmp_path_factory.mktemp("frontend-tools")) as fleet:
+        fleet.node("sim", dp_size=2, engine__sim={"decode_time_per_step": 0.002})
+        fleet.node(
+            "think", node={"component": "thinker"}, engine={"served_model_name": "sim-think"}
         )
-        nodes.append(
-            start_node(
-                tmp,
-                name="think",
-                node={"component": "thinker"},
-                engine={"served_model_name": "sim-think"},
-                **common,
-            )
-        )
-        for node in nodes:
-            node.wait_ready(60)
-        frontend = start_frontend(
-            tmp, server.url, frontend={"reasoning_parser": {"sim-think": "deepseek-r1"}}
-        )
+        fleet.wait_ready()
+        frontend = fleet.frontend(frontend={"reasoning_parser": {"sim-think": "deepseek-r1"}})
         frontend.wait_instances(2)
-        yield {"frontend": frontend, "server": server, "nodes": nodes}
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        for node in nodes:
-            node.kill()
-        server.stop()
+        nodes = list(fleet.nodes.values())
+        yield {"frontend": frontend, "server": fleet.server, "nodes": nodes}
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.frontend.harness import Frontend, node_metric, start_frontend
+from tests.frontend.harness import Frontend, node_metric, sim_fleet, start_frontend
 from tests.frontend.test_routing import _ask, _system_prompt
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.node.harness import NatsServer, NodeProcess
 
 PREFIXES = 3
 
@@ -34,26 +34,11 @@ def _served(nodes: list[NodeProcess]) -> list[float]:
 
 @pytest.fixture
 def durable_fleet(tmp_path: Path) -> Iterator[tuple[NatsServer, list[NodeProcess]]]:
-    server = NatsServer(tmp_path)
-    nodes: list[NodeProcess] = []
-    try:
+    with sim_fleet(tmp_path) as fleet:
         for name in ("a", "b"):
-            nodes.append(
-                start_node(
-                    tmp_path,
-                    name=name,
-                    embedded_nats=False,
-                    nats_url=server.url,
-                    events={"durable": True},
-                )
-            )
-        for node in nodes:
-            node.wait_ready(60)
-        yield server, nodes
-    finally:
-        for node in nodes:
-            node.kill()
-        server.stop()
+            fleet.node(name, events={"durable": True})
+        fleet.wait_ready()
+        yield fleet.server, list(fleet.nodes.values())
 
 
 def test_a_late_frontend_routes_by_the_replayed_kv_events(

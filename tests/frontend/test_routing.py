@@ -16,8 +16,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.frontend.harness import Frontend, node_metric, start_frontend, wait_until
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.frontend.harness import Frontend, node_metric, sim_fleet, wait_until
+from tests.node.harness import NodeProcess
 
 GROUPS = 3
 PER_GROUP = 4
@@ -26,27 +26,16 @@ PREFIX_LINES = 24  # about 1 KB of shared system prompt per group: ~60 pages of 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("frontend-routing")
-    server = NatsServer(tmp)
-    nodes: list[NodeProcess] = []
-    frontends: list[Frontend] = []
-    try:
+    with sim_fleet(tmp_path_factory.mktemp("frontend-routing")) as fleet:
         for name in ("a", "b"):
-            nodes.append(start_node(tmp, name=name, embedded_nats=False, nats_url=server.url))
-        frontends.append(start_frontend(tmp, server.url, name="kv", routing="kv"))
-        frontends.append(start_frontend(tmp, server.url, name="rr", routing="round_robin"))
-        frontends.append(start_frontend(tmp, server.url, name="random", routing="random"))
-        for node in nodes:
-            node.wait_ready(60)
-        for frontend in frontends:
+            fleet.node(name)
+        kv = fleet.frontend("kv", routing="kv")
+        rr = fleet.frontend("rr", routing="round_robin")
+        random = fleet.frontend("random", routing="random")
+        fleet.wait_ready()
+        for frontend in fleet.frontends.values():
             frontend.wait_instances(2)
-        yield {"nodes": nodes, "kv": frontends[0], "rr": frontends[1], "random": frontends[2]}
-    finally:
-        for frontend in frontends:
-            frontend.kill()
-        for node in nodes:
-            node.kill()
-        server.stop()
+        yield {"nodes": list(fleet.nodes.values()), "kv": kv, "rr": rr, "random": random}
 
 
 def _system_prompt(tag: str, group: int) -> str:

