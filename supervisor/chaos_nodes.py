@@ -33,7 +33,6 @@ __all__ = [
     "NatsServer",
     "NodeUnderTest",
     "RunningNodes",
-    "ephemeral_low",
     "free_ports",
     "rss_mb",
     "running_nodes",
@@ -43,30 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_ENV = "SGL_NODE_CHAOS_TOKEN"  # the variable the admin token reaches a node in
 
 
-def ephemeral_low() -> int:
+def _ephemeral_low() -> int:
     """The lowest port the kernel hands to outgoing connections (Linux: 32768)."""
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
         return int(text.split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
-
-
-def _port_range() -> tuple[int, int]:
-    """The range free ports are drawn from: `SGL_NODE_PORTS` (LOW-HIGH), else from 10000
-    to the ephemeral range."""
-    spec = os.environ.get("SGL_NODE_PORTS", "")
-    if not spec:
-        return 10000, ephemeral_low()
-    try:
-        low, high = (int(part) for part in spec.split("-"))
-    except ValueError:
-        msg = f"SGL_NODE_PORTS must be LOW-HIGH (e.g. 10000-20000), not {spec!r}"
-        raise RuntimeError(msg) from None
-    if not 1024 <= low < high <= 65535:
-        msg = f"SGL_NODE_PORTS {spec!r}: need 1024 <= LOW < HIGH <= 65535"
-        raise RuntimeError(msg)
-    return low, high
 
 
 _HANDED_OUT: set[int] = set()  # ports this process was given: never given twice
@@ -79,11 +61,8 @@ def free_ports(count: int = 1) -> int:
     while the node is not bound to it, and an engine restarted then cannot bind it
     (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere).
     A port is handed out once per process: several taken before any is bound (a
-    cluster's servers) are never the same one. Processes that draw ports side by side
-    (parallel test workers, two chaos runs) each take a range of their own from
-    `SGL_NODE_PORTS=LOW-HIGH`."""
-    low, high = _port_range()
-    high -= count
+    cluster's servers) are never the same one."""
+    low, high = 10000, _ephemeral_low() - count
     for _ in range(500):
         base = random.randint(low, high)
         wanted = set(range(base, base + count))

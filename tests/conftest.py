@@ -14,41 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from supervisor.chaos_nodes import ephemeral_low  # noqa: E402
 from supervisor.logs import configure_logging  # noqa: E402
 
 configure_logging("info", "json" if not os.environ.get("SGL_NODE_TEST_CONSOLE") else "console")
-
-
-def _worker_port_range() -> None:
-    """Parallel workers (`-n N`, pytest-xdist) draw free ports from ranges of their own,
-    so that two never hand out the same port; the nodes they start inherit it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw") or "SGL_NODE_PORTS" in os.environ:
-        return
-    index, count = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    low, high = 10000, ephemeral_low()
-    span = (high - low) // count
-    os.environ["SGL_NODE_PORTS"] = f"{low + index * span}-{low + (index + 1) * span - 1}"
-
-
-_worker_port_range()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """With `--dist loadgroup`, a module's tests run in one worker (its module-scoped
-    fixtures start once), and every module using the shared real-engine node in the same
-    worker (it starts once per worker)."""
-    fleet_modules = {
-        item.module.__name__
-        for item in items
-        if isinstance(item, pytest.Function) and "sglang_fleet" in item.fixturenames
-    }
-    for item in items:
-        module = item.module.__name__ if isinstance(item, pytest.Function) else item.nodeid
-        group = "sglang-fleet" if module in fleet_modules else module
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
