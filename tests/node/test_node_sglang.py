@@ -2,7 +2,7 @@
 
 The session's shared real-engine node (tests/conftest.py) serves the module; the kill
 tests restart its engine subtree and wait until it serves again. A second node runs
-dp_size 2 and is stopped with SIGTERM at the end.
+dp_size 2 and is stopped with SIGTERM mid-stream at the end, handing its stream over.
 """
 
 from __future__ import annotations
@@ -330,55 +330,6 @@ def test_kill_9_of_sglangs_scheduler_mid_stream_the_stream_continues_exactly(
     _continues(node, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
 
 
-def test_dp_size_2_relays_each_ranks_events_and_sigterm_stops_it_in_order(
-    tmp_path: Path,
-) -> None:
-    node = start_node(tmp_path, backend="sglang", dp_size=2, name="dp2")
-    try:
-        node.wait_ready(600)
-
-        def stored(events: list[KvEventBatch]) -> set[int]:
-            return {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
-
-        def fresh(metrics: list[LoadMetrics]) -> set[int]:
-            return {m.dp_rank for m in metrics if not m.stale}
-
-        async def go() -> tuple[list[KvEventBatch], list[LoadMetrics]]:
-            async with (
-                NodeClient(node.url) as client,
-                watching(node.url, "kv-events") as events,
-                watching(node.url, "metrics") as metrics,
-            ):
-                for rank in (0, 1):
-                    request = GenerateRequest(
-                        request_id=uuid.uuid4().hex,
-                        token_ids=list(range(2000 + rank * 100, 2048 + rank * 100)),
-                        stop=StopConditions(max_tokens=2),
-                        dp_rank=rank,
-                    )
-                    [c async for c in client.generate(request)]
-                await until(lambda: stored(events) == {0, 1}, 60, "pages stored on both ranks")
-                await until(lambda: fresh(metrics) == {0, 1}, 60, "fresh metrics from both ranks")
-                return list(events), list(metrics)
-
-        events, metrics = asyncio.run(go())
-        assert stored(events) == {0, 1}
-        assert fresh(metrics) == {0, 1}  # each rank's scheduler metrics reach its own socket
-
-        # SIGTERM: deregistered before the engine host goes, exit 0, no SGLang survivor.
-        pids = descendants(node.proc.pid)
-        assert len(pids) >= 5  # nats-server, engine host, 2 schedulers, detokenizer
-        assert node.stop() == 0
-        deregistered = node.wait_log(lambda r: r.get("event") == "deregistered")[-1]
-        host_exit = node.wait_log(
-            lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
-        )[-1]
-        assert deregistered["timestamp"] <= host_exit["timestamp"]
-        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
-    finally:
-        node.kill()
-
-
 def _canaries(node: NodeProcess, outcome: str) -> float:
     _, body = node.http("/metrics")
     prefix = f'sgl_node_engine_canaries_total{{outcome="{outcome}"}}'
@@ -386,28 +337,72 @@ def _canaries(node: NodeProcess, outcome: str) -> float:
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
-def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_node(
+def _stored(events: list[KvEventBatch]) -> set[int]:
+    return {b.dp_rank for b in events if any(isinstance(e, BlockStored) for e in b.events)}
+
+
+def _fresh(metrics: list[LoadMetrics]) -> set[int]:
+    return {m.dp_rank for m in metrics if not m.stale}
+
+
+def _relays_both_ranks(node: NodeProcess) -> None:
+    """A request pinned to each DP rank: both ranks' KV events and scheduler load metrics
+    reach NATS, each from its own rank."""
+
+    async def go() -> tuple[list[KvEventBatch], list[LoadMetrics]]:
+        async with (
+            NodeClient(node.url) as client,
+            watching(node.url, "kv-events") as events,
+            watching(node.url, "metrics") as metrics,
+        ):
+            for rank in (0, 1):
+                request = GenerateRequest(
+                    request_id=uuid.uuid4().hex,
+                    token_ids=list(range(2000 + rank * 100, 2048 + rank * 100)),
+                    stop=StopConditions(max_tokens=2),
+                    dp_rank=rank,
+                )
+                [c async for c in client.generate(request, instance_id=node.instance_id)]
+            await until(lambda: _stored(events) == {0, 1}, 60, "pages stored on both ranks")
+            await until(lambda: _fresh(metrics) == {0, 1}, 60, "fresh metrics from both ranks")
+            return list(events), list(metrics)
+
+    events, metrics = asyncio.run(go())
+    assert _stored(events) == {0, 1}
+    assert _fresh(metrics) == {0, 1}  # each rank's scheduler metrics reach its own socket
+
+
+def test_a_dp_size_2_node_stopped_mid_stream_hands_it_over_to_another_real_node_exactly(
     node: NodeProcess, sglang_fleet: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Two real-engine nodes: the second, idle after its start, passes its idle canary.
-    A greedy stream on the second, which is killed (its whole
-    process group, as a lost machine) after 3 chunks; the client library continues it on
-    the shared node, to exactly the tokens an uninterrupted run gives."""
+    """A second real-engine node, with dp_size 2, beside the shared one (one engine start
+    covers all of this):
+    - idle after its start, it gets its idle canary and answers it;
+    - each DP rank relays its own KV events and load metrics;
+    - a greedy stream on it when it gets SIGTERM: past its 1 s drain deadline it hands the
+      stream over, and the client continues it on the shared node, to exactly the tokens
+      an uninterrupted run gives;
+    - it deregisters before its engine host stops, exits 0, and leaves no SGLang process."""
     server = sglang_fleet["server"]
     other = start_node(
         tmp_path,
         backend="sglang",
-        name="other",
+        dp_size=2,
+        name="dp2",
         embedded_nats=False,
         nats_url=server.url,
         engine__health={"stall_timeout": 120.0, "canary_after_idle": 1.0},
+        shutdown={"drain_timeout": 1.0},
     )
     try:
         other.wait_ready(600)
-        # idle after its start, the real engine gets its canary and answers it
         assert wait_until(lambda: _canaries(other, "ok") >= 1, timeout=120)
         assert _canaries(other, "failed") == 0
-        request = chat(max_tokens=40)
+        _relays_both_ranks(other)
+        pids = descendants(other.proc.pid)
+        assert len(pids) >= 5  # nats-server, engine host, 2 schedulers, detokenizer
+        # ~6 s of tokens on this machine: far from done when the 1 s drain deadline comes
+        request = chat(max_tokens=100)
 
         async def go() -> tuple[list[int], list[StreamChunk]]:
             async with NodeClient(server.url) as client:
@@ -418,13 +413,20 @@ def test_a_node_killed_mid_stream_its_stream_continues_exactly_on_another_real_n
                 async for chunk in client.generate(again, instance_id=other.instance_id):
                     chunks.append(chunk)
                     if len(chunks) == 3:
-                        other.kill()
+                        other.proc.send_signal(signal.SIGTERM)
                 return reference, chunks
 
         reference, chunks = asyncio.run(go())
+        assert other.proc.wait(120) == 0
     finally:
         other.kill()
     assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
     assert chunks[-1].migrations == 1
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [t for c in chunks for t in c.token_ids] == reference
+    deregistered = other.wait_log(lambda r: r.get("event") == "deregistered")[-1]
+    host_exit = other.wait_log(
+        lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
+    )[-1]
+    assert deregistered["timestamp"] <= host_exit["timestamp"]
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
