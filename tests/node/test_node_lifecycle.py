@@ -58,10 +58,13 @@ def _request(max_tokens: int) -> GenerateRequest:
 
 
 async def _stream(
-    client: NodeClient, req: GenerateRequest, started: asyncio.Event | None = None
+    client: NodeClient,
+    req: GenerateRequest,
+    started: asyncio.Event | None = None,
+    retries: int = 3,
 ) -> list[StreamChunk]:
     chunks = []
-    async for chunk in client.generate(req, idle_timeout=30):
+    async for chunk in client.generate(req, idle_timeout=30, retries=retries):
         chunks.append(chunk)
         if started is not None and not started.is_set():
             started.set()
@@ -88,8 +91,10 @@ def test_sigterm_during_20_streams_ends_each_with_tokens_or_shutdown_and_stops_i
             # 10 s by the sim's step time, are cut by it.
             reqs = [_request(5) for _ in range(10)] + [_request(1000) for _ in range(10)]
             events = [asyncio.Event() for _ in reqs]
+            # no retries: with no other node (and the node's embedded NATS server gone),
+            # the client would only look for one in vain before giving the node's ending
             tasks = [
-                asyncio.create_task(_stream(client, r, e))
+                asyncio.create_task(_stream(client, r, e, retries=0))
                 for r, e in zip(reqs, events, strict=True)
             ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
