@@ -125,7 +125,7 @@ def _engine_subtree(config: NodeConfig, plan: NodePlan) -> list[ChildSpec]:
     spec = plan.host_spec
     env = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": spec.prometheus_dir}
     if config.engine.backend == "sglang" and config.engine.sglang.get("device", "cpu") == "cpu":
-        env["SGL_NODE_SGLANG_CPU"] = "1"  # the host installs its sgl_kernel stand-in
+        env["SGLNODE_SGLANG_CPU"] = "1"  # the host installs its sgl_kernel stand-in
     host = ChildSpec(
         "engine_host",
         ProcessStart(

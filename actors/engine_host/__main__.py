@@ -6,7 +6,7 @@ the engine (SGLang installs signal handlers only there); a command thread reads 
 channel. Prints `engine host ready` once the engine is up (the readiness probe).
 SIGTERM stops the engine and exits 0.
 
-`SGL_NODE_SGLANG_CPU=1` in the environment (the node sets it for backend = sglang on the
+`SGLNODE_SGLANG_CPU=1` in the environment (the node sets it for backend = sglang on the
 CPU) prepares SGLang's CPU path at import, before anything can import SGLang: see
 `prepare_cpu_process`. SGLang's spawned children do not re-run this module (multiprocessing
 skips a package's `__main__`); they are prepared by `sglang_children`, their targets' module.
@@ -40,7 +40,7 @@ from messages.engine import (
 )
 from supervisor.logs import configure_logging
 
-# SGLang's CPU path and the sgl_kernel stand-in, when SGL_NODE_SGLANG_CPU=1 (else a no-op).
+# SGLang's CPU path and the sgl_kernel stand-in, when SGLNODE_SGLANG_CPU=1 (else a no-op).
 prepare_cpu_process()
 
 READY_LINE = "engine host ready"

@@ -8,10 +8,10 @@ child does import first is the module of its target function, when it unpickles 
 process object. So the host starts every SGLang child with a target defined here, and
 importing this module is what prepares a child:
 
-- `SGL_NODE_SGLANG_CPU=1` (set by the node for backend = sglang on the CPU, and by the
+- `SGLNODE_SGLANG_CPU=1` (set by the node for backend = sglang on the CPU, and by the
   backend itself when the device is the CPU): SGLang's CPU path
   (`SGLANG_USE_CPU_ENGINE=1`) and the `sgl_kernel` stand-in, before SGLang is imported.
-- `SGL_NODE_SCHEDULER_METRICS` (a JSON list, one endpoint per DP rank): the scheduler of
+- `SGLNODE_SCHEDULER_METRICS` (a JSON list, one endpoint per DP rank): the scheduler of
   rank r pushes its load metrics (`KvMetrics`) to entry r, where the node's MetricsActor
   binds its PULL socket, instead of the private temporary path SGLang generates (per rank
   for `dp_size > 1`, and never exposed).
@@ -39,12 +39,14 @@ __all__ = [
     "run_scheduler_process",
 ]
 
-CPU_ENV = "SGL_NODE_SGLANG_CPU"
-METRICS_ENV = "SGL_NODE_SCHEDULER_METRICS"
+# Not SGL_NODE_*: SGLang rewrites every SGL_* variable to SGLANG_* at import, with a
+# deprecation warning in the log of each of its processes.
+CPU_ENV = "SGLNODE_SGLANG_CPU"
+METRICS_ENV = "SGLNODE_SCHEDULER_METRICS"
 
 
 def prepare_cpu_process() -> bool:
-    """When `SGL_NODE_SGLANG_CPU=1`: select SGLang's CPU path and install the sgl_kernel
+    """When `SGLNODE_SGLANG_CPU=1`: select SGLang's CPU path and install the sgl_kernel
     stand-in (only if the real one cannot be imported). Idempotent; call it before
     anything imports SGLang. Returns whether the stand-in is in place."""
     if os.environ.get(CPU_ENV) != "1":
@@ -58,7 +60,7 @@ prepare_cpu_process()
 
 
 def metrics_endpoint(dp_rank: int | None) -> str | None:
-    """The node's metrics endpoint for `dp_rank` (from `SGL_NODE_SCHEDULER_METRICS`)."""
+    """The node's metrics endpoint for `dp_rank` (from `SGLNODE_SCHEDULER_METRICS`)."""
     raw = os.environ.get(METRICS_ENV)
     if not raw:
         return None

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
-os.environ["SGL_NODE_SGLANG_CPU"] = "1"
+os.environ["SGLNODE_SGLANG_CPU"] = "1"
 
 from actors.engine_host.sglang_args import CPU_DEFAULTS
 from actors.engine_host.sglang_children import prepare_cpu_process, route_children

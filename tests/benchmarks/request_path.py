@@ -98,7 +98,7 @@ class Http:
             env={
                 **os.environ,
                 "PYTHONPATH": f"{site}:{ROOT}",
-                "SGL_NODE_SGLANG_CPU": "1",
+                "SGLNODE_SGLANG_CPU": "1",
                 "SGLANG_USE_CPU_ENGINE": "1",
             },
         )

@@ -177,7 +177,7 @@ def host_env(spec: HostSpec) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
         PYTHONPATH=str(REPO),
-        SGL_NODE_SGLANG_CPU="1",
+        SGLNODE_SGLANG_CPU="1",
         PROMETHEUS_MULTIPROC_DIR=spec.prometheus_dir,
         SGL_NODE_LOG_LEVEL="info",
     )
