@@ -225,23 +225,19 @@ def subjects_for(config: NodeConfig, instance_id: str) -> Subjects:
 def default_run_dir(config: NodeConfig, instance_id: str) -> str:
     """A run directory of its own for this process (the nodes of one multi-node engine
     share the instance id, so the rank and pid keep theirs apart)."""
-    return f"{_run_base()}/sgl-node-{instance_id}-{config.node.node_rank}-{os.getpid()}"
-
-
-def _run_base() -> str:
-    return os.environ.get("TMPDIR") or "/tmp"
+    base = os.environ.get("TMPDIR") or "/tmp"
+    return f"{base}/sgl-node-{instance_id}-{config.node.node_rank}-{os.getpid()}"
 
 
 _UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) on Linux, less the final NUL
 _RUN_DIR_NAME = re.compile(r"sgl-node-[0-9a-f]+-\d+-(\d+)")
 
 
-def sweep_stale_run_dirs(base: str | None = None) -> list[str]:
-    """Remove the run directories of node processes that no longer exist: a node removes
-    its own when it exits, but not after kill -9 or a power loss, and months of restarts
-    must not fill the temporary directory. A directory is stale when it is this user's and
-    the pid in its name is not a live process. Returns the directories removed."""
-    base = base or _run_base()
+def sweep_stale_run_dirs(base: str) -> list[str]:
+    """Remove the run directories in `base` of node processes that no longer exist: a node
+    removes its own when it exits, but not after kill -9 or a power loss, and months of
+    restarts must not fill the temporary directory. A directory is stale when it is this
+    user's and the pid in its name is not a live process. Returns the directories removed."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(base))
