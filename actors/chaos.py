@@ -21,6 +21,7 @@ from actors.telemetry import node_metrics
 from messages.chaos import (
     ChaosCutNats,
     ChaosFailProbes,
+    ChaosFailRequests,
     ChaosZmq,
     Fault,
     InjectFault,
@@ -185,6 +186,11 @@ class ChaosActor(SupervisedActor):
                 f"{self.engine}/engine_actor", ChaosFailProbes(fault.count), _ASK
             )
             return probes
+        if kind == "fail_requests":
+            failing: tuple[bool, str] = ask(
+                f"{self.engine}/engine_actor", ChaosFailRequests(fault.count), _ASK
+            )
+            return failing
         if kind == "slow_engine":
             ok, what = self._engine_control("slow", {"factor": fault.factor})
             if ok and fault.duration > 0:

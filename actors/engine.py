@@ -28,7 +28,7 @@ from actors.engine_state.health import (
     Unhealthy,
 )
 from actors.telemetry import node_metrics
-from messages.chaos import ChaosFailProbes
+from messages.chaos import ChaosFailProbes, ChaosFailRequests
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.engine import (
     EngineInfo,
@@ -98,6 +98,7 @@ class EngineActor(SupervisedActor):
         self._halt = threading.Event()
         self._reader: threading.Thread | None = None
         self._canary_count = itertools.count(1)
+        self._fail_next = 0  # chaos: requests still to be failed on purpose
 
     # --- start and stop ------------------------------------------------------------------
 
@@ -251,6 +252,9 @@ class EngineActor(SupervisedActor):
                 if self.health.canary is None:
                     self._send_canary()
                 return True, f"the next {count} canaries fail"
+            case ChaosFailRequests(count=count):
+                self._fail_next = count
+                return True, f"the next {count} requests end with engine_error"
             case _:
                 return super().handle(message)
         return None
@@ -280,6 +284,16 @@ class EngineActor(SupervisedActor):
 
     def _admit(self, request_id: str, client: str, reply_path: str) -> bool:
         """Enter a request in the table, or answer its refusal at once."""
+        if self._fail_next > 0:
+            self._fail_next -= 1
+            failed = HostChunk(
+                request_id,
+                finish_reason="error",
+                error_code="engine_error",
+                error_message="the engine failed this request (injected fault: fail_requests)",
+            )
+            self._deliver(reply_path, failed)
+            return False
         now = self.context.clock.now()
         with self._lock:
             refusal = self._inflight.admit(request_id, client, reply_path, now)

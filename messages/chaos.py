@@ -18,6 +18,7 @@ __all__ = [
     "AdminRequest",
     "ChaosCutNats",
     "ChaosFailProbes",
+    "ChaosFailRequests",
     "ChaosZmq",
     "ClusterFault",
     "Fault",
@@ -36,6 +37,7 @@ FaultKind = Literal[
     "cut_nats",  # cut the node's NATS connection for `duration` s
     "restart_nats",  # kill the embedded NATS server (it restarts by policy)
     "fail_probes",  # the next `count` engine health canaries fail
+    "fail_requests",  # the next `count` requests end with `engine_error` (never reach the engine)
     "slow_engine",  # multiply the engine's step times by `factor` for `duration` s (sim)
 ]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
@@ -74,6 +76,13 @@ class ChaosZmq(msgspec.Struct, frozen=True):
 
 class ChaosFailProbes(msgspec.Struct, frozen=True):
     """Fail the next `count` health canaries (and run one now)."""
+
+    count: int
+
+
+class ChaosFailRequests(msgspec.Struct, frozen=True):
+    """End the next `count` generate or embed requests with `engine_error`, as an engine
+    that fails them would (the canaries are not counted)."""
 
     count: int
 

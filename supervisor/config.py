@@ -531,6 +531,8 @@ def _check_auth(config: NodeConfig) -> None:
                 raise ConfigError(f"{where}.{key}", "must be >= 0")
         if not 0 <= fault.fraction <= 1:
             raise ConfigError(f"{where}.fraction", "must be within 0..1")
+        if fault.count < 1:
+            raise ConfigError(f"{where}.count", "must be >= 1")
     if config.nats.embedded and (auth.nkey_seed_file or auth.tls_ca or auth.tls_cert):
         raise ConfigError(
             "nats.auth",

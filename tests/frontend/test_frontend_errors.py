@@ -1,6 +1,7 @@
 """The frontend's HTTP statuses for what went wrong, provoked on real nodes (sim engine):
 429 when every instance is overloaded, 503 when the only instance is gone, 504 past the
-request's deadline. Read through the official `openai` client with its retries off."""
+request's deadline, 500 when the engine fails the request (the `fail_requests` fault).
+Read through the official `openai` client with its retries off."""
 
 from __future__ import annotations
 
@@ -16,19 +17,24 @@ import pytest
 from messages.request import GenerateRequest, StopConditions
 from supervisor.client import NodeClient
 from tests.frontend.harness import Frontend, node_metric, sim_fleet, wait_until
-from tests.node.harness import NodeProcess
+from tests.node.harness import NodeProcess, admin_request
 
 SLOW = {"decode_time_per_step": 0.05, "prefill_time_per_token": 0.01}
+TOKEN = "admin-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A slow sim node taking one request at a time (`sim`), one to be killed (`doomed`,
     whose record outlives it: a 120 s lease), a frontend with a 3 s request deadline."""
-    with sim_fleet(tmp_path_factory.mktemp("frontend-errors")) as fleet:
+    tmp = tmp_path_factory.mktemp("frontend-errors")
+    (tmp / "token").write_text(TOKEN)
+    with sim_fleet(tmp) as fleet:
         sim = fleet.node(
             "sim",
             engine__sim=SLOW,
+            admin={"enabled": True, "token_file": str(tmp / "token")},
+            chaos={"enabled": True},
             handlers={"max_inflight": 1},
             # no idle canary: it would take the one slot the 429 test fills itself
             engine__health={"canary_after_idle": 600.0},
@@ -91,6 +97,30 @@ def test_a_request_past_its_deadline_is_504(fleet: dict[str, Any]) -> None:
     error = _refused(fleet["frontend"], "sim", "slow " * 240, 4)
     assert error.status_code == 504, error  # type: ignore[attr-defined]
     assert error.code == "deadline_exceeded", error
+
+
+def test_a_request_the_engine_fails_is_500_and_the_next_one_is_served(
+    fleet: dict[str, Any],
+) -> None:
+    frontend: Frontend = fleet["frontend"]
+    node: NodeProcess = fleet["sim"]
+    wait_until(lambda: node_metric(node, "sgl_node_inflight_requests") == 0, 60, "a free slot")
+    reply = asyncio.run(admin_request(node, TOKEN, "chaos", fault="fail_requests", count=1))
+    assert reply.ok, reply
+    error = _refused(frontend, "sim", "fail me", 4)
+    assert error.status_code == 500, error  # type: ignore[attr-defined]
+    assert error.code == "engine_error", error
+    assert "fail_requests" in error.message, error
+    assert isinstance(error, openai.InternalServerError)
+    # the fault is spent: the same request is served
+    answer = frontend.client().chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "fail me"}], max_tokens=4
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 4
+    counted = frontend.metric("sgl_frontend_requests_total", {"status": "500"})
+    assert counted == 1
 
 
 def test_the_only_instance_gone_is_503(fleet: dict[str, Any]) -> None:

@@ -379,3 +379,18 @@ def test_max_request_bytes_must_stay_below_the_embedded_servers_max_payload() ->
         loads("[nats]\nmax_payload = 65536\n")
     assert info.value.key == "nats.max_payload"
     loads("[nats]\nembedded = false\n[handlers]\nmax_request_bytes = 8388608\n")  # theirs
+
+
+@pytest.mark.parametrize(
+    ("fault", "key"),
+    [
+        ('fault = "fail_requests"\ncount = 0', "chaos.faults[0].count"),
+        ('fault = "drop_zmq"\nfraction = 1.5', "chaos.faults[0].fraction"),
+        ('fault = "hang_actor"\nduration = -1.0', "chaos.faults[0].duration"),
+        ('fault = "no_such_fault"', "chaos.faults"),
+    ],
+)
+def test_a_scheduled_fault_out_of_range_is_refused_naming_its_key(fault: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(f"[chaos]\nenabled = true\n[[chaos.faults]]\n{fault}\n")
+    assert info.value.key.startswith(key), info.value
