@@ -43,6 +43,7 @@ from actors.engine_host.sglang_children import (
     METRICS_ENV,
     prepare_cpu_process,
     route_children,
+    start_forkserver,
 )
 from actors.engine_host.sglang_control import ControlOps
 from actors.engine_host.sglang_requests import STOPPING, EngineFacts, Requests
@@ -117,6 +118,9 @@ class SglangBackend:
         `SglangArgsError` for a bad `engine.sglang` table."""
         spec = self.spec
         self._prepare_environment()
+        forkserver = is_cpu(spec)
+        if forkserver:  # it imports SGLang while this process does the same
+            start_forkserver()
         cache_dir = spec.model_cache_dir or None
         model_dir = resolve_model_path(spec.model_path, cache_dir, progress=self.log.info)
         self.model_dir = model_dir
@@ -129,7 +133,7 @@ class SglangBackend:
         started = time.monotonic()
         previous_sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            self.engine = route_children(engine_module)(**kwargs)
+            self.engine = route_children(engine_module, forkserver)(**kwargs)
         except TypeError as exc:
             key = compat.unexpected_keyword(exc)
             if key is None:

@@ -16,20 +16,33 @@ importing this module is what prepares a child:
   binds its PULL socket, instead of the private temporary path SGLang generates (per rank
   for `dp_size > 1`, and never exposed).
 
+On the CPU the children start from a **forkserver** that imported SGLang once, in parallel
+with the host's own import (`start_forkserver`, then `route_children` hands SGLang a
+`Process` of that context): a start no longer pays SGLang's ~12 s import in the scheduler
+and again in the detokenizer after the host's. Each child gets the environment the host had
+when it started the child, as with spawn (SGLang passes settings to its children that way).
+Elsewhere (GPUs, not tested here) SGLang's own spawn stays.
+
 Not covered: the DP-attention launch path (`enable_dp_attention`) and multi-detokenizer
 routers start SGLang's own targets, so on the CPU those children fail to import SGLang.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
 import os
+import signal
 from typing import Any
 
 from actors.engine_host import sgl_kernel_cpu
 
 __all__ = [
     "CPU_ENV",
+    "FORKSERVER_PRELOAD",
     "METRICS_ENV",
     "metrics_endpoint",
     "prepare_cpu_process",
@@ -37,12 +50,32 @@ __all__ = [
     "run_data_parallel_controller_process",
     "run_detokenizer_process",
     "run_scheduler_process",
+    "start_forkserver",
 ]
 
 # Not SGL_NODE_*: SGLang rewrites every SGL_* variable to SGLANG_* at import, with a
 # deprecation warning in the log of each of its processes.
 CPU_ENV = "SGLNODE_SGLANG_CPU"
 METRICS_ENV = "SGLNODE_SCHEDULER_METRICS"
+# What the forkserver imports before it forks anything (no "scheduler" in its name: the
+# forkserver's command line carries it, and chaos finds SGLang's schedulers by theirs).
+FORKSERVER_PRELOAD = "actors.engine_host.sglang_preload"
+FORKSERVER_PARENT_ENV = "SGLNODE_FORKSERVER_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the forkserver: be SIGKILLed when the engine host dies, however it dies.
+
+    SGLang's children die with their parent (they set PR_SET_PDEATHSIG), which is now the
+    forkserver; and the forkserver would outlive the host, since those children hold the
+    pipe whose end tells it the host is gone. A node killed with -9 takes its engine host
+    along (the host's own death signal): this takes the rest."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = os.environ.get(FORKSERVER_PARENT_ENV)
+    if parent is not None and os.getppid() != int(parent):  # the host died meanwhile
+        os._exit(1)
 
 
 def prepare_cpu_process() -> bool:
@@ -100,7 +133,10 @@ def run_detokenizer_process(*args: Any, **kwargs: Any) -> None:
 
 def run_data_parallel_controller_process(*args: Any, **kwargs: Any) -> None:
     """SGLang's data-parallel controller (it starts the DP ranks' schedulers with the
-    `run_scheduler_process_func` it is given: `run_scheduler_process` above)."""
+    `run_scheduler_process_func` it is given: `run_scheduler_process` above). Started from
+    the forkserver, it would fork them from itself, threads and all: it spawns them, as
+    SGLang does."""
+    multiprocessing.set_start_method("spawn", force=True)
     from sglang.srt.managers.data_parallel_controller import (
         run_data_parallel_controller_process as run,
     )
@@ -108,14 +144,60 @@ def run_data_parallel_controller_process(*args: Any, **kwargs: Any) -> None:
     run(*args, **kwargs)
 
 
-def route_children(engine_module: Any) -> type[Any]:
-    """An `sgl.Engine` subclass whose children start here (in this process).
+def start_forkserver() -> None:
+    """Start the forkserver SGLang's children will come from; it imports SGLang meanwhile
+    (returns at once)."""
+    os.environ[FORKSERVER_PARENT_ENV] = str(os.getpid())
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([FORKSERVER_PRELOAD])
+    multiprocessing.forkserver.ensure_running()
+
+
+class ForkedChild(multiprocessing.context.ForkServerProcess):
+    """A child from the forkserver with the environment of its start, as spawn gives it:
+    the forkserver's own is the host's of long before."""
+
+    _environ: dict[str, str]
+
+    def start(self) -> None:
+        self._environ = dict(os.environ)
+        super().start()
+
+    def run(self) -> None:
+        # setproctitle finds the memory it writes titles into (argv's, and the environment
+        # strings after it) on first use, and finds none once the environment has been
+        # rebuilt: SGLang's children would keep the forkserver's command line as their title
+        # (`ps`, and chaos finding the scheduler, read it). So it looks first.
+        import setproctitle
+
+        setproctitle.getproctitle()
+        os.environ.clear()
+        os.environ.update(self._environ)
+        super().run()
+
+
+class _Multiprocessing:
+    """`multiprocessing` as SGLang's engine module sees it when its children come from the
+    forkserver: the same, but `Process` is `ForkedChild`."""
+
+    Process = ForkedChild
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(multiprocessing, name)
+
+
+def route_children(engine_module: Any, forkserver: bool = False) -> type[Any]:
+    """An `sgl.Engine` subclass whose children start here (in this process), from the
+    forkserver if `forkserver` (`start_forkserver` was called).
 
     The scheduler and detokenizer targets are Engine class attributes (SGLang's override
     points). The DP controller's target is a module global of `sglang.srt.entrypoints.engine`
-    that `_launch_scheduler_processes` reads at call time: it is replaced in this process.
+    that `_launch_scheduler_processes` reads at call time: it is replaced in this process,
+    as is the `mp` module its children are started with.
     """
     engine_module.run_data_parallel_controller_process = run_data_parallel_controller_process
+    if forkserver:
+        engine_module.mp = _Multiprocessing()
     return type(
         "SglNodeEngine",
         (engine_module.Engine,),
