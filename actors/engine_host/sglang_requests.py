@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from actors.engine_host import sglang_compat as compat
+from actors.engine_host.guided_rest import CannotContinue, rest_grammar
 from messages.engine import HostChunk, HostGenerate
 from messages.request import Usage
 
@@ -176,14 +177,14 @@ class Requests:
             self.end(cmd.request_id, "invalid_request", why, prompt_field)
             return
         guided = cmd.sampling.json_schema is not None or cmd.sampling.regex is not None
+        rest: str | None = None  # a continued guided stream's grammar for the rest
         if cmd.continuation_ids and guided:
-            why = (
-                "a stream under guided decoding (sampling.json_schema or sampling.regex) "
-                "cannot continue after its engine was lost: SGLang's grammar starts from "
-                "the beginning and cannot take the tokens already streamed"
-            )
-            self.end(cmd.request_id, "engine_error", why)
-            return
+            try:
+                rest = await self._rest_grammar(cmd)
+            except CannotContinue as exc:
+                why = f"this stream under guided decoding cannot continue after its seam: {exc}"
+                self.end(cmd.request_id, "engine_error", why)
+                return
         ids += cmd.continuation_ids  # a continuation: the tokens generated before it
         entry.prompt_len = len(ids)
         if cmd.continuation_ids and cmd.stop.stop:
@@ -195,9 +196,14 @@ class Requests:
         want_logprobs = cmd.output.logprobs is not None
         deltas = entry.deltas = compat.StreamDeltas(self.facts.incremental, want_logprobs)
         try:
+            params = compat.sampling_params(cmd.sampling, cmd.stop, cmd.output)
+            if rest is not None:  # the derivative of the constraint by what was streamed
+                params.pop("json_schema", None)
+                params.pop("regex", None)
+                params["ebnf"] = rest
             stream = await self.engine.async_generate(
                 input_ids=ids,
-                sampling_params=compat.sampling_params(cmd.sampling, cmd.stop, cmd.output),
+                sampling_params=params,
                 **compat.generate_kwargs(
                     entry.rid, cmd.output, cmd.dp_rank, cmd.priority, cmd.bootstrap, cmd.lora
                 ),
@@ -257,6 +263,19 @@ class Requests:
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(self.tokenizing, decode)
         return _Seam(list(cmd.stop.stop), str(text)[-reach:])
+
+    async def _rest_grammar(self, cmd: HostGenerate) -> str:
+        """The constraint on what a continued guided stream may still generate (the text
+        streamed before its seam, decoded, is the prefix); raises `CannotContinue`."""
+        tokenizer = self.engine.tokenizer_manager.tokenizer
+        ids = cmd.continuation_ids
+        sampling = cmd.sampling
+
+        def derive() -> str:
+            prefix = str(tokenizer.decode(ids, skip_special_tokens=True))
+            return rest_grammar(sampling.regex, sampling.json_schema, prefix)
+
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, derive)
 
     async def _prompt_ids(self, cmd: HostGenerate) -> list[int]:
         if cmd.token_ids is not None:

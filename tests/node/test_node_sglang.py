@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,55 +256,73 @@ def test_an_idle_engine_sleeps_using_a_fraction_of_the_cpu_it_uses_busy(
     assert idle < 0.25 * used, (idle, used)
 
 
+GUIDED_REGEX = "[a-z ]{80}"
+PERSON = {
+    "type": "object",
+    "properties": {
+        key: {"type": "string", "minLength": 12} for key in ("name", "city", "job", "hobby")
+    },
+    "required": ["name", "city", "job", "hobby"],
+}
+
+
 def _continues(node: NodeProcess, kill: Any) -> None:
-    """Two streams in flight when `kill` runs: a greedy one continues on the restarted
-    engine to exactly the tokens of an uninterrupted run (asked first); one under guided
-    decoding, which SGLang cannot continue, ends with a precise `engine_error`."""
+    """Three streams in flight when `kill` runs, each continued on the restarted engine:
+    a greedy one to exactly the tokens of an uninterrupted run (asked first); one under a
+    regex and one under a JSON schema to a whole document the constraint accepts (their
+    rest generated under the constraint's derivative by what was streamed)."""
     registrations = len(node.wait_log(lambda r: r.get("event") == "registered"))
     plain = chat(max_tokens=40)
-    guided = GenerateRequest(
+    by_regex = GenerateRequest(
         request_id=uuid.uuid4().hex,
         prompt="Write the alphabet in lower case letters:",
-        sampling=SamplingOptions(temperature=0.0, regex="[a-z ]{200}"),
+        sampling=SamplingOptions(temperature=0.0, regex=GUIDED_REGEX),
+        stop=StopConditions(max_tokens=200),
+    )
+    by_schema = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt="Describe a person in JSON:",
+        sampling=SamplingOptions(temperature=0.0, json_schema=json.dumps(PERSON)),
         stop=StopConditions(max_tokens=200),
     )
 
-    async def go() -> tuple[list[StreamChunk], list[StreamChunk], list[int]]:
+    async def go() -> tuple[list[list[StreamChunk]], list[int], list[bool]]:
         async with NodeClient(node.url) as client:
             reference = [t for _, c in await collect(client, plain) for t in c.token_ids]
-            started = [asyncio.Event(), asyncio.Event()]
+            requests = [msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)]
+            requests += [by_regex, by_schema]
+            started = [asyncio.Event() for _ in requests]
+            streams: list[list[StreamChunk]] = [[] for _ in requests]
 
-            async def stream(request: GenerateRequest, first: asyncio.Event) -> list[StreamChunk]:
-                chunks = []
-                async for chunk in client.generate(request, idle_timeout=300):
-                    chunks.append(chunk)
-                    if len(chunks) >= 3:
-                        first.set()
-                return chunks
+            async def stream(k: int) -> None:
+                async for chunk in client.generate(requests[k], idle_timeout=300):
+                    streams[k].append(chunk)
+                    if len(streams[k]) >= 3:
+                        started[k].set()
 
-            again = msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)
-            tasks = [
-                asyncio.create_task(stream(again, started[0])),
-                asyncio.create_task(stream(guided, started[1])),
-            ]
+            tasks = [asyncio.create_task(stream(k)) for k in range(len(requests))]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+            unfinished = [s[-1].finish_reason is None for s in streams]
             kill()
-            done = await asyncio.gather(*tasks)
-            return done[0], done[1], reference
+            await asyncio.gather(*tasks)
+            return streams, reference, unfinished
 
-    continued, stopped, reference = asyncio.run(go())
-    assert continued[-1].finish_reason in ("stop", "length"), continued[-1]
-    assert continued[-1].migrations == 1
-    assert [c.index for c in continued] == list(range(len(continued)))
+    streams, reference, unfinished = asyncio.run(go())
+    assert unfinished == [True, True, True]  # the kill caught all three mid-stream
+    for chunks in streams:
+        assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
+        assert chunks[-1].migrations == 1, chunks[-1]
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+    continued, regex_chunks, schema_chunks = streams
     assert [t for c in continued for t in c.token_ids] == reference
     usage = continued[-1].usage
     assert usage is not None
     assert usage.completion_tokens == len(reference)
-    last = stopped[-1]
-    assert last.finish_reason == "error", last
-    assert last.error is not None
-    assert last.error.code == "engine_error"
-    assert "guided decoding" in last.error.message
+    regex_text = "".join(c.text for c in regex_chunks)
+    assert re.fullmatch(GUIDED_REGEX, regex_text), regex_text
+    person = json.loads("".join(c.text for c in schema_chunks))
+    assert set(person) == set(PERSON["required"]), person
+    assert all(isinstance(v, str) and len(v) >= 12 for v in person.values()), person
     node.wait_log(lambda r: r.get("event") == "registered", count=registrations + 1, timeout=300)
     node.wait_ready(300)
 
@@ -344,6 +363,19 @@ def _stored(events: list[KvEventBatch]) -> set[int]:
 
 def _fresh(metrics: list[LoadMetrics]) -> set[int]:
     return {m.dp_rank for m in metrics if not m.stale}
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+    except OSError:
+        return ""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _relays_both_ranks(node: NodeProcess) -> None:
@@ -402,6 +434,12 @@ def test_a_dp_size_2_node_stopped_mid_stream_hands_it_over_to_another_real_node_
         _relays_both_ranks(other)
         pids = descendants(other.proc.pid)
         assert len(pids) >= 5  # nats-server, engine host, 2 schedulers, detokenizer
+        # idle, SGLang's data-parallel controller waits instead of spinning (it took a core)
+        controller = [p for p in pids if _title(p) == "sglang::data_parallel_controller"]
+        assert len(controller) == 1, [_title(p) for p in pids]
+        before = _cpu_seconds(controller[0])
+        time.sleep(2.0)  # a measuring window, not a synchronisation
+        assert _cpu_seconds(controller[0]) - before < 0.3
         # A long answer (QUESTION's ends after 8 tokens): seconds of decoding, far from done
         # when the 1 s drain deadline comes. Its greedy tokens are clear choices: continued
         # from any seam they come out the same (checked at 6 seams); a story's were not, its
