@@ -460,7 +460,16 @@ def test_a_dp_size_2_node_stopped_mid_stream_hands_it_over_to_another_real_node_
     assert chunks[-1].finish_reason == "length", chunks[-1]
     assert chunks[-1].migrations == 1
     assert [c.index for c in chunks] == list(range(len(chunks)))
-    assert [t for c in chunks for t in c.token_ids] == reference
+    # Exactly once at the seam: the dp2 node's part is the greedy answer's start, nothing is
+    # lost or repeated (120 tokens in all). The rest is not compared with the uninterrupted
+    # run's: the continued part's prefix is computed by prefill there, by decode here, and
+    # a near tie may go the other way (README, Continuation): 1 run in 5 diverged so.
+    before = [t for c in chunks if c.migrations == 0 for t in c.token_ids]
+    after = [t for c in chunks if c.migrations == 1 for t in c.token_ids]
+    assert before
+    assert after
+    assert before == reference[: len(before)]
+    assert len(before) + len(after) == len(reference) == 120
     deregistered = other.wait_log(lambda r: r.get("event") == "deregistered")[-1]
     host_exit = other.wait_log(
         lambda r: r.get("event") == "child exited" and r.get("child") == "engine_host"
