@@ -181,15 +181,9 @@ class ChaosActor(SupervisedActor):
             # After a moment, so the answer to the admin request still gets out.
             self.send_after(_NETWORK_FAULT_DELAY, _NetworkFault(kind, fault.duration))
             return True, f"{kind} in {_NETWORK_FAULT_DELAY:g}s"
-        if kind == "fail_probes":
-            probes: tuple[bool, str] = ask(
-                f"{self.engine}/engine_actor", ChaosFailProbes(fault.count), _ASK
-            )
-            return probes
-        if kind == "fail_requests":
-            failing: tuple[bool, str] = ask(
-                f"{self.engine}/engine_actor", ChaosFailRequests(fault.count), _ASK
-            )
+        if kind in ("fail_probes", "fail_requests"):
+            order = ChaosFailProbes if kind == "fail_probes" else ChaosFailRequests
+            failing: tuple[bool, str] = ask(f"{self.engine}/engine_actor", order(fault.count), _ASK)
             return failing
         if kind == "slow_engine":
             ok, what = self._engine_control("slow", {"factor": fault.factor})

@@ -140,11 +140,7 @@ def run_data_parallel_controller_process(*args: Any, **kwargs: Any) -> None:
     from sglang.srt.managers import data_parallel_controller as controller
 
     controller.DataParallelController.event_loop = _wait_in_poll
-    from sglang.srt.managers.data_parallel_controller import (
-        run_data_parallel_controller_process as run,
-    )
-
-    run(*args, **kwargs)
+    controller.run_data_parallel_controller_process(*args, **kwargs)
 
 
 def _wait_in_poll(self: Any) -> None:

@@ -45,6 +45,7 @@ from messages.kv import AllBlocksCleared, BlockStored, block_hashes, decode_sgla
 from messages.metrics import decode_scheduler_metrics
 from messages.request import ChatMessage, OutputOptions, SamplingOptions, StopConditions
 from supervisor.chaos import free_ports
+from tests.node.harness import process_title
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240.0
@@ -707,10 +708,3 @@ def test_sigkill_of_the_host_takes_sglangs_children_with_it(tmp_path: Path) -> N
     finally:
         if process.poll() is None:
             process.kill()
-
-
-def process_title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
-    except OSError:
-        return ""

@@ -210,6 +210,15 @@ def start_node(
     return NodeProcess(path, nats_port, system_port, kv_port, tmp_path / f"{name}.log", cpus)
 
 
+def process_title(pid: int) -> str:
+    """A process's title (its command line's first word, as SGLang's children set it);
+    "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+    except OSError:
+        return ""
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid` (from /proc)."""
     children: dict[int, list[int]] = {}

@@ -36,7 +36,15 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client import NodeClient
-from tests.node.harness import ROOT, NodeProcess, descendants, start_node, until, watching
+from tests.node.harness import (
+    ROOT,
+    NodeProcess,
+    descendants,
+    process_title,
+    start_node,
+    until,
+    watching,
+)
 from tests.supervision.children import pid_alive, wait_until
 
 QUESTION = "What is the capital of France?"
@@ -365,13 +373,6 @@ def _fresh(metrics: list[LoadMetrics]) -> set[int]:
     return {m.dp_rank for m in metrics if not m.stale}
 
 
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
-    except OSError:
-        return ""
-
-
 def _relays_both_ranks(node: NodeProcess) -> None:
     """A request pinned to each DP rank: both ranks' KV events and scheduler load metrics
     reach NATS, each from its own rank."""
@@ -429,8 +430,8 @@ def test_a_dp_size_2_node_stopped_mid_stream_hands_it_over_to_another_real_node_
         pids = descendants(other.proc.pid)
         assert len(pids) >= 5  # nats-server, engine host, 2 schedulers, detokenizer
         # idle, SGLang's data-parallel controller waits instead of spinning (it took a core)
-        controller = [p for p in pids if _title(p) == "sglang::data_parallel_controller"]
-        assert len(controller) == 1, [_title(p) for p in pids]
+        controller = [p for p in pids if process_title(p) == "sglang::data_parallel_controller"]
+        assert len(controller) == 1, [process_title(p) for p in pids]
         assert _cores_used(controller, 2.0) < 0.15
         # A long answer (QUESTION's ends after 8 tokens): seconds of decoding, far from done
         # when the 1 s drain deadline comes. Its greedy tokens are clear choices: continued
