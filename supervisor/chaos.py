@@ -27,8 +27,10 @@ Scenario format::
 With `nodes = 2` (or more) the runner starts its own NATS server and that many nodes on it;
 admin faults go to node 0, and `[[node_faults]]` hit a whole node (`at`, `node`,
 `signal = "kill"` for kill -9 of its process group or `"term"` for a SIGTERM): recovery is
-then discovery listing exactly the nodes left, all running. `[load] lost_after` sets how
-long the client library waits without news of a stream before continuing it elsewhere.
+then discovery listing exactly the nodes left, all running. With `restart_after = S`, a
+new node takes the place of the one hit S seconds after it left discovery. `[load]
+lost_after` sets how long the client library waits without news of a stream before
+continuing it elsewhere.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class NodeFault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     at: float
     node: int = 1
     signal: Literal["kill", "term"] = "kill"
+    # seconds after it left discovery until a new node (a new instance id) takes its
+    # place; none: it stays away until the end
+    restart_after: float | None = None
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,6 +120,9 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if not 0 <= fault.node < self.nodes:
                 msg = f"node_faults: node {fault.node} is not one of the {self.nodes} nodes"
                 raise ValueError(msg)
+            if fault.restart_after is not None and fault.restart_after < 0:
+                msg = f"node_faults: restart_after must be >= 0, got {fault.restart_after}"
+                raise ValueError(msg)
         if self.node_faults and self.nodes < 2:  # node 0 would take NATS down with it
             msg = "node_faults need nodes >= 2 (the runner's own NATS server outlives them)"
             raise ValueError(msg)
@@ -132,9 +140,16 @@ def _flatten(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, dict[str
 class Runner:
     """Drives one scenario against its nodes (admin faults go to the first)."""
 
-    def __init__(self, scenario: Scenario, nodes: list[NodeUnderTest], token: str) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        nodes: list[NodeUnderTest],
+        token: str,
+        start: Callable[[int], NodeUnderTest] | None = None,
+    ) -> None:
         self.scenario = scenario
-        self.nodes = nodes
+        self.nodes = nodes  # a restarted node replaces its predecessor in this list
+        self.start = start
         self.node = nodes[0]
         self.down: set[int] = set()  # nodes a node fault took away
         self.token = token
@@ -269,8 +284,14 @@ class Runner:
         """kill -9 or SIGTERM one node; then wait until discovery lists exactly the nodes
         left (a killed node's lease expires, a stopped one deregisters) and they run."""
         node = self.nodes[fault.node]
-        record: dict[str, Any] = {"fault": f"{fault.signal}_node", "target": f"node {fault.node}"}
         at = time.monotonic()
+        record: dict[str, Any] = {
+            "fault": f"{fault.signal}_node",
+            "target": f"node {fault.node}",
+            "injected_at": round(at - self.started, 3),
+            "ends": {},
+        }
+        self.verdict.faults.append(record)  # ends from now on are counted on this fault
         self.down.add(fault.node)
         if fault.signal == "kill":
             await asyncio.to_thread(node.kill)
@@ -283,9 +304,30 @@ class Runner:
                 code = None
             took = round(time.monotonic() - at, 3)
             record.update(ok=code == 0, detail=f"exit code {code} after {took} s")
-        self.verdict.faults.append(record)
         await self._wait_discovery(client, at, record)
         await self._wait_recovered(at, record)
+        if fault.restart_after is not None and self.start is not None:
+            await asyncio.sleep(fault.restart_after)
+            await self._restart_node(client, fault.node, record)
+
+    async def _restart_node(self, client: NodeClient, i: int, record: dict[str, Any]) -> None:
+        """A new node in slot `i` (a machine replaced): ready, then listed in discovery
+        beside the others."""
+        assert self.start is not None
+        at = time.monotonic()
+        node = await asyncio.to_thread(self.start, i)
+        self.nodes[i] = node
+        self.down.discard(i)
+        try:
+            await asyncio.to_thread(node.wait_ready, self.scenario.recovery_timeout)
+        except RuntimeError as exc:
+            record["restarted_after"] = None
+            record["detail"] += f"; restart failed: {exc}"
+            self.verdict.recovered = False
+            return
+        back: dict[str, Any] = {}
+        await self._wait_discovery(client, at, back)
+        record["restarted_after"] = back.get("discovery_exact_after")
 
     async def _wait_discovery(
         self, client: NodeClient, since: float, record: dict[str, Any]
@@ -328,10 +370,11 @@ class Runner:
             record["recovered_after"] = None
 
     async def _watch_kv(self, client: NodeClient) -> None:
-        ours = {node.instance_id for node in self.nodes}
         async for batch in client.watch("kv-events"):
-            if not isinstance(batch, KvEventBatch) or batch.instance_id not in ours:
+            if not isinstance(batch, KvEventBatch):
                 continue
+            if batch.instance_id not in {node.instance_id for node in self.nodes}:
+                continue  # another fabric's (a node that replaced one of ours is ours)
             view = self.kv[batch.instance_id, batch.dp_rank]
             for event in batch.events:
                 if isinstance(event, AllBlocksCleared):
@@ -395,9 +438,13 @@ def run_scenario(
             stack.enter_context(NatsServer(workdir, store="nats")) if scenario.nodes > 1 else None
         )
 
+        homes: collections.Counter[int] = collections.Counter()
+
         def start(i: int) -> NodeUnderTest:
             access = NatsAccess((nats.url,)) if nats else NatsAccess()
-            home = workdir / f"node{i}" if nats else workdir
+            homes[i] += 1  # a restarted node gets a directory (config, log) of its own
+            home = workdir / f"node{i}" if homes[i] == 1 else workdir / f"node{i}-{homes[i]}"
+            home = home if nats else workdir
             instance_id = f"chaos{secrets.token_hex(4)}"
             return NodeUnderTest(
                 scenario.config, home, access, instance_id, name="node", admin_token=token
@@ -406,7 +453,7 @@ def run_scenario(
         run = stack.enter_context(running_nodes(start, scenario.nodes, ready_timeout=600.0))
         if on_ready is not None:
             on_ready(run.nodes[0])
-        runner = Runner(scenario, run.nodes, token)
+        runner = Runner(scenario, run.nodes, token, start)
         run.gone = runner.down  # a node a node fault took away is not stopped again
         verdict = asyncio.run(runner.run())
     for i, code in run.codes.items():

@@ -124,12 +124,21 @@ def print_verdict(verdict: Verdict) -> None:
         rows.append(("before the first fault", _counts(verdict.before_faults)))
     for fault in verdict.faults:
         state = "ok" if fault.get("ok") else "FAILED"
+        # a whole node's fault: when discovery was exact again (and a new node listed)
+        fabric = "".join(
+            f"{label} after {fault[key]} s; "
+            for key, label in (
+                ("discovery_exact_after", "discovery exact"),
+                ("restarted_after", "replaced"),
+            )
+            if key in fault
+        )
         rows.append(
             (
                 f"fault {fault['fault']}",
                 f"{state} at {fault['injected_at']} s; recovered after "
-                f"{fault.get('recovered_after')} s; ends: {_counts(fault.get('ends', {}))}; "
-                f"{fault.get('detail', '')}",
+                f"{fault.get('recovered_after')} s; {fabric}"
+                f"ends: {_counts(fault.get('ends', {}))}; {fault.get('detail', '')}",
             )
         )
     rows.append(("verdict", "PASS" if verdict.passed else "FAIL"))
