@@ -5,8 +5,8 @@ takes the moved streams on, before and while it absorbs them.
 
 Two sim nodes (10 ms decode steps) on one NATS server, 8 streams of 300 tokens pinned
 four to each, through the client library; the fault hits node A once every stream has
-10 chunks. Then one real-engine node (SmolLM2 on the CPU): its engine host killed under
-2 greedy streams.
+10 chunks. Then two real-engine nodes (SmolLM2 on the CPU), 4 greedy streams, two on the
+node hit: its engine host killed, its scheduler killed, the whole node killed.
 
     python3 supervisor/bootstrap.py exec python -m tests.benchmarks.migration
 """
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actors.chaos import scheduler_pids
 from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
 from tests.benchmarks._common import median, percentile, table, write_section
@@ -59,7 +60,9 @@ def _start(tmp: Path, name: str, url: str, backend: str = "sim") -> NodeProcess:
         embedded_nats=not url,
         nats_url=url,
         engine__sim={"decode_time_per_step": 0.01},
-        engine__health={"stall_timeout": 2.0},
+        # the sim's SIGSTOP fault waits out a 2 s stall timeout; SGLang's first batches on a
+        # busy CPU are no stall
+        engine__health={"stall_timeout": 2.0 if backend == "sim" else 120.0},
         shutdown={"drain_timeout": 1.0},
         admin={"enabled": True, "token_file": str(token)},
         chaos={"enabled": True},
@@ -172,31 +175,56 @@ def _row(
 
 
 def _real_engine(tmp: Path) -> list[tuple[Any, ...]]:
-    node = _start(tmp, "real", "", backend="sglang")
+    """Two real-engine nodes; 4 greedy streams, half on node A, which each fault hits."""
+    server = NatsServer(tmp)
+    nodes = [
+        _start(tmp, "real-a", server.url, "sglang"),
+        _start(tmp, "real-b", server.url, "sglang"),
+    ]
+    faults: dict[str, Callable[[list[NodeProcess]], None]] = {
+        "engine host kill -9 (same node)": lambda n: os.kill(_host_pid(n[0]), signal.SIGKILL),
+        "scheduler kill -9 (same node)": lambda n: [
+            os.kill(p, signal.SIGKILL) for p in scheduler_pids(_host_pid(n[0]))
+        ],
+        "node kill -9 (client moves it to node B)": lambda n: n[0].kill(),
+    }
+
+    def request() -> GenerateRequest:
+        return GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt="Count from one to fifty:",
+            stop=StopConditions(max_tokens=60),
+        )
+
+    rows: list[tuple[Any, ...]] = []
     try:
-        node.wait_ready(600)
-        seams, gaps, failed = [], [], 0
-        for _ in range(max(1, RUNS // 2)):
-            pid = _host_pid(node)
-
-            def request() -> GenerateRequest:
-                return GenerateRequest(
-                    request_id=uuid.uuid4().hex,
-                    prompt="Count from one to fifty:",
-                    stop=StopConditions(max_tokens=60),
-                )
-
-            results = asyncio.run(
-                _streams(node.url, [node.instance_id] * 2, request, lambda p=pid: os.kill(p, 9))
-            )
-            s, g, f, _ = _measure(results)
-            seams, gaps, failed = seams + s, gaps + g, failed + f
+        for node in nodes:
             node.wait_ready(600)
-        return [
-            _row("engine host kill -9 (same node)", "SGLang", seams, gaps, failed, float("nan"))
-        ]
+        for what, fault in faults.items():
+            seams, gaps, failed, absorb = [], [], 0, []
+            for _ in range(max(1, RUNS // 2)):
+                targets = [nodes[i % 2].instance_id for i in range(4)]
+                at = [0.0]
+
+                def hit(fault: Any = fault, at: list[float] = at) -> None:
+                    at[0] = time.monotonic()
+                    fault(nodes)
+
+                results = asyncio.run(_streams(server.url, targets, request, hit))
+                s, g, f, last = _measure(results)
+                seams, gaps, failed = seams + s, gaps + g, failed + f
+                before = _rate(results[1::2], at[0] - 1.0, at[0])  # node B's streams
+                after = _rate(results, last, last + 1.0) if last else float("nan")
+                absorb.append(after / before if before else float("nan"))
+                if nodes[0].proc.poll() is not None:  # killed: a fresh node A
+                    nodes[0] = _start(tmp, "real-a", server.url, "sglang")
+                nodes[0].wait_ready(600)
+            rows.append(_row(what, "SGLang", seams, gaps, failed, median(absorb)))
     finally:
-        node.kill()
+        for node in nodes:
+            node.kill()
+        server.stop()
+    return rows
 
 
 def main() -> None:
@@ -214,8 +242,9 @@ def main() -> None:
     ]
     body = (
         f"{RUNS} runs per sim fault of {STREAMS} streams x {TOKENS} tokens (sim, 10 ms decode "
-        "steps), half on the node hit; the real engine: SmolLM2-135M-Instruct on the CPU, 2 "
-        "streams of 60 tokens, its engine host killed. *Pause*: from the last chunk before a "
+        "steps), half on the node hit; the real engine: two nodes serving SmolLM2-135M-Instruct "
+        f"on the CPU, {max(1, RUNS // 2)} run(s) per fault of 4 greedy streams of 60 tokens, "
+        "half on the node hit. *Pause*: from the last chunk before a "
         "stream's seam to the first after it (each seam is one stream moved or continued). "
         "*Ordinary gap*: between the other chunks of the same streams (the baseline). *Output "
         "rate*: tokens per second over all streams in the second after the last seam, over the "

@@ -1,6 +1,7 @@
 """The OpenAI frontend on a three-server NATS cluster, under load from the official client,
 through the loss of its own server (kill -9) and an ordered restart of a node's server:
-every streamed answer completes, and the frontend still sees both instances after.
+every streamed answer completes, the frontend still sees both instances after, and its
+KV index holds as many blocks per rank as each node's engine caches.
 
 A request the frontend publishes as its server dies never reaches a node; the frontend
 finds no node holding it (resume probes) and sends it again. The nodes keep the default
@@ -11,11 +12,16 @@ of the model: 404)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections import Counter
 from pathlib import Path
 
+import nats
+
+from messages.chaos import AdminReply, AdminRequest
+from messages.codec import decode_json, encode_json
 from supervisor.chaos_nodes import NatsAccess, NodeUnderTest
 from supervisor.nats_cluster import NatsCluster
 from tests.frontend.harness import start_frontend
@@ -41,9 +47,26 @@ def _load(
             outcomes[outcome] += 1
 
 
+async def _kv_view(node: NodeUnderTest, token: str) -> list[list[int]]:
+    """The blocks the node's engine caches, per DP rank (admin `kv_view`, sim engine)."""
+    nc = await nats.connect(node.url)
+    try:
+        msg = await nc.request(
+            f"dynamo.backend.admin.{node.instance_id}",
+            encode_json(AdminRequest(token=token, op="kv_view")),
+            timeout=20,
+        )
+    finally:
+        await nc.close()
+    reply = decode_json(msg.data, AdminReply)
+    assert reply.ok, reply
+    return [list(rank) for rank in reply.data["ranks"]]
+
+
 def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
     tmp_path: Path,
 ) -> None:
+    token = secrets.token_hex(16)
     cluster = NatsCluster(tmp_path / "fabric").start()
     nodes: list[NodeUnderTest] = []
     frontend = None
@@ -51,7 +74,9 @@ def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
         for k in (0, 1):
             access = NatsAccess.cluster(cluster.urls, k, replicas=3)
             name = f"node{k}-{secrets.token_hex(3)}"
-            nodes.append(NodeUnderTest("configs/sim.toml", tmp_path, access, name))
+            nodes.append(
+                NodeUnderTest("configs/sim.toml", tmp_path, access, name, admin_token=token)
+            )
         for node in nodes:
             node.wait_ready(120)
         urls = cluster.urls
@@ -82,6 +107,25 @@ def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
         print(dict(outcomes))
         assert set(outcomes) == {"length"}, dict(outcomes)
         frontend.wait_instances(2, timeout=60)
+        # The frontend's KV index, after all that, holds per rank as many blocks as each
+        # node's engine actually caches (events lost in a fault are made good by a resync).
+        views: dict[str, list[list[int]]] = {}
+
+        def index_matches() -> bool:
+            for node in nodes:
+                views[node.instance_id] = asyncio.run(_kv_view(node, token))
+            return all(
+                frontend.metric(
+                    "sgl_frontend_kv_indexed_blocks",
+                    {"instance_id": instance_id, "dp_rank": str(rank)},
+                )
+                == len(blocks)
+                for instance_id, ranks in views.items()
+                for rank, blocks in enumerate(ranks)
+            )
+
+        assert wait_until(index_matches, timeout=30, interval=0.5), views
+        assert all(blocks for ranks in views.values() for blocks in ranks), views
     finally:
         if frontend is not None:
             frontend.kill()

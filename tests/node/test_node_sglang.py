@@ -1,8 +1,9 @@
 """The node with the real SGLang engine on the CPU and the built-in SmolLM2 model.
 
 The session's shared real-engine node (tests/conftest.py) serves the module; the kill
-tests restart its engine subtree and wait until it serves again. A second node runs
-dp_size 2 and is stopped with SIGTERM mid-stream at the end, handing its stream over.
+tests restart its engine subtree and wait until it serves again. A peer node is killed
+with -9 mid-stream, and a second node runs dp_size 2 and is stopped with SIGTERM
+mid-stream, each handing its streams over to the shared node.
 """
 
 from __future__ import annotations
@@ -398,6 +399,85 @@ def _relays_both_ranks(node: NodeProcess) -> None:
     events, metrics = asyncio.run(go())
     assert _stored(events) == {0, 1}
     assert _fresh(metrics) == {0, 1}  # each rank's scheduler metrics reach its own socket
+
+
+def test_kill_9_of_a_real_node_mid_stream_its_streams_continue_on_the_other_exactly(
+    node: NodeProcess, sglang_fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two real-engine nodes (the shared one and a peer). kill -9 of the peer's whole
+    process group (a machine lost) with a greedy stream and a regex-guided stream on it:
+    the client library notices that no node holds them any more and continues both on the
+    shared node from the tokens it has: the greedy one to exactly the tokens of an
+    uninterrupted run there, the guided one to text its regex accepts. The peer leaves
+    discovery when its lease expires and leaves no process behind."""
+    server = sglang_fleet["server"]
+    peer = start_node(
+        tmp_path,
+        backend="sglang",
+        name="peer",
+        embedded_nats=False,
+        nats_url=server.url,
+        engine__health={"stall_timeout": 120.0, "canary_after_idle": 600.0},
+        discovery={"lease_ttl": 3.0, "heartbeat": 1.0},
+    )
+    try:
+        peer.wait_ready(600)
+        pids = descendants(peer.proc.pid)
+        plain = chat(max_tokens=40)
+        by_regex = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt="Write the alphabet in lower case letters:",
+            sampling=SamplingOptions(temperature=0.0, regex=GUIDED_REGEX),
+            stop=StopConditions(max_tokens=200),
+        )
+
+        async def go() -> tuple[list[int], list[list[StreamChunk]], list[bool]]:
+            async with NodeClient(server.url) as client:
+                first = client.generate(plain, instance_id=node.instance_id)
+                reference = [t async for c in first for t in c.token_ids]
+                requests = [msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)]
+                requests.append(by_regex)
+                started = [asyncio.Event() for _ in requests]
+                streams: list[list[StreamChunk]] = [[] for _ in requests]
+
+                async def stream(k: int) -> None:
+                    chunks = client.generate(
+                        requests[k], instance_id=peer.instance_id, idle_timeout=300
+                    )
+                    async for chunk in chunks:
+                        streams[k].append(chunk)
+                        if len(streams[k]) >= 3:
+                            started[k].set()
+
+                tasks = [asyncio.create_task(stream(k)) for k in range(len(requests))]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+                unfinished = [s[-1].finish_reason is None for s in streams]
+                os.killpg(peer.proc.pid, signal.SIGKILL)
+                await asyncio.wait_for(asyncio.gather(*tasks), 300)
+                return reference, streams, unfinished
+
+        reference, streams, unfinished = asyncio.run(go())
+        assert unfinished == [True, True]  # the kill caught both mid-stream
+        for chunks in streams:
+            assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
+            assert chunks[-1].migrations == 1, chunks[-1]
+            assert [c.index for c in chunks] == list(range(len(chunks)))
+        continued, regex_chunks = streams
+        assert [t for c in continued for t in c.token_ids] == reference
+        usage = continued[-1].usage
+        assert usage is not None
+        assert usage.completion_tokens == len(reference)
+        regex_text = "".join(c.text for c in regex_chunks)
+        assert re.fullmatch(GUIDED_REGEX, regex_text), regex_text
+
+        async def listed() -> set[str]:
+            async with NodeClient(server.url) as client:
+                return {r.instance_id for r in await client.instances()}
+
+        assert wait_until(lambda: asyncio.run(listed()) == {node.instance_id}, timeout=30)
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
+    finally:
+        peer.kill()
 
 
 def test_a_dp_size_2_node_stopped_mid_stream_hands_it_over_to_another_real_node_exactly(
