@@ -28,6 +28,7 @@ from actors.engine_state.health import (
     Unhealthy,
 )
 from actors.telemetry import node_metrics
+from actors.wake import WakeablePoller
 from messages.chaos import ChaosFailProbes, ChaosFailRequests
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.engine import (
@@ -96,6 +97,7 @@ class EngineActor(SupervisedActor):
         self._pending: dict[int, Future[HostControlReply]] = {}
         self._op_ids = itertools.count(1)
         self._halt = threading.Event()
+        self._wakeable = WakeablePoller(self._outputs)
         self._reader: threading.Thread | None = None
         self._canary_count = itertools.count(1)
         self._fail_next = 0  # chaos: requests still to be failed on purpose
@@ -194,6 +196,7 @@ class EngineActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
+        self._wakeable.wake()
         with self._lock:
             inflight = self._inflight.take_all()
         why = f"the engine stopped ({reason.describe()}); it restarts by policy, retry"
@@ -212,6 +215,7 @@ class EngineActor(SupervisedActor):
                 future.set_exception(RuntimeError(why))
         if self._reader is not None:
             self._reader.join(timeout=2)
+        self._wakeable.close()
         self._commands.close(linger=0)
         self._outputs.close(linger=0)
         self._zmq.term()
@@ -335,10 +339,8 @@ class EngineActor(SupervisedActor):
         return future
 
     def _read(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._outputs, zmq.POLLIN)
         while not self._halt.is_set():
-            if not poller.poll(100):
+            if not self._wakeable.poll():  # sleeps until output comes or on_exit wakes it
                 continue
             chunks: list[HostChunk] = []
             for _ in range(_DRAIN_MAX):  # take what is there, route it in one go

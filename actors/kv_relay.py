@@ -6,8 +6,11 @@ stamps it with the instance id and rank, and publishes it on
 filled from the publisher's replay buffer when it has one; otherwise, and when the
 sequence goes back (the publisher restarted), it first publishes a resync
 (`AllBlocksCleared` for this rank) so no subscriber keeps a stale view. At start it
-publishes a resync and then replays the publisher's whole history if it still holds it. Undecodable
-messages are counted and dropped; they never crash the relay.
+publishes a resync and then replays the publisher's whole history if it still holds it.
+A subscriber that finds a gap in what reached it (NATS lost batches on the way, e.g. in a
+cluster partition) asks on `{subject}.resync.{instance_id}` (`KvResyncRequest`): the relay
+then does the same, up to what it has relayed, so every subscriber's view is rebuilt.
+Undecodable messages are counted and dropped; they never crash the relay.
 
 The socket is read on the NATS link's event loop (a reader on the socket's descriptor),
 so a batch goes from ZMQ to the NATS write buffer in one thread, with no hand-off per
@@ -39,9 +42,17 @@ from actors.nats.link import NatsLink
 from actors.nats.replicas import explain
 from actors.telemetry import node_metrics
 from messages.chaos import ChaosZmq
-from messages.codec import DecodeError, encode_json
+from messages.codec import DecodeError, decode_json, encode_json
 from messages.engine import EngineInfo
-from messages.kv import AllBlocksCleared, KvEventBatch, Resync, decode_sglang_batch, sequence_number
+from messages.kv import (
+    AllBlocksCleared,
+    KvEventBatch,
+    KvResyncRequest,
+    Resync,
+    decode_sglang_batch,
+    resync_subject,
+    sequence_number,
+)
 from messages.node import GetEngineInfo, GetLink
 from supervisor.core import ChildContext, ExitReason, SupervisedActor, ask
 from supervisor.plan import RelaySettings
@@ -51,6 +62,7 @@ __all__ = ["KvRelayActor", "stream_name"]
 T = TypeVar("T")
 
 _DRAIN_MAX = 256  # ZMQ messages taken per turn of the reader before other loop work runs
+REBUILD_MIN_INTERVAL = 1.0  # seconds: requests from several subscribers make one rebuild
 
 
 def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
@@ -70,6 +82,11 @@ class _FillGap:
     """From the reader: `frames` follow a gap the replay buffer may fill (blocking work)."""
 
     frames: list[bytes]
+
+
+@dataclass(frozen=True)
+class _Rebuild:
+    """From the NATS loop: a subscriber asked for this rank's view again (reading paused)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,8 @@ class KvRelayActor(SupervisedActor):
         self._batches_seen = 0
         self._events_seen: collections.Counter[type[Any]] = collections.Counter()
         self._outbox: list[tuple[str, bytes, str]] | None = None
+        self._resync_sub: Any = None
+        self._rebuilt_at = -REBUILD_MIN_INTERVAL
 
     def on_start_up(self) -> None:
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
@@ -133,6 +152,9 @@ class KvRelayActor(SupervisedActor):
         self._count()
         self._loop = self.link.loop
         self._loop.call_soon_threadsafe(self._start_reading)
+        self._resync_sub = self.link.subscribe(
+            resync_subject(self.subject, self.instance_id), self._on_resync_request
+        )
         self.log.info("relaying kv events", endpoint=endpoint, subject=self.subject)
 
     def _ensure_stream(self, max_age: float) -> None:
@@ -161,6 +183,8 @@ class KvRelayActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
+        if self._resync_sub is not None and self.link is not None:
+            self.link.unsubscribe(self._resync_sub)
         loop = self._loop
         if loop is not None and loop.is_running():
             detached = threading.Event()
@@ -183,6 +207,11 @@ class KvRelayActor(SupervisedActor):
             self._count()
             self._resume()
             return None
+        if isinstance(message, _Rebuild):
+            self._rebuild()
+            self._count()
+            self._resume()
+            return None
         if isinstance(message, _ReaderFailed):
             msg = f"kv event reader failed: {type(message.error).__name__}: {message.error}"
             raise RuntimeError(msg) from message.error
@@ -197,6 +226,17 @@ class KvRelayActor(SupervisedActor):
     def _resume(self) -> None:
         if self._loop is not None and not self._halt.is_set():
             self._loop.call_soon_threadsafe(self._start_reading)
+
+    def _on_resync_request(self, _subject: str, _reply: str, data: bytes) -> None:
+        """On the loop: a subscriber lost batches; reading pauses while the actor rebuilds."""
+        try:
+            asked = decode_json(data, KvResyncRequest)
+        except DecodeError:
+            return
+        if asked.instance_id != self.instance_id or asked.dp_rank != self.dp_rank:
+            return
+        self._stop_reading()
+        self._tell(_Rebuild())
 
     def _start_reading(self) -> None:
         if self._halt.is_set() or self._reading:
@@ -381,6 +421,36 @@ class KvRelayActor(SupervisedActor):
                 return
             self._publish(seq, batch.ts, batch.events, payload)
         self.log.info("caught up from the replay buffer", batches=usable, held=len(batches))
+
+    def _rebuild(self) -> None:
+        """A resync, then the publisher's history from 0 up to the last batch relayed, if
+        it still holds all of that (else the resync alone: subscribers start empty)."""
+        now = time.monotonic()
+        if now - self._rebuilt_at < REBUILD_MIN_INTERVAL:  # several subscribers asked at once
+            return
+        self._rebuilt_at = now
+        last = self.tracker.last_seq
+        self._resync(Resync(reason="subscriber_gap", gaps_total=self.tracker.gaps))
+        if last is None:
+            return
+        batches = self._replayed(0) or []
+        history = batches[: consecutive_from_zero([seq for seq, _ in batches])]
+        history = [(seq, payload) for seq, payload in history if seq <= last]
+        if len(history) != last + 1:
+            self.log.warning(
+                "a subscriber lost kv events; the publisher no longer holds the whole history,"
+                " so its view of this rank starts empty",
+                relayed=last + 1,
+                held=len(history),
+            )
+            return
+        for seq, payload in history:
+            try:
+                batch = decode_sglang_batch(payload)
+            except DecodeError:
+                return
+            self._publish(seq, batch.ts, batch.events, payload)
+        self.log.info("a subscriber lost kv events; its view rebuilt", batches=len(history))
 
     def _resync(self, why: Resync) -> None:
         assert self.link is not None

@@ -19,6 +19,7 @@ import zmq
 from actors.faults.zmq_faults import ZmqFaults
 from actors.nats.link import NatsLink
 from actors.telemetry import node_metrics
+from actors.wake import WakeablePoller
 from messages.chaos import ChaosZmq
 from messages.codec import DecodeError, encode_json
 from messages.engine import EngineInfo
@@ -58,6 +59,7 @@ class MetricsActor(SupervisedActor):
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._pollers: list[WakeablePoller] = []
         self.faults = ZmqFaults()
 
     def on_start_up(self) -> None:
@@ -69,8 +71,10 @@ class MetricsActor(SupervisedActor):
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(endpoint)
             self._sockets.append(sock)
+            poller = WakeablePoller(sock)
+            self._pollers.append(poller)
             thread = threading.Thread(
-                target=self._read, args=(rank, sock), name=f"metrics-{rank}", daemon=True
+                target=self._read, args=(rank, sock, poller), name=f"metrics-{rank}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
@@ -78,8 +82,12 @@ class MetricsActor(SupervisedActor):
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()
+        for poller in self._pollers:
+            poller.wake()
         for thread in self._threads:
             thread.join(timeout=2)
+        for poller in self._pollers:
+            poller.close()
         for sock in self._sockets:
             sock.close(linger=0)
         self._zmq.term()
@@ -97,9 +105,9 @@ class MetricsActor(SupervisedActor):
                 )
         return super().handle(message)
 
-    def _read(self, rank: int, sock: zmq.Socket[bytes]) -> None:
+    def _read(self, rank: int, sock: zmq.Socket[bytes], poller: WakeablePoller) -> None:
         while not self._halt.is_set():
-            if not sock.poll(100):
+            if not poller.poll():  # sleeps until a sample comes or on_exit wakes it
                 continue
             data = sock.recv()
             if not self.faults.admit():

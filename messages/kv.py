@@ -23,11 +23,13 @@ __all__ = [
     "BlockStored",
     "KvEvent",
     "KvEventBatch",
+    "KvResyncRequest",
     "Resync",
     "SglangEventBatch",
     "block_hashes",
     "decode_sglang_batch",
     "encode_sglang_batch",
+    "resync_subject",
     "sequence_number",
 ]
 
@@ -173,9 +175,26 @@ def block_hashes(
 class Resync(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why a batch carries a resync (AllBlocksCleared): the relay lost track of the engine."""
 
-    reason: Literal["relay_start", "gap", "publisher_restart", "undecodable"]
+    # subscriber_gap: a subscriber lost batches on the way and asked (`KvResyncRequest`)
+    reason: Literal["relay_start", "gap", "publisher_restart", "undecodable", "subscriber_gap"]
     missed_batches: int = 0  # for gaps: how many batches were skipped
     gaps_total: int = 0  # gaps seen by this relay since it started
+
+
+class KvResyncRequest(msgspec.Struct, frozen=True):
+    """From a subscriber that lost batches of one rank on the way (a gap in `seq`), on
+    `resync_subject(...)`: the rank's relay publishes a resync, then the publisher's history
+    up to what it relayed when the publisher still holds all of it, so every subscriber's
+    view of the rank is rebuilt (or starts empty: never stale)."""
+
+    instance_id: str
+    dp_rank: int
+
+
+def resync_subject(events_subject: str, instance_id: str) -> str:
+    """Where an instance's relays take `KvResyncRequest`s (`{events subject}.resync.{id}`;
+    one token more than the events subject, so event subscribers never see them)."""
+    return f"{events_subject}.resync.{instance_id}"
 
 
 class KvEventBatch(msgspec.Struct, frozen=True, omit_defaults=True):

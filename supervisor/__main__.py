@@ -124,10 +124,15 @@ def serve(root: Root) -> int:
     # stop_signals); the loop below acts. A second signal cannot wait for that loop: it
     # kills everything and exits at once.
     stop_signals.on_second(kill_all_process_groups)
+    # A signal wakes the poll below at once; the timeout only bounds the wait when the
+    # kernel hands the signal to another thread (the handler then runs once this thread
+    # runs Python again). An idle node's main thread so wakes once a second, not ten times.
+    stop_signals.on_signal(root.wake)
     received = stop_signals.catch()
     announced = stopping = False
     while root.exit_reason is None:
-        root.poll(0.1)
+        if stopping or not received:  # (a signal from before on_signal: act at once)
+            root.poll(1.0)
         if received and not stopping:
             stopping = True
             name = signal.Signals(received[0]).name

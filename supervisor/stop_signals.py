@@ -8,9 +8,10 @@ first by `supervisor/__init__`, starts catching them on import when the process 
 node (`python -m supervisor`); `serve()` takes over the signals recorded so far.
 
 The handler only records the signal (it runs between two bytecodes of the main thread,
-maybe inside a lock that thread holds); the first one is acted on by whoever polls
-`received`. A second signal cannot wait: it runs the brutal stop set by `on_second`
-(kill every process group the node started) and exits with 128 + the signal at once.
+maybe inside a lock that thread holds) and wakes whoever polls `received` (`on_signal`);
+the first one is acted on by that poller. A second signal cannot wait: it runs the
+brutal stop set by `on_second` (kill every process group the node started) and exits with
+128 + the signal at once.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["catch", "catch_early", "on_second", "received"]
+__all__ = ["catch", "catch_early", "on_second", "on_signal", "received"]
 
 received: list[int] = []  # the stop signals received so far, in order
 _brutal_stop: list[Callable[[], None]] = []
+_wake: list[Callable[[], None]] = []
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
     received.append(signum)
+    for wake in _wake:
+        wake()
     if len(received) > 1:
         note = f"sgl-node: second signal ({signal.Signals(signum).name}): brutal stop\n"
         os.write(2, note.encode())
@@ -43,6 +47,12 @@ def catch() -> list[int]:
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
     return received
+
+
+def on_signal(wake: Callable[[], None]) -> None:
+    """What every signal runs after recording itself, to wake whoever polls `received`
+    (it must be safe to run inside a signal handler: e.g. `queue.SimpleQueue.put`)."""
+    _wake[:] = [wake]
 
 
 def on_second(brutal_stop: Callable[[], None]) -> None:

@@ -94,7 +94,7 @@ class CommandLoop:
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                command = self.channel.recv(timeout=0.1)
+                command = self.channel.recv()  # until a command, or a stop wakes it
             except zmq.ZMQError:
                 if self.stop.is_set():
                     return  # the channel closed under a stop
@@ -159,7 +159,12 @@ def main(argv: list[str]) -> int:
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
-        threading.Thread(target=backend.close, daemon=True).start()
+
+        def close() -> None:
+            channel.wake()  # the command loop sees the stop
+            backend.close()
+
+        threading.Thread(target=close, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     log.info("starting engine", backend=spec.backend, dp_size=spec.dp_size)
@@ -177,7 +182,8 @@ def main(argv: list[str]) -> int:
             pass
     stop.set()
     backend.close()
-    commands.join(2.0)  # it polls every 0.1 s: its socket must not close under it
+    channel.wake()
+    commands.join(2.0)  # its socket must not close under it
     channel.close()
     stuck = [
         t.name

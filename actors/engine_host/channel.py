@@ -6,6 +6,7 @@ import threading
 
 import zmq
 
+from actors.wake import WakeablePoller
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.engine import HostChunk, HostChunks, HostCommand, HostOutput
 
@@ -23,6 +24,7 @@ class HostChannel:
         self._outputs.setsockopt(zmq.SNDHWM, 0)  # never drop an output
         self._outputs.setsockopt(zmq.LINGER, 1000)
         self._outputs.bind(output_endpoint)
+        self._poller = WakeablePoller(self._commands)
         self._send_lock = threading.Lock()
         self.undecodable = 0
         self.unsent = 0
@@ -42,9 +44,10 @@ class HostChannel:
             except zmq.Again:
                 self.unsent += 1
 
-    def recv(self, timeout: float) -> HostCommand | None:
-        """The next command, or None after `timeout` seconds (or for undecodable bytes)."""
-        if not self._commands.poll(int(timeout * 1000)):
+    def recv(self, timeout: float | None = None) -> HostCommand | None:
+        """The next command, or None after `timeout` seconds (None: no limit), after a
+        `wake()`, or for undecodable bytes."""
+        if not self._poller.poll(timeout):
             return None
         data = self._commands.recv()
         try:
@@ -53,8 +56,13 @@ class HostChannel:
             self.undecodable += 1
             return None
 
+    def wake(self) -> None:
+        """Make a `recv()` waiting now (or the next one) return None (from any thread)."""
+        self._poller.wake()
+
     def close(self) -> None:
         """Close both sockets."""
+        self._poller.close()
         self._commands.close(linger=0)
         self._outputs.close(linger=1000)
         self._context.term()

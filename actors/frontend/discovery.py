@@ -2,9 +2,13 @@
 
 It watches the bucket (`discovery.bucket`, keys `{ns}.{component}.{endpoint}.{id}`, and
 `...{id}.lora.{name}` for adapters) with history, so puts and deletes arrive at once, and
-re-lists it every `RELIST_INTERVAL` seconds, because a lease that runs out (TTL expiry)
-does not always produce a delete marker. A re-list reads the bucket's keys and its last
-revision in one answer, so a record written meanwhile is never dropped by mistake.
+re-lists it, because a lease that runs out (TTL expiry) does not always produce a delete
+marker. A re-list reads the bucket's keys and its last revision in one answer, so a record
+written meanwhile is never dropped by mistake. It comes when a lease may have run out:
+just after the bucket's TTL has passed since a record's last write reached the watch, and
+then every `RELIST_MIN` seconds until the server has expired it; otherwise every
+`RELIST_MAX` seconds, for keys the watch missed. (A re-list every 0.5 s, as before, was
+most of an idle frontend's CPU and a good part of the NATS server's.)
 
 An instance can also be *marked down* by the request path (NATS said nobody serves its
 subject, or a probe found it gone): it is left out of routing until a newer revision of
@@ -35,7 +39,9 @@ from messages.discovery import InstanceRecord, ModelCard
 
 __all__ = ["Discovery", "ModelPool"]
 
-RELIST_INTERVAL = 0.5  # seconds between re-lists of the bucket
+RELIST_MIN = 0.5  # seconds between re-lists while a lease may have run out
+RELIST_MAX = 5.0  # seconds between re-lists otherwise
+EXPIRY_MARGIN = 0.2  # seconds past a lease's end before it is looked for
 SILENCE = 2.5  # seconds without events or metrics before a quiet stream's node is probed
 PROBE_TIMEOUT = 1.0
 WATCH_SILENCE = 15.0  # seconds without any update while records exist: renew the watch
@@ -98,6 +104,8 @@ class Discovery:
         self._probes: dict[str, asyncio.Future[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._heard = 0.0  # loop time of the watch's last update
+        self._written: dict[str, float] = {}  # key → loop time its newest revision came
+        self._lease: float | None = None  # the bucket's TTL, from the last re-list
 
     # --- the view ---------------------------------------------------------------------------
 
@@ -159,7 +167,7 @@ class Discovery:
                 self._heard = loop.time()
                 while not follow.done():
                     await self._relist(kv)
-                    await asyncio.sleep(RELIST_INTERVAL)
+                    await asyncio.sleep(self._next_relist(loop.time()))
                     if self._records and loop.time() - self._heard > WATCH_SILENCE:
                         # records are rewritten every heartbeat: a silent watch is stuck
                         # (e.g. after a NATS restart); make a new one
@@ -184,7 +192,7 @@ class Discovery:
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
-            await asyncio.sleep(RELIST_INTERVAL)
+            await asyncio.sleep(RELIST_MIN)
 
     async def _follow(self, watcher: Any) -> None:
         async for entry in watcher:
@@ -195,6 +203,13 @@ class Discovery:
                 self._remove(entry.key, entry.revision, "deleted")
             else:
                 self._upsert(entry.key, entry.revision, entry.value)
+
+    def _next_relist(self, now: float) -> float:
+        """Seconds until the next re-list (see the module docstring)."""
+        if self._lease is None or not self._written:
+            return RELIST_MAX
+        due = min(self._written.values()) + self._lease + EXPIRY_MARGIN - now
+        return min(RELIST_MAX, max(RELIST_MIN, due))
 
     async def _relist(self, kv: KeyValue) -> None:
         """Make the view equal to the bucket (catches leases that expired silently).
@@ -209,6 +224,7 @@ class Discovery:
             f"KV_{self.bucket}", subjects_filter=f"{prefix}{self.namespace}.>"
         )
         high_water = int(info.state.last_seq)
+        self._lease = info.config.max_age or None  # seconds; none: records never expire
         present = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
         for key in present - self._records.keys() - self._deleted.keys():
             try:
@@ -241,6 +257,7 @@ class Discovery:
             self.log.warning("undecodable discovery record ignored", key=key, error=str(exc))
             return
         self._records[key] = (revision, record)
+        self._written[key] = asyncio.get_running_loop().time()
         self._deleted.pop(key, None)
         down = self._down.get(record.instance_id)
         if down is not None and revision > down:
@@ -260,6 +277,7 @@ class Discovery:
 
     def _remove(self, key: str, revision: int, why: str) -> None:
         self._deleted[key] = max(revision, self._deleted.get(key, -1))
+        self._written.pop(key, None)
         known = self._records.pop(key, None)
         if known is None:
             return

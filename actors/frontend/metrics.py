@@ -93,6 +93,11 @@ KV_BATCHES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+KV_RESYNCS_ASKED = Counter(
+    "sgl_frontend_kv_resyncs_asked",
+    "Times a rank's view was asked again after KV event batches were lost on the way",
+    registry=REGISTRY,
+)
 INFLIGHT = Gauge(
     "sgl_frontend_inflight_requests",
     "Requests the frontend has in flight to nodes",

@@ -26,8 +26,8 @@ from actors.frontend.replies import ReplyMux
 from actors.frontend.response_store import ResponseStore
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
-from messages.codec import DecodeError, decode_json
-from messages.kv import KvEventBatch
+from messages.codec import DecodeError, decode_json, encode_json
+from messages.kv import KvEventBatch, KvResyncRequest, resync_subject
 from messages.metrics import LoadMetrics
 from supervisor.config import NodeConfig
 
@@ -36,6 +36,7 @@ __all__ = ["FrontendState"]
 PRUNE_INTERVAL = 5.0
 PRUNE_GRACE = 30.0  # events of an instance not (yet) in discovery are kept this long
 REPLAY_TIMEOUT = 30.0  # reading the durable KV event streams at start
+RESYNC_INTERVAL = 2.0  # seconds between two asks for the same rank's view
 
 
 class FrontendState:
@@ -49,6 +50,8 @@ class FrontendState:
         self.namespace = config.node.namespace
         self.request_timeout = frontend.request_timeout
         self.indexer = KvIndexer()
+        self._events_subjects: dict[str, str] = {}  # instance → the subject its events came on
+        self._resync_asked: dict[tuple[str, int], float] = {}  # rank → when its view was asked
         self.replay = KvReplay(nc, self.namespace, self._apply_kv, log)
         self.tokenizers = TokenizerCache(log)
         self.parsers = ParserLoader(log)
@@ -118,11 +121,35 @@ class FrontendState:
         except DecodeError:
             metrics.KV_BATCHES.labels("undecodable").inc()
             return
+        self._events_subjects[batch.instance_id] = msg.subject
         self.replay.live(batch)
 
     def _apply_kv(self, batch: KvEventBatch) -> None:
-        outcome = self.indexer.apply(batch, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        outcome = self.indexer.apply(batch, now)
         metrics.KV_BATCHES.labels(outcome).inc()
+        if outcome == "gap":
+            self._ask_resync(batch, now)
+
+    def _ask_resync(self, batch: KvEventBatch, now: float) -> None:
+        """Batches of this rank were lost on the way (NATS is at most once, e.g. across a
+        cluster partition): ask its relay to send the rank's view again, at most once per
+        `RESYNC_INTERVAL` seconds. Until then the index is off by what was lost."""
+        key = (batch.instance_id, batch.dp_rank)
+        subject = self._events_subjects.get(batch.instance_id)
+        if subject is None or now - self._resync_asked.get(key, -RESYNC_INTERVAL) < RESYNC_INTERVAL:
+            return
+        self._resync_asked[key] = now
+        metrics.KV_RESYNCS_ASKED.inc()
+        self.log.info(
+            "kv events lost on the way; asked the node for its view again",
+            instance_id=batch.instance_id,
+            dp_rank=batch.dp_rank,
+        )
+        request = KvResyncRequest(instance_id=batch.instance_id, dp_rank=batch.dp_rank)
+        self.spawn(
+            self.nc.publish(resync_subject(subject, batch.instance_id), encode_json(request))
+        )
 
     async def _on_metrics(self, msg: Msg) -> None:
         try:
@@ -138,6 +165,9 @@ class FrontendState:
             now = asyncio.get_running_loop().time()
             self.indexer.expire(now)
             for instance_id in self.indexer.prune(live, now, PRUNE_GRACE):
+                self._events_subjects.pop(instance_id, None)
+                for key in [k for k in self._resync_asked if k[0] == instance_id]:
+                    del self._resync_asked[key]
                 self.log.info("forgot the KV view of a departed instance", instance_id=instance_id)
 
     def _on_discovery_change(self) -> None:

@@ -5,11 +5,17 @@ evidence: a group that grew to the machine's size points at the OOM killer, one 
 stayed small points elsewhere. One thread samples every watched process group (a child
 and everything it started, e.g. SGLang's scheduler and detokenizer) by reading
 `/proc/PID/stat`; the last sample and the peak are kept until the group is forgotten.
+
+Finding a group's processes takes a read of every process's stat file on the machine, so
+that is done every `_FULL_EVERY` samples (and when a group is first watched); the samples
+between read only the processes found then (an idle node's sampler cost ~40 % of its CPU
+when every sample read all of /proc).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -19,6 +25,7 @@ from pathlib import Path
 __all__ = ["GroupMemory", "forget", "group_rss", "last_sample", "watch"]
 
 _INTERVAL = 1.0  # seconds between samples
+_FULL_EVERY = 5  # every this many samples, look for processes a group started since
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -48,11 +55,20 @@ def _size(n: int) -> str:
 def group_rss(pgids: set[int], proc: Path = Path("/proc")) -> dict[int, tuple[int, int]]:
     """For each of `pgids` with a live process: (resident bytes, processes), read from
     `proc`/PID/stat (field 3 is the state, 5 the process group, 24 the resident pages)."""
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        entries = os.listdir(proc)
-    except OSError:
-        return out
+    return {pgid: (rss, len(members)) for pgid, (rss, members) in _scan(pgids, proc).items()}
+
+
+def _scan(
+    pgids: set[int], proc: Path, entries: list[str] | None = None
+) -> dict[int, tuple[int, list[str]]]:
+    """(resident bytes, member PIDs) per group of `pgids`, from the processes `entries`
+    (PIDs as strings; None: every process)."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    if entries is None:
+        try:
+            entries = os.listdir(proc)
+        except OSError:
+            return out
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -61,8 +77,9 @@ def group_rss(pgids: set[int], proc: Path = Path("/proc")) -> dict[int, tuple[in
             fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces
             pgrp, pages = int(fields[2]), int(fields[21])
             if pgrp in pgids and fields[0] != "Z":  # a zombie holds no memory: not a sample
-                rss, count = out.get(pgrp, (0, 0))
-                out[pgrp] = (rss + pages * _PAGE, count + 1)
+                rss, members = out.get(pgrp, (0, []))
+                members.append(entry)
+                out[pgrp] = (rss + pages * _PAGE, members)
     return out
 
 
@@ -70,6 +87,7 @@ class _Sampler:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: dict[int, GroupMemory | None] = {}
+        self._members: dict[int, list[str]] = {}  # each group's processes at the last scan
         self._thread: threading.Thread | None = None
 
     def watch(self, pgid: int) -> None:
@@ -78,10 +96,13 @@ class _Sampler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
                 self._thread.start()
-        self._sample({pgid})  # a first figure at once, even for a child that dies quickly
+        self._sample(
+            {pgid}, full=True
+        )  # a first figure at once, even for a child that dies quickly
 
     def forget(self, pgid: int) -> GroupMemory | None:
         with self._lock:
+            self._members.pop(pgid, None)
             return self._groups.pop(pgid, None)
 
     def last(self, pgid: int) -> GroupMemory | None:
@@ -89,22 +110,25 @@ class _Sampler:
             return self._groups.get(pgid)
 
     def _run(self) -> None:
-        while True:
+        for n in itertools.count(1):
             time.sleep(_INTERVAL)
             with self._lock:
                 pgids = set(self._groups)
             if pgids:
-                self._sample(pgids)
+                self._sample(pgids, full=n % _FULL_EVERY == 0)
 
-    def _sample(self, pgids: set[int]) -> None:
-        found = group_rss(pgids)
+    def _sample(self, pgids: set[int], full: bool) -> None:
+        with self._lock:
+            known = None if full else [p for g in pgids for p in self._members.get(g, [])]
+        found = _scan(pgids, Path("/proc"), known)
         now = time.monotonic()
         with self._lock:
-            for pgid, (rss, count) in found.items():
+            for pgid, (rss, members) in found.items():
                 if pgid in self._groups:  # not forgotten meanwhile
                     last = self._groups[pgid]
                     peak = max(rss, last.peak if last else 0)
-                    self._groups[pgid] = GroupMemory(rss, count, peak, now)
+                    self._groups[pgid] = GroupMemory(rss, len(members), peak, now)
+                    self._members[pgid] = members
 
 
 _SAMPLER = _Sampler()

@@ -54,7 +54,9 @@ class Root:
         self.name = name
         self.bus = bus or EventBus()
         self.clock = clock or REAL_CLOCK
-        self._notices: queue.Queue[ChildReady | ChildExited] = queue.Queue()
+        # A SimpleQueue: its put is reentrant, so a signal handler may `wake()` the thread
+        # waiting in `poll()` even while that very thread is inside the queue's code.
+        self._notices: queue.SimpleQueue[ChildReady | ChildExited | None] = queue.SimpleQueue()
         context = ChildContext(
             child_id=name,
             generation=0,
@@ -69,16 +71,21 @@ class Root:
         self.exit_reason: ExitReason | None = None
 
     def poll(self, timeout: float) -> ChildReady | ChildExited | None:
-        """Wait up to `timeout` for the next notice from the top supervisor."""
+        """Wait up to `timeout` for the next notice from the top supervisor (None after
+        the timeout or a `wake()`)."""
         try:
             notice = self._notices.get(timeout=timeout)
         except queue.Empty:
             return None
         if isinstance(notice, ChildReady):
             self.ready = True
-        else:
+        elif isinstance(notice, ChildExited):
             self.exit_reason = notice.reason
         return notice
+
+    def wake(self) -> None:
+        """End the current or next `poll()` at once (safe from a signal handler)."""
+        self._notices.put(None)
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the whole tree is ready; False if it exited or the time ran out."""

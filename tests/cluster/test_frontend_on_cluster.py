@@ -1,6 +1,7 @@
 """The OpenAI frontend on a three-server NATS cluster, under load from the official client,
-through the loss of its own server (kill -9) and an ordered restart of a node's server:
-every streamed answer completes, the frontend still sees both instances after, and its
+through the loss of its own server (kill -9), an ordered restart of a node's server, a
+partition of that server (8 s) and a rolling restart of all three: every streamed answer
+completes, the frontend still sees both instances after, and its
 KV index holds as many blocks per rank as each node's engine caches.
 
 A request the frontend publishes as its server dies never reaches a node; the frontend
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -63,11 +65,11 @@ async def _kv_view(node: NodeUnderTest, token: str) -> list[list[int]]:
     return [list(rank) for rank in reply.data["ranks"]]
 
 
-def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
+def test_the_frontend_rides_through_server_loss_restart_partition_and_a_rolling_restart(
     tmp_path: Path,
 ) -> None:
     token = secrets.token_hex(16)
-    cluster = NatsCluster(tmp_path / "fabric").start()
+    cluster = NatsCluster(tmp_path / "fabric", partitionable=True).start()
     nodes: list[NodeUnderTest] = []
     frontend = None
     try:
@@ -101,6 +103,21 @@ def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
         cluster.wait_formed(60)
         done = outcomes["length"]
         assert wait_until(lambda: outcomes["length"] >= done + 20, timeout=60)
+        # node 0's server cut off from the others for 8 s: the frontend cannot reach node 0
+        # (its streams there pause, then continue on node 1)
+        cluster.partition(0)
+        cut = time.monotonic()
+        done = outcomes["length"]
+        assert wait_until(lambda: outcomes["length"] >= done + 10, timeout=60)
+        time.sleep(max(0.0, 8.0 - (time.monotonic() - cut)))
+        cluster.heal(0)
+        cluster.wait_formed(60)
+        for i in (0, 1, 2):  # a rolling restart, one server after another
+            cluster.stop_server(i)
+            cluster.start_server(i)
+            cluster.wait_formed(60)
+        done = outcomes["length"]
+        assert wait_until(lambda: outcomes["length"] >= done + 20, timeout=60)
         stop.set()
         for thread in threads:
             thread.join(90)
@@ -124,7 +141,20 @@ def test_the_frontend_rides_through_the_loss_of_its_server_and_a_nodes_server(
                 for rank, blocks in enumerate(ranks)
             )
 
-        assert wait_until(index_matches, timeout=30, interval=0.5), views
+        matched = wait_until(index_matches, timeout=30, interval=0.5)
+        indexed = {
+            (i, r): frontend.metric(
+                "sgl_frontend_kv_indexed_blocks", {"instance_id": i, "dp_rank": str(r)}
+            )
+            for i, ranks in views.items()
+            for r in range(len(ranks))
+        }
+        assert matched, (
+            {(i, r): len(b) for i, ranks in views.items() for r, b in enumerate(ranks)},
+            indexed,
+            frontend.metric("sgl_frontend_kv_event_batches", {"outcome": "gap"}),
+        )
+        print("KV index resyncs asked:", frontend.metric("sgl_frontend_kv_resyncs_asked_total"))
         assert all(blocks for ranks in views.values() for blocks in ranks), views
     finally:
         if frontend is not None:

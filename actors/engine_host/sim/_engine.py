@@ -334,8 +334,9 @@ class SimEngine:
         """Block until `close` (the host's main thread waits here; the sim's work runs on
         its own threads)."""
         # Never an unbounded wait on the main thread: a signal delivered to another
-        # thread would not wake it, and the host's SIGTERM handler would never run.
-        while not self._closed.wait(0.2):
+        # thread would not wake it, and the host's SIGTERM handler would never run. (One
+        # the main thread gets interrupts the wait: the bound is for the rare other case.)
+        while not self._closed.wait(1.0):
             pass
 
     def close(self) -> None:

@@ -1,0 +1,95 @@
+"""KV event batches lost between a node and the frontend are made good.
+
+NATS delivers at most once: a frontend cut off from its server misses the batches a node
+publishes meanwhile (in a cluster, a partition does the same). The next batch shows the
+frontend a gap in the rank's sequence; it asks the rank's relay for its view again
+(`KvResyncRequest`), and the relay publishes a resync and the publisher's history up to
+what it relayed: the frontend's index again holds exactly the blocks the engine caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from actors.nats.proxy import NatsCutProxy
+from messages.request import GenerateRequest, StopConditions
+from supervisor.client import NodeClient
+from tests.frontend.harness import Frontend, start_frontend
+from tests.node.harness import NatsServer, NodeProcess, admin_request, start_node
+from tests.supervision.children import wait_until
+
+TOKEN = "resync-" + uuid.uuid4().hex
+PROMPT = " ".join(f"word{i}" for i in range(80))  # several pages of the sim's cache
+
+
+def _ask(url: str, tag: str) -> None:
+    """One request straight to the node (not through the frontend): new cached pages."""
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt=f"{tag} {PROMPT}", stop=StopConditions(max_tokens=4)
+    )
+
+    async def go() -> None:
+        async with NodeClient(url) as client:
+            chunks = [c async for c in client.generate(request)]
+            assert chunks[-1].finish_reason == "length", chunks[-1]
+
+    asyncio.run(go())
+
+
+def _cached(node: NodeProcess) -> int:
+    reply = asyncio.run(admin_request(node, TOKEN, "kv_view"))
+    assert reply.ok, reply
+    (blocks,) = reply.data["ranks"]
+    return len(blocks)
+
+
+def _indexed(frontend: Frontend, node: NodeProcess) -> float:
+    labels = {"instance_id": node.instance_id, "dp_rank": "0"}
+    return frontend.metric("sgl_frontend_kv_indexed_blocks", labels)
+
+
+def test_kv_events_lost_on_the_way_to_the_frontend_are_made_good_by_a_resync(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    node = start_node(
+        tmp_path,
+        embedded_nats=False,
+        nats_url=server.url,
+        admin={"enabled": True, "token_file": str(token)},
+    )
+    proxy = NatsCutProxy("127.0.0.1", server.port)
+    frontend = None
+    try:
+        port = proxy.start()
+        node.wait_ready(60)
+        frontend = start_frontend(tmp_path, f"nats://127.0.0.1:{port}")
+        frontend.wait_instances(1)
+        _ask(server.url, "first")
+        assert wait_until(lambda: _indexed(frontend, node) == _cached(node) > 0, timeout=30)
+        proxy.cut(3.0)
+        assert wait_until(lambda: not frontend.health().get("nats_connected"), timeout=10)
+        before = _cached(node)
+        for tag in ("while", "the", "frontend", "is", "away"):
+            _ask(server.url, tag)  # batches the frontend never gets
+        assert _cached(node) > before
+        assert wait_until(lambda: frontend.health().get("nats_connected") is True, timeout=30)
+        assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") == 0
+        _ask(server.url, "back")  # its batch shows the frontend the gap
+        assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
+            _indexed(frontend, node),
+            _cached(node),
+        )
+        assert frontend.metric("sgl_frontend_kv_event_batches_total", {"outcome": "gap"}) >= 1
+        assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") >= 1
+        node.wait_log(lambda r: r.get("event") == "a subscriber lost kv events; its view rebuilt")
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        proxy.close()
+        node.kill()
+        server.stop()
