@@ -2,6 +2,7 @@
 
 from tests.benchmarks import (
     cluster_model,
+    idle,
     kv_relay,
     migration,
     plane,
@@ -22,5 +23,6 @@ for bench in (
     migration,
     request_path,
     ttft_idle,
+    idle,
 ):
     bench.main()
