@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 import pykka
 import zmq
@@ -62,6 +63,7 @@ __all__ = ["KvRelayActor", "stream_name"]
 T = TypeVar("T")
 
 _DRAIN_MAX = 256  # ZMQ messages taken per turn of the reader before other loop work runs
+STREAM_WAIT = 60.0  # seconds the durable stream's creation waits for JetStream at start
 REBUILD_MIN_INTERVAL = 1.0  # seconds: requests from several subscribers make one rebuild
 
 
@@ -164,7 +166,7 @@ class KvRelayActor(SupervisedActor):
         name = stream_name(self.subject)
         replicas = self.durable_replicas
 
-        async def ensure() -> None:
+        async def ensure_once() -> None:
             assert link.nc is not None
             js = link.nc.jetstream()
             try:
@@ -172,14 +174,33 @@ class KvRelayActor(SupervisedActor):
                 return
             except nats.js.errors.NotFoundError:
                 pass
-            try:
-                await js.add_stream(
-                    name=name, subjects=[self.subject], max_age=max_age, num_replicas=replicas
-                )
-            except nats.js.errors.APIError as exc:
-                raise RuntimeError(explain(exc, "events.replicas", replicas)) from None
+            await js.add_stream(
+                name=name, subjects=[self.subject], max_age=max_age, num_replicas=replicas
+            )
 
-        link.call(ensure, timeout=10)
+        async def ensure() -> None:
+            # JetStream may not answer yet (a cluster that just formed, a leader being
+            # elected): wait for it, saying so, rather than fail the node's start.
+            deadline = time.monotonic() + STREAM_WAIT
+            while True:
+                try:
+                    await ensure_once()
+                    return
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                    if time.monotonic() > deadline:
+                        msg = f"JetStream did not answer for {STREAM_WAIT:.0f} s: {exc!r}"
+                        raise RuntimeError(msg) from None
+                    self.log.warning(
+                        "JetStream not answering yet; creating the durable kv event stream "
+                        "again in 1 s",
+                        stream=name,
+                        error=type(exc).__name__,
+                    )
+                    await asyncio.sleep(1.0)
+                except nats.js.errors.APIError as exc:
+                    raise RuntimeError(explain(exc, "events.replicas", replicas)) from None
+
+        link.call(ensure, timeout=STREAM_WAIT + 15)
 
     def on_exit(self, reason: ExitReason) -> None:
         self._halt.set()

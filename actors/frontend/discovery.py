@@ -211,6 +211,16 @@ class Discovery:
         due = min(self._written.values()) + self._lease + EXPIRY_MARGIN - now
         return min(RELIST_MAX, max(RELIST_MIN, due))
 
+    def _lease_over(self, key: str, now: float) -> bool:
+        """Whether the record's lease can have run out: a bucket TTL since its newest
+        revision reached us. A server that answers a re-list before it has caught up (a
+        restart, a leader change in a cluster) may list none of the keys; a record written
+        within its lease is kept anyway (both nodes were once dropped so for 4 s, in a
+        rolling restart)."""
+        if self._lease is None:  # no TTL: a key that is not there was deleted or purged
+            return True
+        return now >= self._written.get(key, float("-inf")) + self._lease
+
     async def _relist(self, kv: KeyValue) -> None:
         """Make the view equal to the bucket (catches leases that expired silently).
 
@@ -237,8 +247,9 @@ class Discovery:
             except nats.js.errors.KeyNotFoundError:  # gone meanwhile
                 continue
             self._upsert(key, int(entry.revision or 0), entry.value)
+        now = asyncio.get_running_loop().time()
         for key, (revision, _) in list(self._records.items()):
-            if key not in present and revision <= high_water:
+            if key not in present and revision <= high_water and self._lease_over(key, now):
                 self._remove(key, revision, "lease expired")
         for key in [k for k in self._deleted if k not in present]:  # its marker expired too
             del self._deleted[key]
