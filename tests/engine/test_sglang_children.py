@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,26 @@ def _report(path: str) -> None:
     )
 
 
+def _environ(pid: int) -> bytes:
+    """A process's environment once its exec has set it up: read in the middle of the exec
+    (the forkserver was just spawned), /proc/PID/environ is empty (a fresh-clone run failed
+    so, on a loaded machine)."""
+    deadline = time.monotonic() + 10
+    while not (environ := Path(f"/proc/{pid}/environ").read_bytes()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return environ
+
+
 def test_a_forked_child_sees_the_environment_of_its_start_and_can_set_its_title(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SGLNODE_TEST_REMOVED", "old")
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]  # a fresh one
     multiprocessing.forkserver.ensure_running()
     server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
-    assert b"SGLNODE_TEST_REMOVED=old" in Path(f"/proc/{server}/environ").read_bytes()
+    assert b"SGLNODE_TEST_REMOVED=old" in _environ(server)
     # after the forkserver started: one variable added, one removed
     monkeypatch.setenv("SGLNODE_TEST_ADDED", "new")
     monkeypatch.delenv("SGLNODE_TEST_REMOVED")
