@@ -10,6 +10,11 @@ then every `RELIST_MIN` seconds until the server has expired it; otherwise every
 `RELIST_MAX` seconds, for keys the watch missed. (A re-list every 0.5 s, as before, was
 most of an idle frontend's CPU and a good part of the NATS server's.)
 
+A record whose lease ran out is kept while its instance is still heard from (KV events,
+load metrics within `SILENCE` seconds): the bucket can miss heartbeats for a whole lease
+when JetStream has no leader for it (a partition, a rolling restart of a cluster); both
+nodes once left the frontend's view for 4 s so, and the model answered 404.
+
 An instance can also be *marked down* by the request path (NATS said nobody serves its
 subject, or a probe found it gone): it is left out of routing until a newer revision of
 its record shows it alive again (its heartbeat), or until its record goes.
@@ -91,9 +96,16 @@ class Discovery:
     """The instances of one namespace; see the module docstring."""
 
     def __init__(
-        self, nc: Client, bucket: str, namespace: str, log: Any, on_change: Callable[[], None]
+        self,
+        nc: Client,
+        bucket: str,
+        namespace: str,
+        log: Any,
+        on_change: Callable[[], None],
+        heard_at: Callable[[str], float | None] = lambda _: None,
     ) -> None:
         self.nc = nc
+        self.heard_at = heard_at  # instance → loop time its last KV event or metric came
         self.bucket = bucket
         self.namespace = namespace
         self.log = log
@@ -248,8 +260,15 @@ class Discovery:
                 continue
             self._upsert(key, int(entry.revision or 0), entry.value)
         now = asyncio.get_running_loop().time()
-        for key, (revision, _) in list(self._records.items()):
+        for key, (revision, record) in list(self._records.items()):
             if key not in present and revision <= high_water and self._lease_over(key, now):
+                heard = self.heard_at(record.instance_id)
+                if heard is not None and now - heard < SILENCE:
+                    # Its lease ran out in the bucket, yet it publishes: JetStream took no
+                    # heartbeat for a lease (a cluster without a leader for the bucket,
+                    # e.g. in a partition and a rolling restart). Kept; its next
+                    # heartbeat writes the record again.
+                    continue
                 self._remove(key, revision, "lease expired")
         for key in [k for k in self._deleted if k not in present]:  # its marker expired too
             del self._deleted[key]

@@ -51,13 +51,19 @@ class FrontendState:
         self.request_timeout = frontend.request_timeout
         self.indexer = KvIndexer()
         self._events_subjects: dict[str, str] = {}  # instance → the subject its events came on
-        self._resync_asked: dict[tuple[str, int], float] = {}  # rank → when its view was asked
+        # rank → when its view was last asked for; until a resync of it comes
+        self._resync_asked: dict[tuple[str, int], float] = {}
         self.replay = KvReplay(nc, self.namespace, self._apply_kv, log)
         self.tokenizers = TokenizerCache(log)
         self.parsers = ParserLoader(log)
         self.responses = ResponseStore(frontend.responses_store_size, frontend.responses_ttl)
         self.discovery = Discovery(
-            nc, config.discovery.bucket, self.namespace, log, self._on_discovery_change
+            nc,
+            config.discovery.bucket,
+            self.namespace,
+            log,
+            self._on_discovery_change,
+            heard_at=self.indexer.heard_at,
         )
         self.router = Router(frontend.routing, frontend.kv_block_weight, frontend.load_weight)
         self.mux = ReplyMux(nc)
@@ -128,28 +134,32 @@ class FrontendState:
         now = asyncio.get_running_loop().time()
         outcome = self.indexer.apply(batch, now)
         metrics.KV_BATCHES.labels(outcome).inc()
-        if outcome == "gap":
-            self._ask_resync(batch, now)
+        key = (batch.instance_id, batch.dp_rank)
+        if outcome == "resync":
+            self._resync_asked.pop(key, None)  # the view came again (asked for or not)
+        elif outcome == "gap":
+            self._ask_resync(key, now)
 
-    def _ask_resync(self, batch: KvEventBatch, now: float) -> None:
+    def _ask_resync(self, key: tuple[str, int], now: float) -> None:
         """Batches of this rank were lost on the way (NATS is at most once, e.g. across a
         cluster partition): ask its relay to send the rank's view again, at most once per
-        `RESYNC_INTERVAL` seconds. Until then the index is off by what was lost."""
-        key = (batch.instance_id, batch.dp_rank)
-        subject = self._events_subjects.get(batch.instance_id)
+        `RESYNC_INTERVAL` seconds, and again (from `_prune`) until a resync of the rank
+        comes: the ask itself may be lost. Until then the index is off by what was lost."""
+        instance_id, rank = key
+        subject = self._events_subjects.get(instance_id)
         if subject is None or now - self._resync_asked.get(key, -RESYNC_INTERVAL) < RESYNC_INTERVAL:
             return
+        again = key in self._resync_asked
         self._resync_asked[key] = now
         metrics.KV_RESYNCS_ASKED.inc()
         self.log.info(
             "kv events lost on the way; asked the node for its view again",
-            instance_id=batch.instance_id,
-            dp_rank=batch.dp_rank,
+            instance_id=instance_id,
+            dp_rank=rank,
+            again=again,
         )
-        request = KvResyncRequest(instance_id=batch.instance_id, dp_rank=batch.dp_rank)
-        self.spawn(
-            self.nc.publish(resync_subject(subject, batch.instance_id), encode_json(request))
-        )
+        request = KvResyncRequest(instance_id=instance_id, dp_rank=rank)
+        self.spawn(self.nc.publish(resync_subject(subject, instance_id), encode_json(request)))
 
     async def _on_metrics(self, msg: Msg) -> None:
         try:
@@ -164,6 +174,8 @@ class FrontendState:
             live = {r.instance_id for r in self.discovery.records()}
             now = asyncio.get_running_loop().time()
             self.indexer.expire(now)
+            for key in list(self._resync_asked):  # asked, and no resync came yet
+                self._ask_resync(key, now)
             for instance_id in self.indexer.prune(live, now, PRUNE_GRACE):
                 self._events_subjects.pop(instance_id, None)
                 for key in [k for k in self._resync_asked if k[0] == instance_id]:
