@@ -10,6 +10,11 @@ publishes a resync and then replays the publisher's whole history if it still ho
 A subscriber that finds a gap in what reached it (NATS lost batches on the way, e.g. in a
 cluster partition) asks on `{subject}.resync.{instance_id}` (`KvResyncRequest`): the relay
 then does the same, up to what it has relayed, so every subscriber's view is rebuilt.
+A gap shows only when a later batch arrives, so the relay also publishes its head (the last
+sequence number it relayed, `KvHead` on `{subject}.head`) 1 s after its last batch and then
+at doubling intervals up to 16 s while the rank is quiet: the last batches of a burst lost
+on the way are noticed too. A head also finds publishes the NATS link lost at the tail
+(while it was away) and rebuilds the subscribers' view.
 Undecodable messages are counted and dropped; they never crash the relay.
 
 The socket is read on the NATS link's event loop (a reader on the socket's descriptor),
@@ -29,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -48,9 +53,11 @@ from messages.engine import EngineInfo
 from messages.kv import (
     AllBlocksCleared,
     KvEventBatch,
+    KvHead,
     KvResyncRequest,
     Resync,
     decode_sglang_batch,
+    head_subject,
     resync_subject,
     sequence_number,
 )
@@ -65,6 +72,8 @@ T = TypeVar("T")
 _DRAIN_MAX = 256  # ZMQ messages taken per turn of the reader before other loop work runs
 STREAM_WAIT = 60.0  # seconds the durable stream's creation waits for JetStream at start
 REBUILD_MIN_INTERVAL = 1.0  # seconds: requests from several subscribers make one rebuild
+HEAD_FIRST = 1.0  # seconds after the last batch: the head goes out
+HEAD_MAX = 16.0  # then again at doubling intervals up to this, while the rank is quiet
 
 
 def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
@@ -88,7 +97,10 @@ class _FillGap:
 
 @dataclass(frozen=True)
 class _Rebuild:
-    """From the NATS loop: a subscriber asked for this rank's view again (reading paused)."""
+    """From the NATS loop: the subscribers' view of this rank must be rebuilt (reading
+    paused): one asked (`subscriber_gap`), or the link lost publishes at the tail (`gap`)."""
+
+    reason: Literal["subscriber_gap", "gap"] = "subscriber_gap"
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,10 @@ class KvRelayActor(SupervisedActor):
         self._outbox: list[tuple[str, bytes, str]] | None = None
         self._resync_sub: Any = None
         self._rebuilt_at = -REBUILD_MIN_INTERVAL
+        # The head's timer and when a batch last went out (both on the loop's clock).
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_wait = HEAD_FIRST
+        self._sent_at = 0.0
 
     def on_start_up(self) -> None:
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
@@ -212,6 +228,9 @@ class KvRelayActor(SupervisedActor):
 
             def detach() -> None:
                 self._stop_reading()
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = None
                 detached.set()
 
             try:
@@ -229,7 +248,7 @@ class KvRelayActor(SupervisedActor):
             self._resume()
             return None
         if isinstance(message, _Rebuild):
-            self._rebuild()
+            self._rebuild(message.reason)
             self._count()
             self._resume()
             return None
@@ -265,6 +284,7 @@ class KvRelayActor(SupervisedActor):
         assert self._loop is not None
         self._reading = True
         self._loop.add_reader(self._sub.FD, self._readable)
+        self._sent()  # the actor may have published (a resync, a history): its head follows
         self._readable()  # the descriptor is edge-triggered: take what came meanwhile
 
     def _stop_reading(self) -> None:
@@ -331,7 +351,42 @@ class KvRelayActor(SupervisedActor):
             outbox, self._outbox = self._outbox, None
             if outbox and self.link is not None:
                 self.link.publish_many(outbox)
+                self._sent()
             self._count()
+
+    def _sent(self) -> None:
+        """On the loop: batches went out; the head follows `HEAD_FIRST` s after the last."""
+        assert self._loop is not None
+        self._sent_at = self._loop.time()
+        if self._head_timer is None or self._head_wait > HEAD_FIRST:  # idle until now
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_wait = HEAD_FIRST
+            self._head_timer = self._loop.call_later(HEAD_FIRST, self._head)
+
+    def _head(self) -> None:
+        """On the loop: publish the head if the rank has been quiet `HEAD_FIRST` s, and
+        schedule the next one (sooner again if batches went out meanwhile)."""
+        assert self._loop is not None
+        self._head_timer = None
+        if self._halt.is_set() or self.link is None:
+            return
+        quiet = self._loop.time() - self._sent_at
+        if quiet < HEAD_FIRST:
+            self._head_wait = HEAD_FIRST
+            self._head_timer = self._loop.call_later(HEAD_FIRST - quiet, self._head)
+            return
+        if self._reading and self.tracker.take_lost(self.link.dropped):
+            # the link lost publishes at the tail (NATS was away): rebuild the views
+            self._stop_reading()
+            self._tell(_Rebuild("gap"))
+            return  # reading resumes after the rebuild, and its head follows
+        seq = self.tracker.last_seq
+        if seq is not None:
+            head = KvHead(instance_id=self.instance_id, dp_rank=self.dp_rank, seq=seq)
+            self.link.publish(head_subject(self.subject), encode_json(head))
+        self._head_wait = min(self._head_wait * 2, HEAD_MAX)
+        self._head_timer = self._loop.call_later(self._head_wait, self._head)
 
     def _tell(self, message: Any) -> None:
         with contextlib.suppress(pykka.ActorDeadError):  # exiting: on_exit stops the reader
@@ -443,7 +498,7 @@ class KvRelayActor(SupervisedActor):
             self._publish(seq, batch.ts, batch.events, payload)
         self.log.info("caught up from the replay buffer", batches=usable, held=len(batches))
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, reason: Literal["subscriber_gap", "gap"]) -> None:
         """A resync, then the publisher's history from 0 up to the last batch relayed, if
         it still holds all of that (else the resync alone: subscribers start empty)."""
         now = time.monotonic()
@@ -451,7 +506,7 @@ class KvRelayActor(SupervisedActor):
             return
         self._rebuilt_at = now
         last = self.tracker.last_seq
-        self._resync(Resync(reason="subscriber_gap", gaps_total=self.tracker.gaps))
+        self._resync(Resync(reason=reason, gaps_total=self.tracker.gaps))
         if last is None:
             return
         batches = self._replayed(0) or []
@@ -459,8 +514,9 @@ class KvRelayActor(SupervisedActor):
         history = [(seq, payload) for seq, payload in history if seq <= last]
         if len(history) != last + 1:
             self.log.warning(
-                "a subscriber lost kv events; the publisher no longer holds the whole history,"
-                " so its view of this rank starts empty",
+                "kv events were lost on the way; the publisher no longer holds the whole"
+                " history, so the subscribers' view of this rank starts empty",
+                reason=reason,
                 relayed=last + 1,
                 held=len(history),
             )
@@ -471,7 +527,11 @@ class KvRelayActor(SupervisedActor):
             except DecodeError:
                 return
             self._publish(seq, batch.ts, batch.events, payload)
-        self.log.info("a subscriber lost kv events; its view rebuilt", batches=len(history))
+        self.log.info(
+            "kv events were lost on the way; the subscribers' view rebuilt",
+            reason=reason,
+            batches=len(history),
+        )
 
     def _resync(self, why: Resync) -> None:
         assert self.link is not None

@@ -23,12 +23,14 @@ __all__ = [
     "BlockStored",
     "KvEvent",
     "KvEventBatch",
+    "KvHead",
     "KvResyncRequest",
     "Resync",
     "SglangEventBatch",
     "block_hashes",
     "decode_sglang_batch",
     "encode_sglang_batch",
+    "head_subject",
     "resync_subject",
     "sequence_number",
 ]
@@ -189,6 +191,23 @@ class KvResyncRequest(msgspec.Struct, frozen=True):
 
     instance_id: str
     dp_rank: int
+
+
+class KvHead(msgspec.Struct, frozen=True):
+    """The sequence number of the last batch a rank's relay published, on
+    `head_subject(...)`: 1 s after a batch when none follows, then again at doubling
+    intervals (up to 16 s) while the rank stays quiet. A subscriber that lost the *last*
+    batches of a burst sees no later batch, hence no gap: the head shows it, and the
+    subscriber asks for a resync (`KvResyncRequest`) as for any gap."""
+
+    instance_id: str
+    dp_rank: int
+    seq: int
+
+
+def head_subject(events_subject: str) -> str:
+    """Where an instance's relays publish their `KvHead`s (`{events subject}.head`)."""
+    return f"{events_subject}.head"
 
 
 def resync_subject(events_subject: str, instance_id: str) -> str:

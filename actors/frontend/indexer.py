@@ -7,8 +7,9 @@ leading pages of this prompt are cached" exactly as a radix tree would.
 
 - `BlockStored` adds its hashes, `BlockRemoved` removes them, `AllBlocksCleared` (and
   every batch with a `resync`) empties the rank's set first.
-- A sequence gap (a batch lost on the way) is counted; the view stays usable (a missed
-  store under-estimates, a missed removal over-estimates until the next resync).
+- A sequence gap (a batch lost on the way, or a relay's `KvHead` newer than the last batch
+  applied: the end of a burst lost) is counted; the view stays usable (a missed store
+  under-estimates, a missed removal over-estimates until the next resync).
 - A prompt routed to a rank is *predicted* there for `PREDICTION_TTL` seconds: its blocks
   count as cached on that rank until its own KV events arrive (after its prefill), so a
   burst of requests sharing a prefix follows the first one instead of scattering.
@@ -73,6 +74,15 @@ class KvIndexer:
                     blocks.clear()
                     self._predicted.pop(key, None)
         return outcome
+
+    def behind(self, key: RankKey, seq: int) -> bool:
+        """Whether the rank's relay published batch `seq` and it did not reach the view (a
+        `KvHead` newer than the last batch applied; counted as a gap)."""
+        last = self._seq.get(key)
+        if last is None or seq <= last:
+            return False
+        self.gaps += 1
+        return True
 
     def predict(self, instance_id: str, dp_rank: int, hashes: Sequence[int], now: float) -> None:
         """Count a just-routed prompt's blocks as cached on the rank for a while."""

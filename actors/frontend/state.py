@@ -1,7 +1,8 @@
 """`FrontendState`: what the HTTP routes use, living on the frontend's event loop.
 
 It owns the discovery watcher, the KV/load indexer (fed by `{ns}.*.kv_events` and
-`{ns}.*.load_metrics`, after a replay of the durable KV event streams), the router, the
+`{ns}.*.load_metrics`, after a replay of the durable KV event streams; `{ns}.*.kv_events.head`
+shows batches lost at the end of a burst), the router, the
 tokenizers and the dispatcher, all on the one NATS connection of the frontend.
 """
 
@@ -27,7 +28,7 @@ from actors.frontend.response_store import ResponseStore
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
 from messages.codec import DecodeError, decode_json, encode_json
-from messages.kv import KvEventBatch, KvResyncRequest, resync_subject
+from messages.kv import KvEventBatch, KvHead, KvResyncRequest, resync_subject
 from messages.metrics import LoadMetrics
 from supervisor.config import NodeConfig
 
@@ -87,6 +88,7 @@ class FrontendState:
         await self.mux.start()
         self._subscriptions = [
             await self.nc.subscribe(f"{self.namespace}.*.kv_events", cb=self._on_kv_events),
+            await self.nc.subscribe(f"{self.namespace}.*.kv_events.head", cb=self._on_kv_head),
             await self.nc.subscribe(f"{self.namespace}.*.load_metrics", cb=self._on_metrics),
         ]
         await self.replay.run(REPLAY_TIMEOUT)  # live batches are held meanwhile
@@ -129,6 +131,20 @@ class FrontendState:
             return
         self._events_subjects[batch.instance_id] = msg.subject
         self.replay.live(batch)
+
+    async def _on_kv_head(self, msg: Msg) -> None:
+        """A relay's last sequence number: newer than the last batch of the rank that
+        reached us means its last batches were lost on the way (no later batch shows it)."""
+        try:
+            head = decode_json(msg.data, KvHead)
+        except DecodeError:
+            return
+        if self.replay.replaying:
+            return  # the replay's end is compared with live batches, not heads
+        key = (head.instance_id, head.dp_rank)
+        if self.indexer.behind(key, head.seq):
+            self._events_subjects[head.instance_id] = msg.subject.removesuffix(".head")
+            self._ask_resync(key, asyncio.get_running_loop().time())
 
     def _apply_kv(self, batch: KvEventBatch) -> None:
         now = asyncio.get_running_loop().time()

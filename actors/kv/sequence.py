@@ -76,6 +76,13 @@ class SequenceTracker:
             return Verdict(lost=lost, restart=restart)
         return Verdict(lost=lost)
 
+    def take_lost(self, dropped: int) -> bool:
+        """Whether the link lost publishes since the last look (`dropped` is its count so
+        far): the subscribers' views miss them until a resync, which the caller makes."""
+        lost = dropped != self._dropped_seen
+        self._dropped_seen = dropped
+        return lost
+
     def unfilled(self, start: int, end: int) -> Resync:
         """The replay buffer could not fill [start, end): the resync to publish."""
         return Resync(reason="gap", missed_batches=end - start, gaps_total=self.gaps)
