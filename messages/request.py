@@ -58,6 +58,7 @@ ErrorCode = Literal[
     "internal",  # a bug; the node logs it with the request id
     "stream_lost",  # made by a client: chunks were lost and no node holds them any more
     "node_lost",  # made by the frontend: the node serving the stream is gone
+    "kv_transfer_failed",  # a decode node could not get the KV cache from its prefill node
 ]
 # Stable error codes (README: "Error codes") and whether each is retryable: whether the
 # same request may succeed if sent again (on this node later, or on another node).
@@ -72,6 +73,7 @@ ERROR_CODES: dict[ErrorCode, bool] = {
     "internal": False,
     "stream_lost": True,
     "node_lost": True,
+    "kv_transfer_failed": True,
 }
 assert set(ERROR_CODES) == set(get_args(ErrorCode)), "every ErrorCode says if it is retryable"
 

@@ -295,6 +295,8 @@ def _host_spec(config: NodeConfig, instance_id: str, run_dir: str) -> HostSpec:
         transfer_seconds_per_token=(
             config.disaggregation.sim_bytes_per_token / config.disaggregation.sim_bandwidth
         ),
+        bootstrap_host=config.disaggregation.bootstrap_host,
+        bootstrap_port=config.disaggregation.bootstrap_port,
     )
 
 

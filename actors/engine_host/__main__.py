@@ -73,6 +73,7 @@ def build_backend(spec: HostSpec, channel: HostChannel) -> Backend:
             mode=spec.mode,
             transfer_seconds_per_token=spec.transfer_seconds_per_token,
             multinode=multinode,
+            bootstrap=(spec.bootstrap_host, spec.bootstrap_port),
         )
     if spec.backend == "sglang":
         from actors.engine_host.sglang_backend import SglangBackend

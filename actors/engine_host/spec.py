@@ -36,6 +36,8 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
     join_timeout: float = 300.0
     mode: str = "aggregated"  # aggregated | prefill | decode | embedding
     transfer_seconds_per_token: float = 0.0  # sim, decode mode: the simulated KV transfer
+    bootstrap_host: str = ""  # sim, prefill mode: where its bootstrap server listens
+    bootstrap_port: int = 0
 
 
 def local_ranks(dp_size: int, nnodes: int, node_rank: int) -> range:

@@ -288,8 +288,9 @@ class Dispatcher:
         )
         decode_request = msgspec.structs.replace(request, bootstrap_info=info)
         stream = run_attempt(self, decode, decode_request, abort=outcome.failed)
+        blamed = _prefill_blamed(stream, prefill.instance_id)
         try:
-            async for chunk in stream:
+            async for chunk in blamed:
                 if chunk.finish_reason is not None and not task.done():
                     # the cache figure is the prefill's (it finished first with a real transfer)
                     await asyncio.wait({task}, timeout=PREFILL_USAGE_WAIT)
@@ -301,6 +302,7 @@ class Dispatcher:
                 else:
                     yield chunk
         finally:
+            await blamed.aclose()
             await stream.aclose()
             if not task.done():
                 task.cancel()
@@ -309,3 +311,19 @@ class Dispatcher:
         metrics.CANCELS.inc()
         self.log.info("cancelling", request_id=request_id, instance_id=record.instance_id)
         await self.nc.publish(record.subjects.cancel, encode_json(CancelRequest(request_id)))
+
+
+async def _prefill_blamed(
+    stream: AsyncGenerator[StreamChunk, None], prefill_id: str
+) -> AsyncGenerator[StreamChunk, None]:
+    """The decode stream, where a decode that could not get its KV cache from the prefill
+    instance (`kv_transfer_failed`: the prefill node is gone or never finished) fails the
+    pair over with the *prefill* instance excluded: the decode instance is sound."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Retry as retry:
+        final = retry.final
+        if final is None or final.error is None or final.error.code != "kv_transfer_failed":
+            raise
+        raise Retry(prefill_id, "prefill_lost", retry.error, final) from None

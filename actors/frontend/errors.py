@@ -29,6 +29,7 @@ _STATUS: dict[str, tuple[int, str]] = {
     "engine_restarting": (503, "service_unavailable_error"),
     "not_ready": (503, "service_unavailable_error"),
     "node_lost": (503, "service_unavailable_error"),
+    "kv_transfer_failed": (503, "service_unavailable_error"),
     "no_instances": (503, "service_unavailable_error"),
     "shutdown": (503, "service_unavailable_error"),
     "cancelled": (503, "service_unavailable_error"),

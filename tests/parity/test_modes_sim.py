@@ -20,10 +20,11 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client import NodeClient
-from tests.node.harness import NatsServer, NodeProcess, start_node
+from tests.node.harness import NatsServer, NodeProcess, free_ports, start_node
 from tests.supervision.children import wait_until
 
 CANARY = {"canary_after_idle": 0.3, "canary_timeout": 5.0}
+BOOTSTRAP_PORT = free_ports()  # the prefill node's (its engine host listens there)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             tmp,
             name="prefill",
             node={"mode": "prefill"},
-            disaggregation={"bootstrap_port": 9911},
+            disaggregation={"bootstrap_port": BOOTSTRAP_PORT},
             **common,
         ),
         # 1 MB per token at 100 MB/s: a 20-token prompt takes 0.2 s to "transfer"
@@ -87,7 +88,7 @@ def test_a_prefill_node_answers_first_with_its_bootstrap_info_then_prefills(
     chunks = _run(_stream(fleet["server"].url, "prefill", _request()))
     first = chunks[0]
     assert first.bootstrap_info is not None
-    assert (first.bootstrap_info.host, first.bootstrap_info.port) == ("127.0.0.1", 9911)
+    assert (first.bootstrap_info.host, first.bootstrap_info.port) == ("127.0.0.1", BOOTSTRAP_PORT)
     assert sum(len(c.token_ids) for c in chunks) == 1  # only the prefill's token
     assert chunks[-1].finish_reason == "length"
     assert fleet["prefill"].wait_log(lambda r: r.get("event") == "prefill warm-up done")
@@ -137,7 +138,7 @@ def test_discovery_shows_each_modes_card(fleet: dict[str, Any]) -> None:
         "prefill",
         "dynamo.prefill.generate",
     )
-    assert cards["prefill"].model.runtime_config["bootstrap_port"] == 9911
+    assert cards["prefill"].model.runtime_config["bootstrap_port"] == BOOTSTRAP_PORT
     assert cards["backend"].model.mode == "decode"
     assert (cards["embedder"].model.mode, cards["embedder"].model.model_type) == (
         "embedding",

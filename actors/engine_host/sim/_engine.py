@@ -22,6 +22,12 @@ import msgspec
 import structlog
 import zmq
 
+from actors.engine_host.sim._bootstrap import (
+    FETCH_TIMEOUT,
+    BootstrapServer,
+    TransferFailed,
+    fetch_room,
+)
 from actors.engine_host.sim._guided import guided_document
 from actors.engine_host.sim._kv_publisher import KvEventPublisher
 from actors.engine_host.sim._metrics_pusher import MetricsPusher, kv_metrics_pickle
@@ -149,6 +155,7 @@ class SimEngine:
         mode: str = "aggregated",
         transfer_seconds_per_token: float = 0.0,
         multinode: MultiNode | None = None,
+        bootstrap: tuple[str, int] | None = None,
     ) -> None:
         self.mode = mode
         self.multinode = multinode
@@ -190,6 +197,12 @@ class SimEngine:
         self._ranks: list[RankScheduler] = []  # the local ranks
         self._by_rank: dict[int, RankScheduler] = {}
         self._closed = threading.Event()
+        # Disaggregation: a prefill node's bootstrap server (where it listens) and the
+        # rooms of its running prefills; a decode node's requests fetching their KV cache.
+        self._bootstrap_at = bootstrap if mode == "prefill" else None
+        self._bootstrap: BootstrapServer | None = None
+        self._rooms: dict[str, int] = {}  # request id -> room (prefill)
+        self._fetching: dict[str, threading.Event] = {}  # request id -> its cancel (decode)
 
     def _init_control_state(self) -> None:
         """What the control ops change: memory, speed, weights, adapters, sessions."""
@@ -210,6 +223,9 @@ class SimEngine:
                 raise RuntimeError(f"SimEngine.start: the engine is {self._state}")
             self._ctx = zmq.Context()
             try:
+                if self._bootstrap_at is not None:
+                    self._bootstrap = BootstrapServer(*self._bootstrap_at)
+                    self._bootstrap.start()
                 self._start_link(self._ctx)
                 for rank in self.local:
                     self._start_rank(self._ctx, rank)
@@ -278,6 +294,8 @@ class SimEngine:
     def _emit(self, output: HostOutput | list[HostChunk]) -> None:
         """Outputs go to the node; on a follower, those of the leader's requests go back to
         the leader instead."""
+        if self._rooms:
+            self._prefilled(output)
         if self._follower is None or not self._remote_ids:
             self._out(output)
             return
@@ -303,6 +321,25 @@ class SimEngine:
             self._follower.send_chunks(theirs)
         if mine:
             self._out(mine)
+
+    def _prefilled(self, output: HostOutput | list[HostChunk]) -> None:
+        """A prefill node: the rooms of the prefills that finished are ready for decodes."""
+        if isinstance(output, HostChunk):
+            chunks = [output]
+        elif isinstance(output, HostChunks):
+            chunks = output.chunks
+        elif isinstance(output, list):
+            chunks = output
+        else:
+            return
+        for chunk in chunks:
+            if chunk.finish_reason is None:
+                continue
+            with self._lock:
+                room = self._rooms.pop(chunk.request_id, None)
+            if room is not None and chunk.finish_reason in ("stop", "length"):
+                assert self._bootstrap is not None
+                self._bootstrap.ready(room)
 
     def _start_rank(self, ctx: zmq.Context[zmq.Socket[bytes]], rank: int) -> None:
         publisher = KvEventPublisher(
@@ -359,6 +396,11 @@ class SimEngine:
         link = self._leader or self._follower
         if link is not None:
             stopped.append(link.close(STOP_TIMEOUT))
+        if self._bootstrap is not None:
+            self._bootstrap.close()
+        with self._lock:
+            for cancel in self._fetching.values():
+                cancel.set()
         for pusher in self._remote_pushers.values():
             pusher.close()
         clean = all(stopped)
@@ -393,27 +435,65 @@ class SimEngine:
     def submit(self, cmd: HostGenerate) -> None:
         """Queue a generation; a refusal is emitted as one error chunk. Thread-safe.
 
-        In decode mode a request carries the prefill node's bootstrap info: its KV cache
-        "arrives" after prompt tokens × the transfer time per token (simulated), then it
-        decodes. SGLang's fake bootstrap host (warm-up, canaries) transfers nothing.
+        In decode mode a request carries the prefill node's bootstrap info: it waits for
+        its prefill to finish there (`_bootstrap.py`), then its KV cache "arrives" after
+        prompt tokens × the transfer time per token (simulated), then it decodes. A prefill
+        node runs the bootstrap server. SGLang's fake bootstrap host (warm-up, canaries)
+        transfers nothing.
         """
         bootstrap = cmd.bootstrap
-        if (
-            self.mode == "decode"
-            and bootstrap is not None
-            and bootstrap.host != FAKE_BOOTSTRAP_HOST
-        ):
-            try:
-                tokens = len(prompt_ids(cmd, self.tokenizer, self.sim.vocab_size))
-            except Refused:
-                tokens = 0  # refused again, with its reason, when admitted
-            delay = tokens * self.transfer_seconds_per_token * self._slow
-            if delay > 0:
-                timer = threading.Timer(delay, self._admit, args=(cmd,))
-                timer.daemon = True
-                timer.start()
-                return
-        self._admit(cmd)
+        if bootstrap is None or bootstrap.host == FAKE_BOOTSTRAP_HOST:
+            self._admit(cmd)
+        elif self.mode == "prefill" and self._bootstrap is not None:
+            with self._lock:
+                self._rooms[cmd.request_id] = bootstrap.room
+            self._admit(cmd)
+        elif self.mode == "decode":
+            cancel = threading.Event()
+            with self._lock:
+                self._fetching[cmd.request_id] = cancel
+            threading.Thread(
+                target=self._fetch, args=(cmd, cancel), name="sim-kv-fetch", daemon=True
+            ).start()
+        else:
+            self._admit(cmd)
+
+    def _fetch(self, cmd: HostGenerate, cancel: threading.Event) -> None:
+        """A decode request's KV transfer (its own thread): wait for the prefill, then the
+        simulated transfer time; then admit it. A cancel meanwhile ends it `cancelled`."""
+        assert cmd.bootstrap is not None
+        info = cmd.bootstrap
+        failed: TransferFailed | None = None
+        try:
+            fetched = fetch_room(info.host, info.port, info.room, cancel.is_set, FETCH_TIMEOUT)
+            if fetched:
+                try:
+                    tokens = len(prompt_ids(cmd, self.tokenizer, self.sim.vocab_size))
+                except Refused:
+                    tokens = 0  # refused again, with its reason, when admitted
+                fetched = not cancel.wait(tokens * self.transfer_seconds_per_token * self._slow)
+        except TransferFailed as exc:
+            failed, fetched = exc, False
+        with self._lock:
+            self._fetching.pop(cmd.request_id, None)
+            running = self._state == "running"
+        if fetched:
+            self._admit(cmd)
+        elif not running:
+            return  # the engine closed: the node ends the request
+        elif failed is not None:
+            log.warning("kv transfer failed", request_id=cmd.request_id, error=str(failed))
+            self._emit(
+                HostChunk(
+                    request_id=cmd.request_id,
+                    finish_reason="error",
+                    error_code="kv_transfer_failed",
+                    error_message=str(failed),
+                    error_field="bootstrap_info",
+                )
+            )
+        else:
+            self._emit(HostChunk(request_id=cmd.request_id, finish_reason="cancelled"))
 
     def embed(self, cmd: HostEmbed) -> None:
         """Deterministic unit vectors (a simulation: similar texts are not close)."""
@@ -497,7 +577,10 @@ class SimEngine:
         Unknown or finished ids are ignored. Thread-safe."""
         with self._lock:
             rank = self._live.get(request_id)
-        if rank is not None:
+            fetching = self._fetching.get(request_id)
+        if fetching is not None:  # still waiting for its KV cache: ends `cancelled`
+            fetching.set()
+        elif rank is not None:
             rank.abort(request_id)
         elif self._leader is not None:
             self._leader.abort(request_id)  # a follower runs it, if anyone
