@@ -115,43 +115,52 @@ def _rate(results: list[Timed], start: float, end: float) -> float:
     return tokens / (end - start)
 
 
-def _sim_faults(tmp: Path) -> list[tuple[Any, ...]]:
+Fault = Callable[[list[NodeProcess]], None]
+
+
+def _run_faults(
+    tmp: Path,
+    backend: str,
+    faults: dict[str, Fault],
+    streams: int,
+    runs: int,
+    request: Callable[[], GenerateRequest],
+) -> list[tuple[Any, ...]]:
+    """Two nodes of `backend` on one NATS server; for each fault, `runs` times: `streams`
+    streams, half on node A, which the fault hits once each has 10 chunks (node A is
+    replaced after a fault that ends it). One table row per fault."""
+    engine = "sim" if backend == "sim" else "SGLang"
+    start_timeout = 60 if backend == "sim" else 600
     server = NatsServer(tmp)
-    nodes = [_start(tmp, "a", server.url), _start(tmp, "b", server.url)]
-    faults: dict[str, Callable[[list[NodeProcess]], None]] = {
-        "engine host kill -9 (same node)": lambda n: os.kill(_host_pid(n[0]), signal.SIGKILL),
-        "handler crash (same node)": lambda n: _admin(
-            n[0], fault="crash_actor", target="core/handlers/handler-1"
-        ),
-        "SIGSTOP past the 2 s stall timeout (same node)": lambda n: _admin(
-            n[0], fault="stop_engine_host", duration=6.0
-        ),
-        "SIGTERM, 1 s drain (handed to node B)": lambda n: n[0].proc.send_signal(signal.SIGTERM),
-        "node kill -9 (client moves it to node B)": lambda n: n[0].kill(),
-    }
+    nodes = [_start(tmp, f"{backend}-a", server.url, backend)]
+    nodes.append(_start(tmp, f"{backend}-b", server.url, backend))
     rows: list[tuple[Any, ...]] = []
     try:
         for node in nodes:
-            node.wait_ready(60)
+            node.wait_ready(start_timeout)
         for what, fault in faults.items():
-            seams, gaps, failed, absorb = [], [], 0, []
-            for _ in range(RUNS):
-                targets = [nodes[i % 2].instance_id for i in range(STREAMS)]
+            seams: list[float] = []
+            gaps: list[float] = []
+            absorb: list[float] = []
+            failed = 0
+            for _ in range(runs):
+                targets = [nodes[i % 2].instance_id for i in range(streams)]
                 at = [0.0]
 
-                def hit(fault: Any = fault, at: list[float] = at) -> None:
+                def hit(fault: Fault = fault, at: list[float] = at) -> None:
                     at[0] = time.monotonic()
                     fault(nodes)
 
-                results = asyncio.run(_streams(server.url, targets, _request, hit))
+                results = asyncio.run(_streams(server.url, targets, request, hit))
                 s, g, f, last = _measure(results)
                 seams, gaps, failed = seams + s, gaps + g, failed + f
                 before = _rate(results[1::2], at[0] - 1.0, at[0])  # node B's streams
-                absorb.append(_rate(results, last, last + 1.0) / before if last else float("nan"))
+                after = _rate(results, last, last + 1.0) if last else float("nan")
+                absorb.append(after / before if before else float("nan"))
                 if nodes[0].proc.poll() is not None:  # stopped or killed: a fresh node A
-                    nodes[0] = _start(tmp, "a", server.url)
-                nodes[0].wait_ready(60)
-            rows.append(_row(what, "sim", seams, gaps, failed, median(absorb)))
+                    nodes[0] = _start(tmp, f"{backend}-a", server.url, backend)
+                nodes[0].wait_ready(start_timeout)
+            rows.append(_row(what, engine, seams, gaps, failed, median(absorb)))
     finally:
         for node in nodes:
             node.kill()
@@ -174,62 +183,49 @@ def _row(
     )
 
 
-def _real_engine(tmp: Path) -> list[tuple[Any, ...]]:
-    """Two real-engine nodes; 4 greedy streams, half on node A, which each fault hits."""
-    server = NatsServer(tmp)
-    nodes = [
-        _start(tmp, "real-a", server.url, "sglang"),
-        _start(tmp, "real-b", server.url, "sglang"),
-    ]
-    faults: dict[str, Callable[[list[NodeProcess]], None]] = {
-        "engine host kill -9 (same node)": lambda n: os.kill(_host_pid(n[0]), signal.SIGKILL),
-        "scheduler kill -9 (same node)": lambda n: [
-            os.kill(p, signal.SIGKILL) for p in scheduler_pids(_host_pid(n[0]))
-        ],
-        "node kill -9 (client moves it to node B)": lambda n: n[0].kill(),
-    }
+def _engine_host_kill(nodes: list[NodeProcess]) -> None:
+    os.kill(_host_pid(nodes[0]), signal.SIGKILL)
 
-    def request() -> GenerateRequest:
-        return GenerateRequest(
-            request_id=uuid.uuid4().hex,
-            prompt="Count from one to fifty:",
-            stop=StopConditions(max_tokens=60),
-        )
 
-    rows: list[tuple[Any, ...]] = []
-    try:
-        for node in nodes:
-            node.wait_ready(600)
-        for what, fault in faults.items():
-            seams, gaps, failed, absorb = [], [], 0, []
-            for _ in range(max(1, RUNS // 2)):
-                targets = [nodes[i % 2].instance_id for i in range(4)]
-                at = [0.0]
+def _node_kill(nodes: list[NodeProcess]) -> None:
+    nodes[0].kill()
 
-                def hit(fault: Any = fault, at: list[float] = at) -> None:
-                    at[0] = time.monotonic()
-                    fault(nodes)
 
-                results = asyncio.run(_streams(server.url, targets, request, hit))
-                s, g, f, last = _measure(results)
-                seams, gaps, failed = seams + s, gaps + g, failed + f
-                before = _rate(results[1::2], at[0] - 1.0, at[0])  # node B's streams
-                after = _rate(results, last, last + 1.0) if last else float("nan")
-                absorb.append(after / before if before else float("nan"))
-                if nodes[0].proc.poll() is not None:  # killed: a fresh node A
-                    nodes[0] = _start(tmp, "real-a", server.url, "sglang")
-                nodes[0].wait_ready(600)
-            rows.append(_row(what, "SGLang", seams, gaps, failed, median(absorb)))
-    finally:
-        for node in nodes:
-            node.kill()
-        server.stop()
-    return rows
+def _scheduler_kill(nodes: list[NodeProcess]) -> None:
+    for pid in scheduler_pids(_host_pid(nodes[0])):
+        os.kill(pid, signal.SIGKILL)
+
+
+SIM_FAULTS: dict[str, Fault] = {
+    "engine host kill -9 (same node)": _engine_host_kill,
+    "handler crash (same node)": lambda n: _admin(
+        n[0], fault="crash_actor", target="core/handlers/handler-1"
+    ),
+    "SIGSTOP past the 2 s stall timeout (same node)": lambda n: _admin(
+        n[0], fault="stop_engine_host", duration=6.0
+    ),
+    "SIGTERM, 1 s drain (handed to node B)": lambda n: n[0].proc.send_signal(signal.SIGTERM),
+    "node kill -9 (client moves it to node B)": _node_kill,
+}
+REAL_FAULTS: dict[str, Fault] = {
+    "engine host kill -9 (same node)": _engine_host_kill,
+    "scheduler kill -9 (same node)": _scheduler_kill,
+    "node kill -9 (client moves it to node B)": _node_kill,
+}
+
+
+def _real_request() -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt="Count from one to fifty:",
+        stop=StopConditions(max_tokens=60),
+    )
 
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-migration-"))
-    rows = _sim_faults(tmp) + _real_engine(tmp)
+    rows = _run_faults(tmp, "sim", SIM_FAULTS, STREAMS, RUNS, _request)
+    rows += _run_faults(tmp, "sglang", REAL_FAULTS, 4, max(1, RUNS // 2), _real_request)
     header = [
         "fault",
         "engine",

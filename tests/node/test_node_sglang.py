@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,61 +276,76 @@ PERSON = {
 }
 
 
-def _continues(node: NodeProcess, kill: Any) -> None:
+def _guided(prompt: str, **guide: Any) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        prompt=prompt,
+        sampling=SamplingOptions(temperature=0.0, **guide),
+        stop=StopConditions(max_tokens=200),
+    )
+
+
+def _killed_mid_stream(
+    url: str,
+    requests: list[GenerateRequest],
+    kill: Callable[[], Any],
+    on: str | None = None,
+    reference_on: str | None = None,
+) -> tuple[list[int], list[list[StreamChunk]]]:
+    """Run `requests[0]` (greedy) once uninterrupted (on `reference_on`, or any node) for
+    its reference tokens; then every request (the first again, under a new id) on `on`
+    (or any node) and, once each has streamed 3 chunks, `kill()`; returns the reference
+    and each stream's chunks, after checking that the kill caught every stream mid-way
+    and that each went on through one seam to its end with no chunk index lost."""
+
+    async def go() -> tuple[list[int], list[list[StreamChunk]], list[bool]]:
+        async with NodeClient(url) as client:
+            first = client.generate(requests[0], instance_id=reference_on, idle_timeout=120)
+            reference = [t async for c in first for t in c.token_ids]
+            again = msgspec.structs.replace(requests[0], request_id=uuid.uuid4().hex)
+            running = [again, *requests[1:]]
+            started = [asyncio.Event() for _ in running]
+            streams: list[list[StreamChunk]] = [[] for _ in running]
+
+            async def stream(k: int) -> None:
+                async for chunk in client.generate(running[k], instance_id=on, idle_timeout=300):
+                    streams[k].append(chunk)
+                    if len(streams[k]) >= 3:
+                        started[k].set()
+
+            tasks = [asyncio.create_task(stream(k)) for k in range(len(running))]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+            unfinished = [s[-1].finish_reason is None for s in streams]
+            kill()
+            await asyncio.wait_for(asyncio.gather(*tasks), 300)
+            return reference, streams, unfinished
+
+    reference, streams, unfinished = asyncio.run(go())
+    assert all(unfinished), unfinished  # the kill caught every stream mid-way
+    for chunks in streams:
+        assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
+        assert chunks[-1].migrations == 1, chunks[-1]
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+    continued = streams[0]
+    assert [t for c in continued for t in c.token_ids] == reference
+    usage = continued[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens == len(reference)
+    return reference, streams
+
+
+def _continues(node: NodeProcess, kill: Callable[[], Any]) -> None:
     """Three streams in flight when `kill` runs, each continued on the restarted engine:
     a greedy one to exactly the tokens of an uninterrupted run (asked first); one under a
     regex and one under a JSON schema to a whole document the constraint accepts (their
     rest generated under the constraint's derivative by what was streamed)."""
     registrations = len(node.wait_log(lambda r: r.get("event") == "registered"))
-    plain = chat(max_tokens=40)
-    by_regex = GenerateRequest(
-        request_id=uuid.uuid4().hex,
-        prompt="Write the alphabet in lower case letters:",
-        sampling=SamplingOptions(temperature=0.0, regex=GUIDED_REGEX),
-        stop=StopConditions(max_tokens=200),
-    )
-    by_schema = GenerateRequest(
-        request_id=uuid.uuid4().hex,
-        prompt="Describe a person in JSON:",
-        sampling=SamplingOptions(temperature=0.0, json_schema=json.dumps(PERSON)),
-        stop=StopConditions(max_tokens=200),
-    )
-
-    async def go() -> tuple[list[list[StreamChunk]], list[int], list[bool]]:
-        async with NodeClient(node.url) as client:
-            reference = [t for _, c in await collect(client, plain) for t in c.token_ids]
-            requests = [msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)]
-            requests += [by_regex, by_schema]
-            started = [asyncio.Event() for _ in requests]
-            streams: list[list[StreamChunk]] = [[] for _ in requests]
-
-            async def stream(k: int) -> None:
-                async for chunk in client.generate(requests[k], idle_timeout=300):
-                    streams[k].append(chunk)
-                    if len(streams[k]) >= 3:
-                        started[k].set()
-
-            tasks = [asyncio.create_task(stream(k)) for k in range(len(requests))]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-            unfinished = [s[-1].finish_reason is None for s in streams]
-            kill()
-            await asyncio.gather(*tasks)
-            return streams, reference, unfinished
-
-    streams, reference, unfinished = asyncio.run(go())
-    assert unfinished == [True, True, True]  # the kill caught all three mid-stream
-    for chunks in streams:
-        assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
-        assert chunks[-1].migrations == 1, chunks[-1]
-        assert [c.index for c in chunks] == list(range(len(chunks)))
-    continued, regex_chunks, schema_chunks = streams
-    assert [t for c in continued for t in c.token_ids] == reference
-    usage = continued[-1].usage
-    assert usage is not None
-    assert usage.completion_tokens == len(reference)
-    regex_text = "".join(c.text for c in regex_chunks)
+    by_regex = _guided("Write the alphabet in lower case letters:", regex=GUIDED_REGEX)
+    by_schema = _guided("Describe a person in JSON:", json_schema=json.dumps(PERSON))
+    _, streams = _killed_mid_stream(node.url, [chat(max_tokens=40), by_regex, by_schema], kill)
+    regex_text = "".join(c.text for c in streams[1])
     assert re.fullmatch(GUIDED_REGEX, regex_text), regex_text
-    person = json.loads("".join(c.text for c in schema_chunks))
+    person = json.loads("".join(c.text for c in streams[2]))
     assert set(person) == set(PERSON["required"]), person
     assert all(isinstance(v, str) and len(v) >= 12 for v in person.values()), person
     node.wait_log(lambda r: r.get("event") == "registered", count=registrations + 1, timeout=300)
@@ -437,51 +453,15 @@ def test_a_dp_size_2_node_killed_mid_stream_its_streams_continue_on_another_real
         controller = [p for p in pids if process_title(p) == "sglang::data_parallel_controller"]
         assert len(controller) == 1, [process_title(p) for p in pids]
         assert _cores_used(controller, 2.0) < 0.15
-        plain = chat(max_tokens=40)
-        by_regex = GenerateRequest(
-            request_id=uuid.uuid4().hex,
-            prompt="Write the alphabet in lower case letters:",
-            sampling=SamplingOptions(temperature=0.0, regex=GUIDED_REGEX),
-            stop=StopConditions(max_tokens=200),
+        by_regex = _guided("Write the alphabet in lower case letters:", regex=GUIDED_REGEX)
+        _, streams = _killed_mid_stream(
+            server.url,
+            [chat(max_tokens=40), by_regex],
+            lambda: os.killpg(other.proc.pid, signal.SIGKILL),
+            on=other.instance_id,
+            reference_on=node.instance_id,
         )
-
-        async def go() -> tuple[list[int], list[list[StreamChunk]], list[bool]]:
-            async with NodeClient(server.url) as client:
-                first = client.generate(plain, instance_id=node.instance_id)
-                reference = [t async for c in first for t in c.token_ids]
-                requests = [msgspec.structs.replace(plain, request_id=uuid.uuid4().hex)]
-                requests.append(by_regex)
-                started = [asyncio.Event() for _ in requests]
-                streams: list[list[StreamChunk]] = [[] for _ in requests]
-
-                async def stream(k: int) -> None:
-                    chunks = client.generate(
-                        requests[k], instance_id=other.instance_id, idle_timeout=300
-                    )
-                    async for chunk in chunks:
-                        streams[k].append(chunk)
-                        if len(streams[k]) >= 3:
-                            started[k].set()
-
-                tasks = [asyncio.create_task(stream(k)) for k in range(len(requests))]
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-                unfinished = [s[-1].finish_reason is None for s in streams]
-                os.killpg(other.proc.pid, signal.SIGKILL)
-                await asyncio.wait_for(asyncio.gather(*tasks), 300)
-                return reference, streams, unfinished
-
-        reference, streams, unfinished = asyncio.run(go())
-        assert unfinished == [True, True]  # the kill caught both mid-stream
-        for chunks in streams:
-            assert chunks[-1].finish_reason in ("stop", "length"), chunks[-1]
-            assert chunks[-1].migrations == 1, chunks[-1]
-            assert [c.index for c in chunks] == list(range(len(chunks)))
-        continued, regex_chunks = streams
-        assert [t for c in continued for t in c.token_ids] == reference
-        usage = continued[-1].usage
-        assert usage is not None
-        assert usage.completion_tokens == len(reference)
-        regex_text = "".join(c.text for c in regex_chunks)
+        regex_text = "".join(c.text for c in streams[1])
         assert re.fullmatch(GUIDED_REGEX, regex_text), regex_text
 
         async def listed() -> set[str]:
