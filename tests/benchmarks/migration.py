@@ -111,8 +111,12 @@ def _request() -> GenerateRequest:
 
 
 def _rate(results: list[Timed], start: float, end: float) -> float:
+    """Tokens per second the streams got in [start, end), the window cut to begin with
+    their first chunk (streams hit early have run for less than the window)."""
+    first = min((timed[0][0] for timed in results if timed), default=start)
+    start = max(start, first)
     tokens = sum(len(c.token_ids) for timed in results for t, c in timed if start <= t < end)
-    return tokens / (end - start)
+    return tokens / (end - start) if end > start else float("nan")
 
 
 Fault = Callable[[list[NodeProcess]], None]
@@ -244,7 +248,7 @@ def main() -> None:
         "stream's seam to the first after it (each seam is one stream moved or continued). "
         "*Ordinary gap*: between the other chunks of the same streams (the baseline). *Output "
         "rate*: tokens per second over all streams in the second after the last seam, over the "
-        "surviving node's rate in the second before the fault. Restart backoff is off "
+        "surviving node's rate in the second before the fault (or since its streams began, if less). Restart backoff is off "
         "(`supervision.backoff_initial = 0`), as in the recovery benchmark.\n\n"
         + table(header, rows)
     )

@@ -45,7 +45,6 @@ from messages.kv import AllBlocksCleared, BlockStored, block_hashes, decode_sgla
 from messages.metrics import decode_scheduler_metrics
 from messages.request import ChatMessage, OutputOptions, SamplingOptions, StopConditions
 from supervisor.chaos import free_ports
-from tests.node.harness import process_title
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240.0
@@ -691,20 +690,3 @@ def test_sigterm_stops_the_host_with_exit_0_and_no_child_left(host: Host) -> Non
     last = host.stream("in-flight", timeout=15)[-1][1]
     assert (last.finish_reason, last.error_code) == ("error", "engine_restarting")
     assert "Traceback" not in host.stderr()
-
-
-def test_sigkill_of_the_host_takes_sglangs_children_with_it(tmp_path: Path) -> None:
-    # Killed once the engine serves: SGLang's children then come from the forkserver and
-    # hold the pipe that would tell it the host is gone; it must die with the host anyway
-    # (its own death signal), and they with it (theirs).
-    process = launch(host_spec(tmp_path), tmp_path)
-    try:
-        wait_ready(process, tmp_path / "host.stderr", START_TIMEOUT)
-        titles = {pid: process_title(pid) for pid in descendants(process.pid)}
-        assert {"sglang::scheduler", "sglang::detokenizer"} <= set(titles.values()), titles
-        process.kill()
-        process.wait(10)
-        assert wait_gone(set(titles), 10) == set(), titles
-    finally:
-        if process.poll() is None:
-            process.kill()

@@ -363,8 +363,13 @@ def test_kill_9_of_the_engine_host_mid_stream_the_stream_continues_exactly(
     node: NodeProcess,
 ) -> None:
     pid = _host_pid(node)
+    # SGLang's children come from the forkserver and hold the pipe that would tell it the
+    # host is gone: it must die with the host anyway (its own death signal), they with it
+    titles = {child: process_title(child) for child in descendants(pid)}
+    assert {"sglang::scheduler", "sglang::detokenizer"} <= set(titles.values()), titles
     _continues(node, lambda: os.kill(pid, signal.SIGKILL))
     assert _host_pid(node) != pid
+    assert wait_until(lambda: not any(pid_alive(p) for p in titles), timeout=10), titles
 
 
 def test_kill_9_of_sglangs_scheduler_mid_stream_the_stream_continues_exactly(
