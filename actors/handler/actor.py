@@ -9,6 +9,7 @@ from typing import Any
 from actors.handler.admission import RequestAdmission
 from actors.handler.streams import DeadlineGrace, RetrySubmit, StreamDeadline
 from actors.streams.admission import request_id_of
+from actors.streams.coalesce import coalesce
 from actors.streams.handover import offer_handover
 from actors.telemetry import node_metrics
 from messages.node import (
@@ -144,7 +145,7 @@ class HandlerActor(RequestAdmission):
             case EngineOutputs(chunks=chunks):
                 self._outbox = []  # the batch's publishes go out together
                 try:
-                    for chunk in chunks:
+                    for chunk in coalesce(chunks):  # a backlog: a request's steps as one chunk
                         self._on_output(chunk)
                 finally:
                     outbox, self._outbox = self._outbox, None

@@ -252,8 +252,7 @@ def main() -> None:
         "(`supervision.backoff_initial = 0`), as in the recovery benchmark. With the real "
         "engine the rate column says little: its 60-token streams (~5 s) end long before an "
         "engine restart, so after the last seam only the moved streams run (n/a: a window "
-        "without any token, so no ratio).\n\n"
-        + table(header, rows)
+        "without any token, so no ratio).\n\n" + table(header, rows)
     )
     write_section("migration", "The pause a continuation costs", body)
 
