@@ -398,9 +398,8 @@ class SimEngine:
             stopped.append(link.close(STOP_TIMEOUT))
         if self._bootstrap is not None:
             self._bootstrap.close()
-        with self._lock:
-            for cancel in self._fetching.values():
-                cancel.set()
+        for cancel in list(self._fetching.values()):  # no lock: `_fail_start` holds it
+            cancel.set()
         for pusher in self._remote_pushers.values():
             pusher.close()
         clean = all(stopped)
