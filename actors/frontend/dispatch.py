@@ -5,8 +5,9 @@
   of each (prefill by KV cost, decode by load) and the disaggregated flow.
 - **Failover**: an attempt that fails before any chunk was received (no responders, the
   instance was lost, or a retryable error: overloaded, engine restarting, stopping) is sent
-  again to another instance, up to `MAX_ATTEMPTS`; each attempt has its own request id so
-  a cancel for one never hits another.
+  again to another instance, up to `MAX_ATTEMPTS` (when every instance is marked down, it
+  waits up to `ALL_DOWN_WAIT` for one to be heard from again); each attempt has its own
+  request id so a cancel for one never hits another.
 - **Migration**: after a chunk, the same failures send the stream on to another instance
   as a continuation (`Progress`: the tokens the client has, the next chunk index), up to
   `migration_limit` seams; the client's stream goes on with a pause. A disaggregated
@@ -55,6 +56,8 @@ from messages.request import (
 __all__ = ["Dispatcher", "Route"]
 
 MAX_ATTEMPTS = 4
+ALL_DOWN_WAIT = 3.0  # seconds a request waits for an instance when all are marked down
+DOWN_POLL = 0.1
 PREFILL_USAGE_WAIT = 1.0  # a decode that ends first waits this long for the prefill's usage
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
@@ -117,6 +120,8 @@ class Dispatcher:
         progress = Progress(prompt_tokens=len(request.token_ids or []))
         for attempt in range(MAX_ATTEMPTS + self.migration_limit):
             route = self._next_route(request, group, tried, attempt)
+            if route is None and await self._back_soon(request.model, tried):
+                route = self._next_route(request, group, tried, attempt)
             if route is None:
                 error = last or self._unavailable(request.model)
                 if not progress.started:
@@ -160,6 +165,27 @@ class Dispatcher:
         if group is not None and group.route is None:
             group.route = route
         return route
+
+    async def _back_soon(self, model: str, tried: set[str]) -> bool:
+        """Every instance of `model` is marked down (a "no responders" each: e.g. in a
+        rolling restart of the NATS servers, while the nodes reconnect and their interest
+        spreads again): wait up to `ALL_DOWN_WAIT` s for one to show it is alive (a newer
+        record revision, within a heartbeat). True if one did; it is tried again even if
+        this request had tried it. A pause instead of a burst of 503s."""
+        pool = self.discovery.pool(model)
+        if pool is None or pool.live or not pool.registered:
+            return False
+        loop = asyncio.get_running_loop()
+        until = loop.time() + ALL_DOWN_WAIT
+        while loop.time() < until:
+            await asyncio.sleep(DOWN_POLL)
+            pool = self.discovery.pool(model)
+            if pool is None:
+                return False
+            if pool.live:
+                tried.difference_update(r.instance_id for r in pool.live)
+                return True
+        return False
 
     def _unavailable(self, model: str) -> FrontendError:
         pool = self.discovery.pool(model)
