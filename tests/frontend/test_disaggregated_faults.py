@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,11 @@ from tests.node.harness import NodeProcess, free_ports
 PREFILLS = ("prefill", "prefill2")
 PREFILL_SIM = {"prefill_time_per_token": 0.003}  # the ~1,000-token prompt below: ~3 s
 DECODE_SIM = {"decode_time_per_step": 0.01}
-MESSAGES = [{"role": "user", "content": "Tell me more. " + "word " * 200}]
+
+
+def _messages() -> list[dict[str, str]]:
+    """A prompt no node has cached (its head is new), so its prefill takes the whole ~3 s."""
+    return [{"role": "user", "content": f"{uuid.uuid4().hex} Tell me more. " + "word " * 200}]
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +102,14 @@ def test_a_client_gone_at_any_moment_leaves_no_request_and_no_kv_on_either_side(
         with pytest.raises(openai.APITimeoutError):  # the client gives up after 1 s
             frontend.client(timeout=1.0).chat.completions.create(
                 model="sim",
-                messages=MESSAGES,  # type: ignore[arg-type]
+                messages=_messages(),  # type: ignore[arg-type]
                 max_tokens=300,
                 stream=True,
             )
     else:
         stream = frontend.client().chat.completions.create(
             model="sim",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=_messages(),  # type: ignore[arg-type]
             max_tokens=300,
             stream=True,
         )
@@ -126,12 +131,13 @@ def test_a_prefill_node_killed_mid_prefill_the_prefill_runs_again_on_the_other(
 ) -> None:
     frontend: Frontend = fleet["frontend"]
     tokens = 40
+    messages = _messages()
     answer: list[str] = []
 
     def ask() -> None:  # the stream starts (headers) only with its first token
         stream = frontend.client().chat.completions.create(
             model="sim",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=messages,  # type: ignore[arg-type]
             max_tokens=tokens,
             stream=True,
         )
@@ -139,14 +145,20 @@ def test_a_prefill_node_killed_mid_prefill_the_prefill_runs_again_on_the_other(
 
     client = threading.Thread(target=ask)
     client.start()
-    wait_until(lambda: _busy_prefill(fleet) is not None, 10, "a prefill running")
-    victim = _busy_prefill(fleet)
-    assert victim is not None
+    busy: list[NodeProcess] = []
+
+    def prefilling() -> bool:  # the node that has it, taken as it is seen busy
+        node = _busy_prefill(fleet)
+        busy.extend([node] if node is not None else [])
+        return bool(busy)
+
+    wait_until(prefilling, 10, "a prefill running")
+    victim = busy[0]
     killed_at = time.monotonic()
     victim.kill()
     client.join(60)
     paused = time.monotonic() - killed_at
-    assert "".join(answer) == sim_answer(sim_chat_ids(MESSAGES), tokens)
+    assert "".join(answer) == sim_answer(sim_chat_ids(messages), tokens)
     assert frontend.metric("sgl_frontend_failovers_total", {"reason": "prefill_lost"}) >= 1
     (survivor,) = [fleet[n] for n in PREFILLS if fleet[n] is not victim]
     assert node_metric(survivor, "sgl_node_requests_total", {"outcome": "length"}) >= 1
