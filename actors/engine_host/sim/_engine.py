@@ -83,6 +83,17 @@ def sim_embedding(token_ids: list[int]) -> list[float]:
     return [v / norm for v in vector]
 
 
+def _chunks_of(output: HostOutput | list[HostChunk]) -> list[HostChunk] | None:
+    """The chunks an output carries; None for one that is not chunks (a control reply)."""
+    if isinstance(output, HostChunk):
+        return [output]
+    if isinstance(output, HostChunks):
+        return output.chunks
+    if isinstance(output, list):
+        return output
+    return None
+
+
 class MultiNode(msgspec.Struct, frozen=True):
     """Where this engine sits in a multi-node engine (see `_multinode`)."""
 
@@ -299,13 +310,8 @@ class SimEngine:
         if self._follower is None or not self._remote_ids:
             self._out(output)
             return
-        if isinstance(output, HostChunk):
-            chunks = [output]
-        elif isinstance(output, HostChunks):
-            chunks = output.chunks
-        elif isinstance(output, list):
-            chunks = output
-        else:
+        chunks = _chunks_of(output)
+        if chunks is None:
             self._out(output)
             return
         mine, theirs = [], []
@@ -324,15 +330,7 @@ class SimEngine:
 
     def _prefilled(self, output: HostOutput | list[HostChunk]) -> None:
         """A prefill node: the rooms of the prefills that finished are ready for decodes."""
-        if isinstance(output, HostChunk):
-            chunks = [output]
-        elif isinstance(output, HostChunks):
-            chunks = output.chunks
-        elif isinstance(output, list):
-            chunks = output
-        else:
-            return
-        for chunk in chunks:
+        for chunk in _chunks_of(output) or []:
             if chunk.finish_reason is None:
                 continue
             with self._lock:
