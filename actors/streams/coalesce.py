@@ -45,8 +45,8 @@ def _merged(run: list[HostChunk]) -> HostChunk:
 def coalesce(chunks: list[HostChunk]) -> list[HostChunk]:
     """`chunks` (in arrival order) with each request's consecutive mergeable chunks made
     one; requests keep the order of their first chunk, each request's chunks their order."""
-    if len(chunks) < 2:
-        return chunks
+    if len(chunks) < 2 or len({c.request_id for c in chunks}) == len(chunks):
+        return chunks  # one chunk per request (the node keeps up): nothing to merge
     runs: dict[str, list[list[HostChunk]]] = {}
     order: list[str] = []
     for chunk in chunks:
@@ -67,6 +67,4 @@ def coalesce(chunks: list[HostChunk]) -> list[HostChunk]:
             run.append(chunk)
         else:
             mine.append([chunk])
-    if len(order) == len(chunks):  # one chunk per request: nothing to merge
-        return chunks
     return [_merged(run) for rid in order for run in runs[rid]]
