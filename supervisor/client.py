@@ -42,7 +42,7 @@ from messages.request import (
     StopConditions,
     StreamChunk,
 )
-from supervisor.client_stream import Lost, StreamOptions, next_within, stream_chunks
+from supervisor.client_stream import Inboxes, Lost, StreamOptions, next_within, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
 __all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main", "next_within"]
@@ -102,6 +102,7 @@ class NodeClient:
         self.connect_options.update(connect_options or {})
         self.nc: Client | None = None
         self._reconnects = 0  # streams ask for what they may have missed when this moves
+        self.inboxes = Inboxes()  # every stream's reply inbox, one subscription
 
     @property
     def base(self) -> str:

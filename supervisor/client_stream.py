@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -24,6 +25,7 @@ from typing import Protocol, TypeVar
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from messages.codec import decode_json, encode_json
 from messages.request import (
@@ -35,7 +37,7 @@ from messages.request import (
     error_chunk,
 )
 
-__all__ = ["Lost", "StreamOptions", "next_within", "stream_chunks"]
+__all__ = ["Inboxes", "Lost", "StreamOptions", "next_within", "stream_chunks"]
 
 T = TypeVar("T")
 
@@ -46,10 +48,59 @@ MAX_BACKOFF = 2.0  # ... up to this
 _RETRY_BEFORE_START = {"overloaded", "not_ready", "engine_restarting"}
 
 
+class Inboxes:
+    """The reply inboxes of one connection's streams, behind one wildcard subscription.
+
+    A subscription per stream cost a SUB and an UNSUB at the server (its subject index
+    changed twice per request) and a task per stream in nats-py (one more loop turn per
+    chunk on a busy frontend). Here each attempt gets `<prefix>.<n>` and a queue; the one
+    subscription's callback puts each message in its attempt's queue (a message for an
+    attempt that is over is dropped). nats-py subscribes it again after a reconnect; a new
+    connection gets a new prefix."""
+
+    def __init__(self) -> None:
+        self._nc: Client | None = None
+        self._prefix = ""
+        self._subscribing: asyncio.Future[Subscription] | None = None
+        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._ids = itertools.count()
+
+    async def open(self, nc: Client) -> tuple[str, asyncio.Queue[Msg]]:
+        """A fresh inbox on `nc` and the queue its messages arrive in."""
+        if self._nc is not nc or self._subscribing is None:
+            self._nc, self._prefix = nc, nc.new_inbox()
+            self._queues = {}
+            wildcard = f"{self._prefix}.*"
+            self._subscribing = asyncio.ensure_future(nc.subscribe(wildcard, cb=self._deliver))
+        subscribing = self._subscribing
+        try:
+            # done after the first attempt on this connection; shielded: one attempt's
+            # cancel must not cancel the subscription the others wait for
+            await asyncio.shield(subscribing)
+        except Exception:
+            if self._subscribing is subscribing:
+                self._subscribing = None  # the next attempt tries again
+            raise
+        token = str(next(self._ids))
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queues[token] = queue
+        return f"{self._prefix}.{token}", queue
+
+    def close(self, inbox: str) -> None:
+        """The attempt is over: what still comes to its inbox is dropped."""
+        self._queues.pop(inbox.rpartition(".")[2], None)
+
+    async def _deliver(self, msg: Msg) -> None:
+        queue = self._queues.get(msg.subject.rpartition(".")[2])
+        if queue is not None and msg.subject.startswith(self._prefix):
+            queue.put_nowait(msg)
+
+
 class _Client(Protocol):
     """What a stream uses of its `NodeClient`."""
 
     endpoint: str
+    inboxes: Inboxes
 
     @property
     def base(self) -> str: ...
@@ -219,13 +270,7 @@ async def _attempt(
     """One send of the request: its chunks in order from `progress.next_index`; raises
     `Lost` when no node holds it, `TimeoutError` after `idle_timeout` without a chunk."""
     nc = client.connection()
-    inbox = nc.new_inbox()
-    arrived: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def deliver(msg: Msg) -> None:
-        arrived.put_nowait(msg)
-
-    sub = await nc.subscribe(inbox, cb=deliver)
+    inbox, arrived = await client.inboxes.open(nc)
     now = asyncio.get_running_loop().time()
     watch = _Watch(now, now, now, client.reconnects)
     expected = progress.next_index
@@ -244,8 +289,7 @@ async def _attempt(
                     return
             await _check(client, subject, request_id, expected, early, watch, options)
     finally:
-        with contextlib.suppress(Exception):  # the connection may be gone already
-            await sub.unsubscribe()
+        client.inboxes.close(inbox)
 
 
 def _receive(
