@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -29,42 +28,6 @@ from messages.request import Usage
 __all__ = ["STOPPING", "EngineFacts", "Requests"]
 
 STOPPING = "the engine host is stopping; retry"
-INLINE_MAX = 4096  # characters or tokens: tokenizer work this small may run on the loop
-
-T = TypeVar("T")
-
-
-class TokenizerTurns:
-    """The engine's tokenizer, used by one thread at a time (a Hugging Face fast tokenizer
-    used by two threads at once fails with "Already borrowed").
-
-    Work on a small input runs on the loop itself when no other thread has the tokenizer
-    (a short chat is ~0.4 ms of template and encoding): it spares the request two thread
-    hand-offs before SGLang sees it (loop → tokenizing thread → loop, ~0.1-0.3 ms each on
-    a quiet machine, part of every TTFT). Work on a long input, or any while the
-    tokenizing thread holds the tokenizer, goes to that thread, so a long prompt never
-    stalls the loop that streams every other request's tokens."""
-
-    def __init__(self, executor: Executor) -> None:
-        self._executor = executor
-        self._lock = threading.Lock()
-
-    async def run(self, work: Callable[[], T], size: int) -> T:
-        """`work()`'s result; `size`: the input's length in characters or tokens."""
-        if size <= INLINE_MAX and self._lock.acquire(blocking=False):
-            try:
-                return work()
-            finally:
-                self._lock.release()
-        return await self.off_loop(work)
-
-    async def off_loop(self, work: Callable[[], T]) -> T:
-        """`work()`'s result, on the tokenizing thread whatever its size."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, work)
-
-    def _locked(self, work: Callable[[], T]) -> T:
-        with self._lock:
-            return work()
 
 
 @dataclass(frozen=True)
@@ -141,7 +104,7 @@ class Requests:
         self.engine = engine
         self.facts = facts
         self.emit = emit
-        self.tokenizer = TokenizerTurns(tokenizing)  # one thread at a time uses it
+        self.tokenizing = tokenizing  # one thread: the tokenizer is not shared
         self.log = structlog.get_logger().bind(path="engine_host.sglang")
         self._inflight: dict[str, _Request] = {}
 
@@ -297,7 +260,8 @@ class Requests:
         tokenizer = self.engine.tokenizer_manager.tokenizer
         tail = cmd.continuation_ids[-reach:]  # a token is at least one character
         decode = functools.partial(tokenizer.decode, tail, skip_special_tokens=True)
-        text = await self.tokenizer.run(decode, len(tail))
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(self.tokenizing, decode)
         return _Seam(list(cmd.stop.stop), str(text)[-reach:])
 
     async def _rest_grammar(self, cmd: HostGenerate) -> str:
@@ -311,7 +275,7 @@ class Requests:
             prefix = str(tokenizer.decode(ids, skip_special_tokens=True))
             return rest_grammar(sampling.regex, sampling.json_schema, prefix)
 
-        return await self.tokenizer.off_loop(derive)  # a grammar's derivative: not cheap
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, derive)
 
     async def _prompt_ids(self, cmd: HostGenerate) -> list[int]:
         if cmd.token_ids is not None:
@@ -322,14 +286,13 @@ class Requests:
             encode = functools.partial(
                 tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True
             )
-            size = sum(len(m.content) for m in cmd.messages)
         elif cmd.prompt is not None:
             encode = functools.partial(tokenizer.encode, cmd.prompt)  # as SGLang tokenizes text
-            size = len(cmd.prompt)
         else:
             msg = "give exactly one of token_ids, prompt, messages"
             raise ValueError(msg)
-        return compat.token_ids_of(await self.tokenizer.run(encode, size))
+        loop = asyncio.get_running_loop()
+        return compat.token_ids_of(await loop.run_in_executor(self.tokenizing, encode))
 
     def _prompt_problem(self, length: int, node_limit: int) -> str | None:
         limit = self.facts.max_prompt_tokens
