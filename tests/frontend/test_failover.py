@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -145,8 +146,10 @@ def test_a_node_killed_mid_run_fails_no_request_its_streams_continue_on_the_surv
     # Nothing failed: each answer is the one an uninterrupted run gives (asked again now,
     # on the survivor), those of the killed node's streams continued from their last token.
     assert sorted(answers) == list(range(12))
+    with ThreadPoolExecutor(12) as pool:  # together: the sim batches them (1.2 s each alone)
+        again = dict(zip(answers, pool.map(lambda i: ask(i, stream=False), answers), strict=True))
     for i, text in answers.items():
-        assert text == ask(i, stream=False), (i, text)
+        assert text == again[i], (i, text)
     migrated = frontend.metric("sgl_frontend_migrations_total", {"reason": "node_lost"})
     assert migrated - migrated_before >= 1  # at least one stream had its first token there
 
