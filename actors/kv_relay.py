@@ -376,6 +376,12 @@ class KvRelayActor(SupervisedActor):
             self._head_wait = HEAD_FIRST
             self._head_timer = self._loop.call_later(HEAD_FIRST - quiet, self._head)
             return
+        if not self.link.flowing:
+            # NATS is away (or just back): a head or a rebuild now would be lost or held;
+            # look again once publishes flow
+            self._head_wait = HEAD_FIRST
+            self._head_timer = self._loop.call_later(HEAD_FIRST, self._head)
+            return
         if self._reading and self.tracker.take_lost(self.link.dropped):
             # the link lost publishes at the tail (NATS was away): rebuild the views
             self._stop_reading()

@@ -96,6 +96,12 @@ class NatsLink:
         with self._lock:
             self._flowing = True
 
+    @property
+    def flowing(self) -> bool:
+        """Connected and past the resume delay: a publish now goes out (not queued or
+        dropped)."""
+        return self._flowing
+
     def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued, close the connection and stop the loop thread."""
         if self._closed or not self._thread.is_alive():

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from actors.nats.proxy import NatsCutProxy
-from messages.request import GenerateRequest, StopConditions
+from messages.request import GenerateRequest, StopConditions, StreamChunk
 from supervisor.client import NodeClient
 from tests.frontend.harness import Frontend, start_frontend
 from tests.node.harness import NatsServer, NodeProcess, admin_request, start_node
@@ -105,6 +105,72 @@ def test_kv_events_lost_on_the_way_to_the_frontend_are_made_good_by_a_resync(
             _cached(node),
         )
         assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") > asked
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        proxy.close()
+        node.kill()
+        server.stop()
+
+
+def test_kv_events_the_nodes_own_link_dropped_at_the_tail_are_rebuilt_by_the_relay(
+    tmp_path: Path,
+) -> None:
+    """The relay's NATS link drops what it cannot hold while NATS is away (here it holds
+    nothing): a stream's last pages, cached while its node is cut off, never leave the
+    node, and no batch follows. The relay sees its link's drop count move when it next
+    looks at its head, once publishes flow again (not before: that rebuild would be
+    dropped too), and rebuilds the subscribers' view itself; the frontend never asks."""
+    server = NatsServer(tmp_path)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    proxy = NatsCutProxy("127.0.0.1", server.port)
+    port = proxy.start()
+    node = start_node(
+        tmp_path,
+        embedded_nats=False,
+        nats_url=f"nats://127.0.0.1:{port}",
+        nats={"reconnect_buffer_bytes": 0},
+        engine__sim={"decode_time_per_step": 0.01},
+        admin={"enabled": True, "token_file": str(token)},
+    )
+    frontend = None
+    try:
+        node.wait_ready(60)
+        frontend = start_frontend(tmp_path, server.url)
+        frontend.wait_instances(1)
+        _ask(server.url, "first")
+        assert wait_until(lambda: _indexed(frontend, node) == _cached(node) > 0, timeout=30)
+        before = _cached(node)
+        asked = frontend.metric("sgl_frontend_kv_resyncs_asked_total")
+
+        async def cut_mid_stream() -> list[StreamChunk]:
+            request = GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                prompt=f"cut {PROMPT}",
+                stop=StopConditions(max_tokens=150),  # 1.5 s, all of it while cut off
+            )
+            async with NodeClient(server.url) as client:
+                chunks = []
+                async for chunk in client.generate(request, idle_timeout=60):
+                    if not chunks:
+                        proxy.cut(4.0)  # its prompt's pages went out; the rest will not
+                    chunks.append(chunk)
+                return chunks
+
+        chunks = asyncio.run(cut_mid_stream())
+        assert chunks[-1].finish_reason == "length", chunks[-1]
+        dropped = "publish dropped: disconnected and the buffer is full"
+        node.wait_log(lambda r: r.get("event") == dropped)
+        assert _cached(node) > before
+        assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
+            _indexed(frontend, node),
+            _cached(node),
+        )
+        rebuilt = "kv events were lost on the way; the subscribers' view rebuilt"
+        rebuilds = node.wait_log(lambda r: r.get("event") == rebuilt and r.get("reason") == "gap")
+        assert len(rebuilds) == 1  # once NATS was back: none lost to the outage itself
+        assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") == asked
     finally:
         if frontend is not None:
             frontend.kill()
