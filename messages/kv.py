@@ -159,15 +159,27 @@ def block_hashes(
     """
     out = []
     prev = parent
-    for start in range(0, len(token_ids) - page_size + 1, page_size):
-        page = token_ids[start : start + page_size]
+    full = len(token_ids) - len(token_ids) % page_size if page_size > 0 else 0
+    # The common case, every id a uint32 (the frontend hashes each prompt to route it):
+    # one range check and one pack for the whole prompt, then a slice per page.
+    packed = (
+        struct.pack(f"<{full}I", *token_ids[:full])
+        if full and min(token_ids[:full]) >= 0 and max(token_ids[:full]) < 2**32
+        else None
+    )
+    for start in range(0, full, page_size):
         h = hashlib.sha256()
         if prev is not None:
             h.update(prev)
-        if all(0 <= t < 2**32 for t in page):
-            h.update(struct.pack(f"<{len(page)}I", *page))
+        if packed is not None:
+            h.update(packed[4 * start : 4 * (start + page_size)])
         else:
-            h.update(b"\xff" + struct.pack(f"<{len(page)}Q", *(t & (2**64 - 1) for t in page)))
+            page = token_ids[start : start + page_size]
+            if all(0 <= t < 2**32 for t in page):
+                h.update(struct.pack(f"<{len(page)}I", *page))
+            else:
+                wide = (t & (2**64 - 1) for t in page)
+                h.update(b"\xff" + struct.pack(f"<{len(page)}Q", *wide))
         digest = h.digest()
         out.append((int.from_bytes(digest[:8], "big", signed=True), digest))
         prev = digest
