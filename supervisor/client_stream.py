@@ -56,7 +56,7 @@ class Inboxes:
     chunk on a busy frontend). Here each attempt gets `<prefix>.<n>` and a queue; the one
     subscription's callback puts each message in its attempt's queue (a message for an
     attempt that is over is dropped). nats-py subscribes it again after a reconnect; a new
-    connection gets a new prefix."""
+    connection gets a new prefix and subscription (attempts on the old one keep theirs)."""
 
     def __init__(self) -> None:
         self._nc: Client | None = None
@@ -69,10 +69,9 @@ class Inboxes:
         """A fresh inbox on `nc` and the queue its messages arrive in."""
         if self._nc is not nc or self._subscribing is None:
             self._nc, self._prefix = nc, nc.new_inbox()
-            self._queues = {}
             wildcard = f"{self._prefix}.*"
             self._subscribing = asyncio.ensure_future(nc.subscribe(wildcard, cb=self._deliver))
-        subscribing = self._subscribing
+        prefix, subscribing = self._prefix, self._subscribing
         try:
             # done after the first attempt on this connection; shielded: one attempt's
             # cancel must not cancel the subscription the others wait for
@@ -81,18 +80,18 @@ class Inboxes:
             if self._subscribing is subscribing:
                 self._subscribing = None  # the next attempt tries again
             raise
-        token = str(next(self._ids))
+        inbox = f"{prefix}.{next(self._ids)}"
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[token] = queue
-        return f"{self._prefix}.{token}", queue
+        self._queues[inbox] = queue
+        return inbox, queue
 
     def close(self, inbox: str) -> None:
         """The attempt is over: what still comes to its inbox is dropped."""
-        self._queues.pop(inbox.rpartition(".")[2], None)
+        self._queues.pop(inbox, None)
 
     async def _deliver(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject.rpartition(".")[2])
-        if queue is not None and msg.subject.startswith(self._prefix):
+        queue = self._queues.get(msg.subject)
+        if queue is not None:
             queue.put_nowait(msg)
 
 

@@ -72,6 +72,7 @@ def measure(node: Node, tmp: Path) -> tuple[Samples, Samples]:
     bare: Samples = {gap: [] for gap in GAPS}
     context = zmq.Context()
     to_far, from_far = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    from_far.setsockopt(zmq.RCVTIMEO, 10_000)  # a responder gone: an error, not a hang
     ends = (f"ipc://{tmp}/bare-in", f"ipc://{tmp}/bare-out")
 
     async def one(client: NodeClient) -> float:
