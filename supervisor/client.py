@@ -42,7 +42,8 @@ from messages.request import (
     StopConditions,
     StreamChunk,
 )
-from supervisor.client_stream import Inboxes, Lost, StreamOptions, next_within, stream_chunks
+from supervisor.client_replies import ReplyMux
+from supervisor.client_stream import Lost, StreamOptions, next_within, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
 __all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main", "next_within"]
@@ -102,7 +103,7 @@ class NodeClient:
         self.connect_options.update(connect_options or {})
         self.nc: Client | None = None
         self._reconnects = 0  # streams ask for what they may have missed when this moves
-        self.inboxes = Inboxes()  # every stream's reply inbox, one subscription
+        self._replies: ReplyMux | None = None  # every stream's reply inbox, one subscription
 
     @property
     def base(self) -> str:
@@ -120,6 +121,8 @@ class NodeClient:
                 await user_callback()
 
         self.nc = await nats.connect(servers=self.servers, reconnected_cb=reconnected, **options)
+        self._replies = ReplyMux(self.nc)
+        await self._replies.start()
         return self
 
     async def close(self) -> None:
@@ -190,6 +193,14 @@ class NodeClient:
     def connection(self) -> Client:
         """The NATS connection (raises if not connected)."""
         return self._nc()
+
+    @property
+    def replies(self) -> ReplyMux:
+        """The reply subjects of this connection's streams (raises if not connected)."""
+        if self._replies is None:
+            msg = "NodeClient is not connected"
+            raise RuntimeError(msg)
+        return self._replies
 
     async def resume(self, request_id: str, from_index: int) -> ResumeReply | None:
         """Ask the node holding `request_id` for its chunks from `from_index` on."""

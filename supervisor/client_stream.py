@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -25,7 +24,6 @@ from typing import Protocol, TypeVar
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from messages.codec import decode_json, encode_json
 from messages.request import (
@@ -36,8 +34,9 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
+from supervisor.client_replies import ReplyMux
 
-__all__ = ["Inboxes", "Lost", "StreamOptions", "next_within", "stream_chunks"]
+__all__ = ["Lost", "StreamOptions", "next_within", "stream_chunks"]
 
 T = TypeVar("T")
 
@@ -48,58 +47,10 @@ MAX_BACKOFF = 2.0  # ... up to this
 _RETRY_BEFORE_START = {"overloaded", "not_ready", "engine_restarting"}
 
 
-class Inboxes:
-    """The reply inboxes of one connection's streams, behind one wildcard subscription.
-
-    A subscription per stream cost a SUB and an UNSUB at the server (its subject index
-    changed twice per request) and a task per stream in nats-py (one more loop turn per
-    chunk on a busy frontend). Here each attempt gets `<prefix>.<n>` and a queue; the one
-    subscription's callback puts each message in its attempt's queue (a message for an
-    attempt that is over is dropped). nats-py subscribes it again after a reconnect; a new
-    connection gets a new prefix and subscription (attempts on the old one keep theirs)."""
-
-    def __init__(self) -> None:
-        self._nc: Client | None = None
-        self._prefix = ""
-        self._subscribing: asyncio.Future[Subscription] | None = None
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
-        self._ids = itertools.count()
-
-    async def open(self, nc: Client) -> tuple[str, asyncio.Queue[Msg]]:
-        """A fresh inbox on `nc` and the queue its messages arrive in."""
-        if self._nc is not nc or self._subscribing is None:
-            self._nc, self._prefix = nc, nc.new_inbox()
-            wildcard = f"{self._prefix}.*"
-            self._subscribing = asyncio.ensure_future(nc.subscribe(wildcard, cb=self._deliver))
-        prefix, subscribing = self._prefix, self._subscribing
-        try:
-            # done after the first attempt on this connection; shielded: one attempt's
-            # cancel must not cancel the subscription the others wait for
-            await asyncio.shield(subscribing)
-        except Exception:
-            if self._subscribing is subscribing:
-                self._subscribing = None  # the next attempt tries again
-            raise
-        inbox = f"{prefix}.{next(self._ids)}"
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[inbox] = queue
-        return inbox, queue
-
-    def close(self, inbox: str) -> None:
-        """The attempt is over: what still comes to its inbox is dropped."""
-        self._queues.pop(inbox, None)
-
-    async def _deliver(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject)
-        if queue is not None:
-            queue.put_nowait(msg)
-
-
 class _Client(Protocol):
     """What a stream uses of its `NodeClient`."""
 
     endpoint: str
-    inboxes: Inboxes
 
     @property
     def base(self) -> str: ...
@@ -108,6 +59,9 @@ class _Client(Protocol):
     def reconnects(self) -> int: ...
 
     def connection(self) -> Client: ...
+
+    @property
+    def replies(self) -> ReplyMux: ...
 
     async def resume(self, request_id: str, from_index: int) -> ResumeReply | None: ...
 
@@ -269,7 +223,7 @@ async def _attempt(
     """One send of the request: its chunks in order from `progress.next_index`; raises
     `Lost` when no node holds it, `TimeoutError` after `idle_timeout` without a chunk."""
     nc = client.connection()
-    inbox, arrived = await client.inboxes.open(nc)
+    inbox, arrived = client.replies.open()
     now = asyncio.get_running_loop().time()
     watch = _Watch(now, now, now, client.reconnects)
     expected = progress.next_index
@@ -288,7 +242,7 @@ async def _attempt(
                     return
             await _check(client, subject, request_id, expected, early, watch, options)
     finally:
-        client.inboxes.close(inbox)
+        client.replies.close(inbox)
 
 
 def _receive(

@@ -10,9 +10,9 @@ Modules: `actor` (the supervised child), `server` (HTTP + NATS on their own loop
 `openai_responses` / `responses_input` / `responses_output` (OpenAI's bodies),
 `tool_calls` / `parsers` / `choice_output` (tools and reasoning, with SGLang's parsers),
 `choices` (the engine requests of one request), `response_store`, `tokenizers`,
-`discovery`, `indexer`, `router`, `dispatch` / `streams` / `replies` / `embeddings` (the
-request path), `state`, `metrics`, `errors`. Its place in a tree is built by
-`supervisor/tree.py`.
+`discovery`, `indexer`, `router`, `dispatch` / `streams` / `embeddings` (the request path;
+replies come through `supervisor.client_replies`), `state`, `metrics`, `errors`. Its
+place in a tree is built by `supervisor/tree.py`.
 """
 
 from actors.frontend.actor import FrontendActor

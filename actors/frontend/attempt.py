@@ -14,13 +14,13 @@ import msgspec
 
 from actors.frontend import metrics
 from actors.frontend.errors import FrontendError
-from actors.frontend.replies import is_no_responders
 from actors.frontend.router import Candidate
 from actors.frontend.streams import Retry, retry_of
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
 from messages.request import GenerateRequest, StreamChunk, error_chunk
 from supervisor.client import ask_resume, next_within
+from supervisor.client_replies import is_no_responders
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from actors.frontend.discovery import Discovery
     from actors.frontend.indexer import KvIndexer, RankKey
-    from actors.frontend.replies import ReplyMux
+    from supervisor.client_replies import ReplyMux
 
 __all__ = ["DEADLINE_GRACE", "PROBE_AFTER", "run_attempt"]
 

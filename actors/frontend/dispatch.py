@@ -39,7 +39,6 @@ from actors.frontend.attempt import run_attempt
 from actors.frontend.discovery import Discovery, ModelPool
 from actors.frontend.errors import FrontendError, unknown_model
 from actors.frontend.indexer import KvIndexer, RankKey
-from actors.frontend.replies import ReplyMux
 from actors.frontend.router import Candidate, Decision, Router
 from actors.frontend.streams import PrefillOutcome, Progress, Retry, follow_prefill
 from messages.codec import encode_json
@@ -52,6 +51,7 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
+from supervisor.client_replies import ReplyMux
 
 __all__ = ["Dispatcher", "Route"]
 

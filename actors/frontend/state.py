@@ -23,13 +23,13 @@ from actors.frontend.dispatch import Dispatcher
 from actors.frontend.indexer import KvIndexer
 from actors.frontend.parsers import ParserLoader
 from actors.frontend.replay import KvReplay
-from actors.frontend.replies import ReplyMux
 from actors.frontend.response_store import ResponseStore
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.kv import KvEventBatch, KvHead, KvResyncRequest, resync_subject
 from messages.metrics import LoadMetrics
+from supervisor.client_replies import ReplyMux
 from supervisor.config import NodeConfig
 
 __all__ = ["FrontendState"]

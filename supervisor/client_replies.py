@@ -1,7 +1,8 @@
-"""`ReplyMux`: one NATS subscription for the reply streams of every request in flight.
+"""`ReplyMux`: one NATS subscription for the reply streams of every request in flight on
+a connection (the frontend's, and each `NodeClient`'s).
 
-Each request gets a reply subject `{inbox}.{n}` under the frontend's own inbox prefix and
-a queue its chunks are put on; a single wildcard subscription feeds all the queues (as
+Each request gets a reply subject `{inbox}.{n}` under the connection's own inbox prefix
+and a queue its chunks are put on; a single wildcard subscription feeds all the queues (as
 nats-py's own request multiplexer does), so no SUB/UNSUB round trip per request.
 """
 
