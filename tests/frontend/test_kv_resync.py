@@ -12,8 +12,11 @@ frontend's index again holds exactly the blocks the engine caches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 from actors.nats.proxy import NatsCutProxy
 from messages.request import GenerateRequest, StopConditions, StreamChunk
@@ -65,33 +68,58 @@ def _lose_batches(
     assert wait_until(lambda: frontend.health().get("nats_connected") is True, timeout=30)
 
 
-def test_kv_events_lost_on_the_way_to_the_frontend_are_made_good_by_a_resync(
-    tmp_path: Path,
-) -> None:
+def _caught_up(frontend: Frontend, node: NodeProcess) -> None:
+    """The frontend's index of the node's rank comes to hold what the engine caches."""
+    assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
+        _indexed(frontend, node),
+        _cached(node),
+    )
+
+
+@contextlib.contextmanager
+def _fabric(
+    tmp_path: Path, cut_off: Literal["frontend", "node"], **node_sections: dict[str, Any]
+) -> Iterator[tuple[NatsServer, NatsCutProxy, NodeProcess, Frontend]]:
+    """A NATS server, a node (admin on) and a frontend, `cut_off` reaching the server
+    through a proxy that can sever it; the node has cached a first prompt and the
+    frontend indexed it."""
     server = NatsServer(tmp_path)
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    node = start_node(
-        tmp_path,
-        embedded_nats=False,
-        nats_url=server.url,
-        admin={"enabled": True, "token_file": str(token)},
-    )
     proxy = NatsCutProxy("127.0.0.1", server.port)
-    frontend = None
+    through_proxy = f"nats://127.0.0.1:{proxy.start()}"
+    node, frontend = None, None
     try:
-        port = proxy.start()
+        node = start_node(
+            tmp_path,
+            embedded_nats=False,
+            nats_url=through_proxy if cut_off == "node" else server.url,
+            admin={"enabled": True, "token_file": str(token)},
+            **node_sections,
+        )
         node.wait_ready(60)
-        frontend = start_frontend(tmp_path, f"nats://127.0.0.1:{port}")
+        frontend = start_frontend(tmp_path, through_proxy if cut_off == "frontend" else server.url)
         frontend.wait_instances(1)
         _ask(server.url, "first")
-        assert wait_until(lambda: _indexed(frontend, node) == _cached(node) > 0, timeout=30)
+        _caught_up(frontend, node)
+        assert _cached(node) > 0
+        yield server, proxy, node, frontend
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        proxy.close()
+        if node is not None:
+            node.kill()
+        server.stop()
+
+
+def test_kv_events_lost_on_the_way_to_the_frontend_are_made_good_by_a_resync(
+    tmp_path: Path,
+) -> None:
+    with _fabric(tmp_path, "frontend") as (server, proxy, node, frontend):
         # 1. The last batches of a burst lost: no later batch shows the gap; the head does.
         _lose_batches(proxy, frontend, server.url, node, ("while", "the", "frontend"))
-        assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
-            _indexed(frontend, node),
-            _cached(node),
-        )
+        _caught_up(frontend, node)
         assert frontend.metric("sgl_frontend_kv_event_batches_total", {"outcome": "gap"}) == 0
         assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") >= 1
         rebuilt = "kv events were lost on the way; the subscribers' view rebuilt"
@@ -100,17 +128,8 @@ def test_kv_events_lost_on_the_way_to_the_frontend_are_made_good_by_a_resync(
         asked = frontend.metric("sgl_frontend_kv_resyncs_asked_total")
         _lose_batches(proxy, frontend, server.url, node, ("is", "away", "again"))
         _ask(server.url, "back")
-        assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
-            _indexed(frontend, node),
-            _cached(node),
-        )
+        _caught_up(frontend, node)
         assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") > asked
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        proxy.close()
-        node.kill()
-        server.stop()
 
 
 def test_kv_events_the_nodes_own_link_dropped_at_the_tail_are_rebuilt_by_the_relay(
@@ -121,26 +140,12 @@ def test_kv_events_the_nodes_own_link_dropped_at_the_tail_are_rebuilt_by_the_rel
     node, and no batch follows. The relay sees its link's drop count move when it next
     looks at its head, once publishes flow again (not before: that rebuild would be
     dropped too), and rebuilds the subscribers' view itself; the frontend never asks."""
-    server = NatsServer(tmp_path)
-    token = tmp_path / "token"
-    token.write_text(TOKEN)
-    proxy = NatsCutProxy("127.0.0.1", server.port)
-    port = proxy.start()
-    node = start_node(
+    with _fabric(
         tmp_path,
-        embedded_nats=False,
-        nats_url=f"nats://127.0.0.1:{port}",
+        "node",
         nats={"reconnect_buffer_bytes": 0},
         engine__sim={"decode_time_per_step": 0.01},
-        admin={"enabled": True, "token_file": str(token)},
-    )
-    frontend = None
-    try:
-        node.wait_ready(60)
-        frontend = start_frontend(tmp_path, server.url)
-        frontend.wait_instances(1)
-        _ask(server.url, "first")
-        assert wait_until(lambda: _indexed(frontend, node) == _cached(node) > 0, timeout=30)
+    ) as (server, proxy, node, frontend):
         before = _cached(node)
         asked = frontend.metric("sgl_frontend_kv_resyncs_asked_total")
 
@@ -163,17 +168,8 @@ def test_kv_events_the_nodes_own_link_dropped_at_the_tail_are_rebuilt_by_the_rel
         dropped = "publish dropped: disconnected and the buffer is full"
         node.wait_log(lambda r: r.get("event") == dropped)
         assert _cached(node) > before
-        assert wait_until(lambda: _indexed(frontend, node) == _cached(node), timeout=30), (
-            _indexed(frontend, node),
-            _cached(node),
-        )
+        _caught_up(frontend, node)
         rebuilt = "kv events were lost on the way; the subscribers' view rebuilt"
         rebuilds = node.wait_log(lambda r: r.get("event") == rebuilt and r.get("reason") == "gap")
         assert len(rebuilds) == 1  # once NATS was back: none lost to the outage itself
         assert frontend.metric("sgl_frontend_kv_resyncs_asked_total") == asked
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        proxy.close()
-        node.kill()
-        server.stop()
