@@ -47,24 +47,22 @@ def coalesce(chunks: list[HostChunk]) -> list[HostChunk]:
     one; requests keep the order of their first chunk, each request's chunks their order."""
     if len(chunks) < 2 or len({c.request_id for c in chunks}) == len(chunks):
         return chunks  # one chunk per request (the node keeps up): nothing to merge
-    runs: dict[str, list[list[HostChunk]]] = {}
-    order: list[str] = []
+    runs: dict[str, list[list[HostChunk]]] = {}  # insertion order: each request's first chunk
     for chunk in chunks:
         rid = chunk.request_id
         mine = runs.get(rid)
         if mine is None:
             runs[rid] = [[chunk]]
-            order.append(rid)
             continue
         run = mine[-1]
         before = run[-1]
         if (
             _mergeable(chunk)
             and before.finish_reason is None
-            and _mergeable(before)
+            and before.embeddings is None
             and (chunk.logprobs is None) == (before.logprobs is None)
         ):
             run.append(chunk)
         else:
             mine.append([chunk])
-    return [_merged(run) for rid in order for run in runs[rid]]
+    return [_merged(run) for mine in runs.values() for run in mine]
