@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_ENV = "SGL_NODE_CHAOS_TOKEN"  # the variable the admin token reaches a node in
 
 
-def _ephemeral_low() -> int:
+def ephemeral_low() -> int:
     """The lowest port the kernel hands to outgoing connections (Linux: 32768)."""
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
@@ -51,7 +51,32 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# not SGL_...: SGLang copies every SGL_* variable to SGLANG_*, warning in each process
+PORT_RANGE_ENV = "SGLNODE_PORT_RANGE"
 _HANDED_OUT: set[int] = set()  # ports this process was given: never given twice
+
+
+def _port_range(count: int) -> tuple[int, int]:
+    """Where `free_ports` picks from: `SGLNODE_PORT_RANGE` ("LOW-HIGH", inclusive), else
+    10000 up to the kernel's ephemeral range."""
+    spec = os.environ.get(PORT_RANGE_ENV, "")
+    if not spec:
+        return 10000, ephemeral_low() - count
+    try:
+        low, high = (int(part) for part in spec.split("-"))
+    except ValueError:
+        msg = f"{PORT_RANGE_ENV}={spec!r}: expected LOW-HIGH, e.g. 10000-20000"
+        raise ValueError(msg) from None
+    return low, high - count + 1
+
+
+def port_slice(index: int, count: int) -> str:
+    """Slice `index` of `count` equal, disjoint slices of the default range, as a
+    `SGLNODE_PORT_RANGE` value (parallel test workers get one each)."""
+    low, high = 10000, ephemeral_low() - 1
+    size = (high - low + 1) // count
+    first = low + index * size
+    return f"{first}-{first + size - 1}"
 
 
 def free_ports(count: int = 1) -> int:
@@ -61,8 +86,11 @@ def free_ports(count: int = 1) -> int:
     while the node is not bound to it, and an engine restarted then cannot bind it
     (SGLang's scheduler fails and kills its process tree: a SIGKILL from nowhere).
     A port is handed out once per process: several taken before any is bound (a
-    cluster's servers) are never the same one."""
-    low, high = 10000, _ephemeral_low() - count
+    cluster's servers) are never the same one. Processes that pick ports at the same
+    time (parallel test workers) are kept apart by disjoint `SGLNODE_PORT_RANGE`s: a
+    port is free until its process binds it, seconds later, or again between an
+    engine's exit and its restart."""
+    low, high = _port_range(count)
     for _ in range(500):
         base = random.randint(low, high)
         wanted = set(range(base, base + count))
