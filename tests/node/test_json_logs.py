@@ -61,7 +61,11 @@ from supervisor.core import ChildSpec, ProcessStart, Root, SupervisorFlags, set_
 from supervisor.__main__ import serve
 from supervisor.child_output import log_child_line
 from supervisor.logs import configure_logging
+from supervisor import stop_signals
 
+# as `python -m supervisor` does on import: a SIGTERM from now on is recorded, not fatal
+# (the test sends it once the child has exited, which may be before serve() starts)
+stop_signals.catch()
 configure_logging("info", {fmt!r})
 set_output_handler(log_child_line)
 printer = ChildSpec(
