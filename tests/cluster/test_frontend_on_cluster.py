@@ -17,8 +17,10 @@ import asyncio
 import secrets
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import nats
 
@@ -26,8 +28,24 @@ from messages.chaos import AdminReply, AdminRequest
 from messages.codec import decode_json, encode_json
 from supervisor.chaos_nodes import NatsAccess, NodeUnderTest
 from supervisor.nats_cluster import NatsCluster
-from tests.frontend.harness import start_frontend
+from tests.frontend.harness import parse_metric, start_frontend
 from tests.supervision.children import wait_until
+
+
+def _batch_counts(nodes: list[NodeUnderTest], frontend: Any) -> dict[str, float]:
+    """Batches each node's relays published per rank, and what the frontend did with the
+    batches it received (applied, resync, gap)."""
+    counts: dict[str, float] = {}
+    for node in nodes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.system_port}/metrics") as reply:
+            text = reply.read().decode()
+        for rank in ("0", "1"):
+            name = "sgl_node_kv_event_batches"
+            counts[f"{node.instance_id}/{rank}"] = parse_metric(text, name, {"dp_rank": rank})
+    for outcome in ("applied", "resync", "gap"):
+        name = "sgl_frontend_kv_event_batches"
+        counts[f"frontend/{outcome}"] = frontend.metric(name, {"outcome": outcome})
+    return counts
 
 
 def _load(
@@ -153,6 +171,7 @@ def test_the_frontend_rides_through_server_loss_restart_partition_and_a_rolling_
             {(i, r): len(b) for i, ranks in views.items() for r, b in enumerate(ranks)},
             indexed,
             frontend.metric("sgl_frontend_kv_event_batches", {"outcome": "gap"}),
+            _batch_counts(nodes, frontend),  # where batches went missing, if they did
         )
         print("KV index resyncs asked:", frontend.metric("sgl_frontend_kv_resyncs_asked_total"))
         assert all(blocks for ranks in views.values() for blocks in ranks), views

@@ -83,7 +83,9 @@ lines = {lines!r}
 for line in lines:
     print(line, file=sys.stderr if line.startswith("Traceback") or line.startswith("  File")
           or line.startswith("ValueError") else sys.stdout, flush=True)
-print("printer done", flush=True)
+print("printer" + " done", flush=True)  # (spelled so: the spawn record quotes this source)
+import signal
+signal.pause()  # until the tree stops it: a child gone before its start counts is a failed start
 """
 
 
@@ -118,10 +120,12 @@ def scripted_log(tmp_path_factory: pytest.TempPathFactory, repo_root_path: Path)
     with log.open("wb") as sink:
         proc = run_scripted_tree(repo_root_path, "json", sink)
         try:
-            wait_for_text(log, '"process exited"')
+            wait_for_text(log, '"printer done"')
         finally:
+            # the tree stops the printer; its output is read to the end before the tree exits
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
+    assert '"process exited"' in log.read_text()
     return log
 
 
@@ -213,12 +217,18 @@ def test_on_a_terminal_the_console_format_has_colour_and_one_line_per_event(
     os.close(terminal)
     output = b""
     deadline = time.monotonic() + 30
-    while b"process exited" not in output and time.monotonic() < deadline:
-        try:
-            output += os.read(main, 65536)
-        except OSError:
-            break
-    proc.send_signal(signal.SIGTERM)
+
+    def read_until(marker: bytes) -> None:
+        nonlocal output
+        while marker not in output and time.monotonic() < deadline:
+            try:
+                output += os.read(main, 65536)
+            except OSError:  # the tree is gone
+                break
+
+    read_until(b"printer done")
+    proc.send_signal(signal.SIGTERM)  # the tree stops the printer, its output read to the end
+    read_until(b"process exited")
     assert proc.wait(20) == 0
     os.close(main)
     text = output.decode("utf-8", "replace")
