@@ -56,24 +56,29 @@ PORT_RANGE_ENV = "SGLNODE_PORT_RANGE"
 _HANDED_OUT: set[int] = set()  # ports this process was given: never given twice
 
 
-def _port_range(count: int) -> tuple[int, int]:
-    """Where `free_ports` picks from: `SGLNODE_PORT_RANGE` ("LOW-HIGH", inclusive), else
-    10000 up to the kernel's ephemeral range."""
+def _default_range() -> tuple[int, int]:
+    """10000 up to (not into) the kernel's ephemeral range, inclusive."""
+    return 10000, ephemeral_low() - 1
+
+
+def _port_range() -> tuple[int, int]:
+    """Where `free_ports` picks from, inclusive: `SGLNODE_PORT_RANGE` ("LOW-HIGH"), else
+    the default range."""
     spec = os.environ.get(PORT_RANGE_ENV, "")
     if not spec:
-        return 10000, ephemeral_low() - count
+        return _default_range()
     try:
         low, high = (int(part) for part in spec.split("-"))
     except ValueError:
         msg = f"{PORT_RANGE_ENV}={spec!r}: expected LOW-HIGH, e.g. 10000-20000"
         raise ValueError(msg) from None
-    return low, high - count + 1
+    return low, high
 
 
 def port_slice(index: int, count: int) -> str:
     """Slice `index` of `count` equal, disjoint slices of the default range, as a
     `SGLNODE_PORT_RANGE` value (parallel test workers get one each)."""
-    low, high = 10000, ephemeral_low() - 1
+    low, high = _default_range()
     size = (high - low + 1) // count
     first = low + index * size
     return f"{first}-{first + size - 1}"
@@ -90,7 +95,8 @@ def free_ports(count: int = 1) -> int:
     time (parallel test workers) are kept apart by disjoint `SGLNODE_PORT_RANGE`s: a
     port is free until its process binds it, seconds later, or again between an
     engine's exit and its restart."""
-    low, high = _port_range(count)
+    low, last = _port_range()
+    high = last - count + 1  # the highest first port of a range that fits
     for _ in range(500):
         base = random.randint(low, high)
         wanted = set(range(base, base + count))
@@ -104,7 +110,7 @@ def free_ports(count: int = 1) -> int:
             continue
         _HANDED_OUT.update(wanted)
         return base
-    msg = f"no free range of {count} ports in {low}..{high + count - 1}"
+    msg = f"no free range of {count} ports in {low}..{last}"
     raise RuntimeError(msg)
 
 

@@ -64,7 +64,7 @@ from supervisor.logs import configure_logging
 from supervisor import stop_signals
 
 # as `python -m supervisor` does on import: a SIGTERM from now on is recorded, not fatal
-# (the test sends it once the child has exited, which may be before serve() starts)
+# (the test sends it once the child has printed, which may be before serve() starts)
 stop_signals.catch()
 configure_logging("info", {fmt!r})
 set_output_handler(log_child_line)
