@@ -43,10 +43,10 @@ from messages.request import (
     StreamChunk,
 )
 from supervisor.client_replies import ReplyMux
-from supervisor.client_stream import Lost, StreamOptions, next_within, stream_chunks
+from supervisor.client_stream import Lost, StreamOptions, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
-__all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main", "next_within"]
+__all__ = ["NoRespondersError", "NodeClient", "ask_resume", "main"]
 
 _NODE = NodeSection()
 _DISCOVERY = DiscoverySection()

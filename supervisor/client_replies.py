@@ -2,8 +2,8 @@
 a connection (the frontend's, and each `NodeClient`'s).
 
 Each request gets a reply subject `{inbox}.{n}` under the connection's own inbox prefix
-and a queue its chunks are put on; a single wildcard subscription feeds all the queues (as
-nats-py's own request multiplexer does), so no SUB/UNSUB round trip per request.
+and an `Inbox` its chunks are put on; a single wildcard subscription feeds all the inboxes
+(as nats-py's own request multiplexer does), so no SUB/UNSUB round trip per request.
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import deque
+from typing import Generic, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["ReplyMux", "is_no_responders"]
+__all__ = ["Inbox", "ReplyMux", "is_no_responders"]
+
+T = TypeVar("T")
 
 
 def is_no_responders(msg: Msg) -> bool:
@@ -25,13 +29,81 @@ def is_no_responders(msg: Msg) -> bool:
     return headers is not None and headers.get("Status") == "503" and not msg.data
 
 
+class Inbox(Generic[T]):
+    """The messages of one stream, for the one task that reads them, in order.
+
+    `next(timeout)` is the whole read side: the next message, or None after `timeout`
+    seconds without one. It is on the path of every streamed token, so it costs one
+    future per wait and no timer per wait (an `asyncio.Queue` read with a timeout costs
+    a task, a timer and `asyncio.wait`'s callbacks: a quarter of the frontend's CPU per
+    token at 16 streams). One timer per inbox stays armed while it is read; when it fires
+    early (the last wait ended before its deadline) it re-arms for the current wait's.
+
+    A message is never handed to a waiter, only signalled: a reader cancelled just as a
+    message arrived leaves it in the inbox for the next read, and a cancel always raises
+    (`asyncio.wait_for(queue.get(), t)` on Python 3.11 returns the item instead when both
+    land in the same loop turn: a stream whose client went away then ran on to its end
+    and was never cancelled on the node).
+    """
+
+    __slots__ = ("_deadline", "_items", "_timer", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def put(self, item: T) -> None:
+        """Add a message (on the loop that reads it) and wake the reader."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def next(self, timeout: float) -> T | None:
+        """The next message, or None if none comes within `timeout` seconds."""
+        if self._items:
+            return self._items.popleft()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        return self._items.popleft() if self._items else None
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms its own timer
+        loop = waiter.get_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_result(None)
+        else:  # armed by an earlier wait: this one's deadline is later
+            self._timer = loop.call_at(self._deadline, self._expire)
+
+    def close(self) -> None:
+        """Stop the timer (the inbox is no longer read)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class ReplyMux:
     """Reply subjects and their queues; see the module docstring."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = ""
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._inboxes: dict[str, Inbox[Msg]] = {}
         self._counter = itertools.count(1)
         self._sub: Subscription | None = None
 
@@ -46,18 +118,20 @@ class ReplyMux:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    def open(self) -> tuple[str, asyncio.Queue[Msg]]:
-        """A fresh reply subject and the queue its messages arrive on."""
+    def open(self) -> tuple[str, Inbox[Msg]]:
+        """A fresh reply subject and the inbox its messages arrive in."""
         subject = f"{self.prefix}.{next(self._counter)}"
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[subject] = queue
-        return subject, queue
+        inbox: Inbox[Msg] = Inbox()
+        self._inboxes[subject] = inbox
+        return subject, inbox
 
     def close(self, subject: str) -> None:
         """Forget a reply subject; late messages to it are dropped."""
-        self._queues.pop(subject, None)
+        inbox = self._inboxes.pop(subject, None)
+        if inbox is not None:
+            inbox.close()
 
     async def _deliver(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject)
-        if queue is not None:
-            queue.put_nowait(msg)
+        inbox = self._inboxes.get(msg.subject)
+        if inbox is not None:
+            inbox.put(msg)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import msgspec
 from nats.aio.client import Client
@@ -36,9 +36,7 @@ from messages.request import (
 )
 from supervisor.client_replies import ReplyMux
 
-__all__ = ["Lost", "StreamOptions", "next_within", "stream_chunks"]
-
-T = TypeVar("T")
+__all__ = ["Lost", "StreamOptions", "stream_chunks"]
 
 POLL = 0.25  # seconds between checks for gaps, reconnects and silence while streaming
 PROBE_INTERVAL = 1.0  # at most one resume request per stream this often
@@ -64,27 +62,6 @@ class _Client(Protocol):
     def replies(self) -> ReplyMux: ...
 
     async def resume(self, request_id: str, from_index: int) -> ResumeReply | None: ...
-
-
-async def next_within(queue: asyncio.Queue[T], timeout: float) -> T | None:
-    """The next item of `queue`, or None if none comes within `timeout` seconds.
-
-    A cancellation of the caller always raises here. `asyncio.wait_for(queue.get(), t)`
-    (and nats-py's `next_msg`, built on it) returns the item instead when it arrives in
-    the same loop turn as the cancel, on Python 3.11: a stream whose consumer was
-    cancelled then ran on to its end and was never cancelled on the node. An item the
-    getter took just as the caller was cancelled goes with the caller; on a timeout,
-    an item not yet taken stays in the queue.
-    """
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    try:
-        await asyncio.wait({getter}, timeout=timeout)
-    finally:
-        if not getter.done():
-            getter.cancel()  # Queue.get leaves an item it has not taken in the queue
-    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 @dataclass(frozen=True)
@@ -231,7 +208,7 @@ async def _attempt(
     try:
         await nc.publish(subject, data, reply=inbox)
         while True:
-            msg = await next_within(arrived, POLL)
+            msg = await arrived.next(POLL)
             named = _receive(msg, subject, expected, early, watch)
             request_id = request_id or named
             while expected in early:

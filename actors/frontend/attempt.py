@@ -19,7 +19,7 @@ from actors.frontend.streams import Retry, retry_of
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
 from messages.request import GenerateRequest, StreamChunk, error_chunk
-from supervisor.client import ask_resume, next_within
+from supervisor.client import ask_resume
 from supervisor.client_replies import is_no_responders
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ async def run_attempt(
     record, iid = candidate.record, candidate.instance_id
     wire = msgspec.structs.replace(request, dp_rank=candidate.dp_rank, model=record.model.name)
     key = (iid, candidate.dp_rank)
-    reply, queue = dispatcher.mux.open()
+    reply, inbox = dispatcher.mux.open()
     dispatcher.inflight[key] += 1
     metrics.INFLIGHT.inc()
     loop = asyncio.get_running_loop()
@@ -104,7 +104,7 @@ async def run_attempt(
         await _send(dispatcher, record, wire, reply)
         ended = False
         while True:
-            msg = await next_within(queue, PROBE_AFTER)
+            msg = await inbox.next(PROBE_AFTER)
             if msg is not None:
                 bad = _receive(dispatcher, msg, iid, wire.request_id, order, loop.time())
                 if bad is not None:
