@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from nats.aio.client import Client
@@ -108,9 +109,18 @@ class ReplyMux:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        """Subscribe to the inbox prefix."""
+        """Subscribe to the inbox prefix; see `_DirectDelivery`."""
         self.prefix = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._deliver)
+        subject = f"{self.prefix}.*"
+        sub = await self.nc.subscribe(subject)
+        if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue) and isinstance(
+            getattr(sub, "_pending_size", None), int
+        ):
+            sub._pending_queue = _DirectDelivery(sub, self._deliver_now)  # type: ignore[assignment]
+            self._sub = sub
+            return
+        await sub.unsubscribe()  # a nats-py whose subscriptions are built otherwise
+        self._sub = await self.nc.subscribe(subject, cb=self._deliver)
 
     async def stop(self) -> None:
         """Unsubscribe."""
@@ -131,7 +141,47 @@ class ReplyMux:
         if inbox is not None:
             inbox.close()
 
-    async def _deliver(self, msg: Msg) -> None:
+    def _deliver_now(self, msg: Msg) -> None:
         inbox = self._inboxes.get(msg.subject)
         if inbox is not None:
             inbox.put(msg)
+
+    async def _deliver(self, msg: Msg) -> None:
+        self._deliver_now(msg)
+
+
+class _DirectDelivery:
+    """Takes the place of a nats-py subscription's pending queue, so that the client's
+    reader hands each reply straight to its inbox.
+
+    nats-py puts a subscription's messages on an `asyncio.Queue` and, when the
+    subscription has a callback, runs a task that takes them off and calls it: a queue
+    put, a task turn and a queue get per streamed token, for a callback that only appends
+    to an inbox. A subscription without a callback has no task; its queue is replaced by
+    this object, which delivers at once (and keeps the subscription's pending-bytes count,
+    which nats-py raises before the put, at zero). nats-py is pinned; `ReplyMux.start`
+    falls back to a callback when the subscription does not look as expected.
+    """
+
+    def __init__(self, sub: Subscription, deliver: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._deliver = deliver
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        self._deliver(msg)
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def full(self) -> bool:
+        return False
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:  # a drain of the subscription: nothing is held here
+        return None
