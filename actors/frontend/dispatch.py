@@ -285,16 +285,16 @@ class Dispatcher:
     def _now() -> float:
         return asyncio.get_running_loop().time()
 
-    async def _follow(
+    def _follow(self, route: Route, request: GenerateRequest) -> AsyncGenerator[StreamChunk, None]:
+        """The attempt's chunks: from one instance, or a prefill and a decode instance."""
+        if route.prefill is None:  # no generator around it: one turn less per token
+            return run_attempt(self, route.main.candidate, request)
+        return self._follow_pair(route, request)
+
+    async def _follow_pair(
         self, route: Route, request: GenerateRequest
     ) -> AsyncGenerator[StreamChunk, None]:
-        if route.prefill is None:
-            async with contextlib.aclosing(
-                run_attempt(self, route.main.candidate, request)
-            ) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
+        assert route.prefill is not None
         prefill, decode = route.prefill.candidate, route.main.candidate
         card = prefill.record.model
         host = card.runtime_config.get("bootstrap_host")
