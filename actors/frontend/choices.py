@@ -40,8 +40,13 @@ def _no_finish() -> FrontendError:
 
 
 async def _all(works: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run `works` concurrently; the first failure cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(work) for work in works]
+    """Run `works` concurrently; the first failure cancels the others and is raised. One
+    work runs in the caller's task: a task and a gather cost two loop turns, and under load
+    every turn on a request's way to its first token waits behind other streams' chunks."""
+    pending = list(works)
+    if len(pending) == 1:
+        return [await pending[0]]
+    tasks = [asyncio.ensure_future(work) for work in pending]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
@@ -69,18 +69,40 @@ async def _disconnected(receive: Receive) -> None:
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run `work`; if the client disconnects first, cancel it and raise `ClientGone`."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
+    return await _until_gone(request.receive, work)
+
+
+async def _until_gone(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` in the caller's own task, cancelled (`ClientGone`) if the client
+    disconnects first. Not in a task of its own: starting one and waiting for it cost
+    two loop turns, and under load each turn on a request's way to its first token waits
+    behind every other stream's chunks (the frontend's TTFT at 16 busy streams is mostly
+    such turns)."""
+    task = asyncio.current_task()
+    assert task is not None
+    watching, gone = [True], [False]
+
+    def on_disconnect(watch: asyncio.Future[None]) -> None:
+        # scheduled when the watch ends: it may run after `work` did, hence `watching`
+        if watching[0] and not watch.cancelled() and watch.exception() is None:
+            gone[0] = True
             task.cancel()
-        await asyncio.gather(watch, task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
+
+    watch = asyncio.ensure_future(_disconnected(receive))
+    watch.add_done_callback(on_disconnect)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone[0]:
+            gone[0] = False  # our cancel, taken back here
+            if task.uncancel() == 0:  # nobody else cancelled the task: the client went away
+                raise ClientGone from None
+        raise
+    finally:
+        watching[0] = False
+        watch.cancel()
+        if gone[0]:  # `work` swallowed our cancel and ended: take it back all the same
+            task.uncancel()
 
 
 class SseResponse(StreamingResponse):
@@ -94,33 +116,30 @@ class SseResponse(StreamingResponse):
         super().__init__(content, headers=headers, **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_all() -> None:
-            with contextlib.suppress(OSError):  # the client went away mid-write
-                await self._stream_in_bursts(send)
-
-        streaming = asyncio.ensure_future(send_all())
-        watching = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(ClientGone, OSError):  # gone, or went away mid-write
+                await _until_gone(receive, self._stream_in_bursts(send))
         finally:
-            for task in (streaming, watching):
-                task.cancel()
-            await asyncio.gather(streaming, watching, return_exceptions=True)
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
-        failure = None if streaming.cancelled() else streaming.exception()
-        if failure is not None:
-            raise failure
 
     async def _stream_in_bursts(self, send: Send) -> None:
         """Like `stream_response`, but the events that came while the last write was on
-        its way go out in one write: one ASGI send and one syscall per burst, not per chunk."""
+        its way go out in one write: one ASGI send and one syscall per burst, not per
+        chunk. The first event is read here, before the headers go: the stream has begun
+        (its first output was read before the answer was chosen), so headers and first
+        event leave in the same loop turn, with no task between."""
+        events = self.body_iterator.__aiter__()
+        first = await anext(events, None)
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})  # fmt: skip
+        if first is not None:
+            body = first.encode() if isinstance(first, str) else bytes(first)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         pending: list[bytes] = []
         arrived = asyncio.Event()
-        reader = asyncio.ensure_future(self._read_into(pending, arrived))
+        reader = asyncio.ensure_future(self._read_into(events, pending, arrived))
         try:
             while not reader.done() or pending:
                 await arrived.wait()
@@ -135,9 +154,12 @@ class SseResponse(StreamingResponse):
             await asyncio.gather(reader, return_exceptions=True)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _read_into(self, pending: list[bytes], arrived: asyncio.Event) -> None:
+    @staticmethod
+    async def _read_into(
+        events: AsyncIterator[Any], pending: list[bytes], arrived: asyncio.Event
+    ) -> None:
         try:
-            async for event in self.body_iterator:
+            async for event in events:
                 pending.append(event.encode() if isinstance(event, str) else bytes(event))
                 arrived.set()
         finally:
