@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import pykka
@@ -163,10 +164,11 @@ class KvRelayActor(SupervisedActor):
         self._sub.connect(endpoint)
         if self.durable_max_age is not None:
             self._ensure_stream(self.durable_max_age)
-        self._resync(self.tracker.start(self.link.dropped))
         if self.info.kv_replay_endpoints:
             self.replay_endpoint = self.info.kv_replay_endpoints[self.dp_rank]
-            self._catch_up()
+        history = self._history()
+        self._resync(self.tracker.start(self.link.dropped), next_seq=0 if history else None)
+        self._catch_up(history)
         self._count()
         self._loop = self.link.loop
         self._loop.call_soon_threadsafe(self._start_reading)
@@ -420,7 +422,7 @@ class KvRelayActor(SupervisedActor):
         if verdict.wait:
             return False
         if verdict.lost is not None:
-            self._resync(verdict.lost)
+            self._resync(verdict.lost, next_seq=seq)
         if verdict.fill is not None:
             start, end = verdict.fill
             node_metrics.KV_GAPS.labels(self._label).inc()
@@ -428,10 +430,10 @@ class KvRelayActor(SupervisedActor):
                 self.log.info("kv event gap filled by replay", start=start, end=end - 1)
             else:
                 self.log.warning("kv event sequence gap", expected=start, got=end)
-                self._resync(self.tracker.unfilled(start, end))
+                self._resync(self.tracker.unfilled(start, end), next_seq=seq)
         if verdict.restart is not None:
             self.log.warning("kv event publisher restarted", last=self.tracker.last_seq, got=seq)
-            self._resync(verdict.restart)
+            self._resync(verdict.restart, next_seq=seq)
         self._publish(seq, batch.ts, batch.events, frames[2])
         return True
 
@@ -489,20 +491,25 @@ class KvRelayActor(SupervisedActor):
             self._publish(seq, batch.ts, batch.events, payload)
         return True
 
-    def _catch_up(self) -> None:
-        """At start: replay the publisher's history from 0 if it still holds all of it, so
-        subscribers rebuild the engine's cache exactly instead of starting blind."""
+    def _history(self) -> list[tuple[int, bytes]]:
+        """The publisher's batches from 0 up to its first hole (none without a replay
+        buffer)."""
         batches = self._replayed(0) or []
-        usable = consecutive_from_zero([seq for seq, _ in batches])
-        if not usable:
+        return batches[: consecutive_from_zero([seq for seq, _ in batches])]
+
+    def _catch_up(self, history: list[tuple[int, bytes]]) -> None:
+        """At start, after the resync: replay the publisher's history from 0 (up to a hole:
+        the resync stands for the rest), so subscribers rebuild the engine's cache exactly
+        instead of starting blind."""
+        if not history:
             return
-        for seq, payload in batches[:usable]:  # up to a hole: the resync stands for the rest
+        for seq, payload in history:
             try:
                 batch = decode_sglang_batch(payload)
             except DecodeError:
                 return
             self._publish(seq, batch.ts, batch.events, payload)
-        self.log.info("caught up from the replay buffer", batches=usable, held=len(batches))
+        self.log.info("caught up from the replay buffer", batches=len(history))
 
     def _rebuild(self, reason: Literal["subscriber_gap", "gap"]) -> None:
         """A resync, then the publisher's history from 0 up to the last batch relayed, if
@@ -512,13 +519,14 @@ class KvRelayActor(SupervisedActor):
             return
         self._rebuilt_at = now
         last = self.tracker.last_seq
-        self._resync(Resync(reason=reason, gaps_total=self.tracker.gaps))
+        why = Resync(reason=reason, gaps_total=self.tracker.gaps)
         if last is None:
+            self._resync(why)
             return
-        batches = self._replayed(0) or []
-        history = batches[: consecutive_from_zero([seq for seq, _ in batches])]
-        history = [(seq, payload) for seq, payload in history if seq <= last]
-        if len(history) != last + 1:
+        history = [(seq, payload) for seq, payload in self._history() if seq <= last]
+        whole = len(history) == last + 1
+        self._resync(why, next_seq=0 if whole else last + 1)
+        if not whole:
             self.log.warning(
                 "kv events were lost on the way; the publisher no longer holds the whole"
                 " history, so the subscribers' view of this rank starts empty",
@@ -539,8 +547,12 @@ class KvRelayActor(SupervisedActor):
             batches=len(history),
         )
 
-    def _resync(self, why: Resync) -> None:
+    def _resync(self, why: Resync, next_seq: int | None = None) -> None:
+        """Publish a resync; `next_seq` is the sequence of the batch published next, when
+        known (subscribers then count a batch lost right after it as a gap)."""
         assert self.link is not None
+        if next_seq is not None:
+            why = msgspec.structs.replace(why, next_seq=next_seq)
         node_metrics.KV_RESYNCS.labels(self._label, why.reason).inc()
         batch = KvEventBatch(
             instance_id=self.instance_id,

@@ -193,6 +193,11 @@ class Resync(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: Literal["relay_start", "gap", "publisher_restart", "undecodable", "subscriber_gap"]
     missed_batches: int = 0  # for gaps: how many batches were skipped
     gaps_total: int = 0  # gaps seen by this relay since it started
+    # The `seq` of the first batch the relay publishes after this resync, when it knows it
+    # (absent: it does not). A subscriber then sees a lost batch right after a resync as a
+    # gap too; without it, the first batch it got after a resync set its count, and the
+    # batches lost before that one went unnoticed until the next resync.
+    next_seq: int | None = None
 
 
 class KvResyncRequest(msgspec.Struct, frozen=True):

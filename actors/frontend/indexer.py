@@ -6,7 +6,9 @@ hashes, so a page's hash names its whole prefix: a plain set per rank answers "h
 leading pages of this prompt are cached" exactly as a radix tree would.
 
 - `BlockStored` adds its hashes, `BlockRemoved` removes them, `AllBlocksCleared` (and
-  every batch with a `resync`) empties the rank's set first.
+  every batch with a `resync`) empties the rank's set first. A resync that names the
+  sequence of the batch after it (`Resync.next_seq`) restarts the count there, so a batch
+  lost right after a resync is a gap like any other.
 - A sequence gap (a batch lost on the way, or a relay's `KvHead` newer than the last batch
   applied: the end of a burst lost) is counted; the view stays usable (a missed store
   under-estimates, a missed removal over-estimates until the next resync).
@@ -53,6 +55,8 @@ class KvIndexer:
             blocks.clear()
             self._predicted.pop(key, None)
             self._seq.pop(key, None)
+            if batch.resync.next_seq is not None:  # what follows it is counted from there
+                self._seq[key] = batch.resync.next_seq - 1
             outcome = "resync"
         elif batch.seq >= 0:
             last = self._seq.get(key)

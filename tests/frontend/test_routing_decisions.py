@@ -62,6 +62,26 @@ def test_a_resync_batch_drops_the_ranks_view_and_a_gap_is_counted() -> None:
     assert index.apply(_stored("a", 9, PROMPT[:1]), now=0.0) == "applied"  # no gap after a resync
 
 
+def test_a_batch_lost_right_after_a_resync_that_names_its_successor_is_a_gap() -> None:
+    """A relay's resync says which batch comes next: losing that one (the first of a
+    relay's history, or of a restarted node) is seen, by a later batch or by the head."""
+    index = KvIndexer()
+
+    def resync(next_seq: int) -> KvEventBatch:
+        why = Resync(reason="relay_start", next_seq=next_seq)
+        return KvEventBatch("a", 0, -1, 0.0, [AllBlocksCleared()], resync=why)
+
+    assert index.apply(resync(0), now=0.0) == "resync"
+    assert index.apply(_stored("a", 0, PROMPT[:1]), now=0.0) == "applied"
+    assert index.apply(_stored("a", 1, PROMPT[1:2]), now=0.0) == "applied"
+    assert index.apply(resync(7), now=0.0) == "resync"
+    assert index.apply(_stored("a", 8, PROMPT[:2]), now=0.0) == "gap"  # 7 was lost
+    assert index.apply(resync(0), now=0.0) == "resync"
+    assert not index.behind(("a", 0), -1)
+    assert index.behind(("a", 0), 0)  # the head says 0 was published; it never came
+    assert index.gaps == 2
+
+
 def test_a_routed_prompt_is_predicted_on_its_rank_until_it_expires() -> None:
     index = KvIndexer()
     index.predict("a", 0, PROMPT, now=100.0)

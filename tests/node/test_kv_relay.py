@@ -247,6 +247,7 @@ def test_the_relay_starts_with_a_resync_then_relays_in_order(relay: Any) -> None
     assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 1]
     assert batches[0].resync is not None
     assert batches[0].resync.reason == "relay_start"
+    assert batches[0].resync.next_seq is None  # no replay buffer: what comes next is unknown
     assert [b.seq for b in batches[1:]] == [0, 1, 2]
     assert batches[2].events == [STORED, STORED]
     assert all((b.instance_id, b.dp_rank) == ("inst-1", 0) for b in batches)
@@ -261,7 +262,7 @@ def test_a_sequence_gap_publishes_a_resync_before_the_next_batch(relay: Any) -> 
     assert gap.events == [AllBlocksCleared()]
     assert gap.resync is not None
     assert (gap.resync.reason, gap.resync.missed_batches, gap.resync.gaps_total) == ("gap", 2, 1)
-    assert batches[3].seq == 3
+    assert gap.resync.next_seq == batches[3].seq == 3
 
 
 def test_a_publisher_restart_publishes_a_resync(relay: Any) -> None:
@@ -271,7 +272,7 @@ def test_a_publisher_restart_publishes_a_resync(relay: Any) -> None:
     batches = collector.wait(4)
     assert batches[2].resync is not None
     assert batches[2].resync.reason == "publisher_restart"
-    assert batches[3].seq == 0
+    assert batches[2].resync.next_seq == batches[3].seq == 0
 
 
 def test_garbage_is_dropped_and_counted_and_the_relay_carries_on(relay: Any) -> None:
@@ -348,6 +349,7 @@ def test_the_relay_catches_up_at_start_and_fills_a_gap_from_the_replay_buffer(
         with relay_tree(tmp_path, replay_endpoint=server.endpoint) as (pub, collector, root):
             caught_up = collector.wait(4)
             assert caught_up[0].resync is not None
+            assert caught_up[0].resync.next_seq == 0  # the history follows it
             assert [b.seq for b in caught_up[1:]] == [0, 1, 2]
             # 3 and 4 never reach the relay live: it finds them in the replay buffer
             for seq in (3, 4, 5):
@@ -373,7 +375,7 @@ def test_a_gap_the_replay_buffer_cannot_fill_gets_a_resync(tmp_path: Path) -> No
             batches = collector.wait(4)
             assert batches[2].resync is not None
             assert (batches[2].resync.reason, batches[2].resync.missed_batches) == ("gap", 3)
-            assert batches[3].seq == 4
+            assert batches[2].resync.next_seq == batches[3].seq == 4
             assert server.requests == [0, 1]
     finally:
         server.close()
