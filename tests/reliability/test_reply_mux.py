@@ -1,0 +1,109 @@
+"""`ReplyMux` on a real NATS server: every reply reaches its own stream's inbox, in order,
+straight from nats-py's reader (no callback task), across a reconnect, and nothing
+counts as pending on the subscription (a slow-consumer limit can never trip on it).
+
+The direct delivery relies on how nats-py 2.16 builds a subscription; the first test
+fails when an upgrade makes `ReplyMux` fall back to a callback subscription, so the
+fallback (correct, but a task turn and a queue per token slower) is never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+
+from supervisor.chaos_nodes import NatsServer
+from supervisor.client_replies import ReplyMux, _DirectDelivery
+
+STREAMS, MESSAGES = 8, 200
+
+
+async def _send_and_read(url: str) -> tuple[bool, list[list[bytes]], int, int]:
+    receiver = await nats.connect(url)
+    sender = await nats.connect(url)
+    mux = ReplyMux(receiver)
+    await mux.start()
+    await receiver.flush()  # the SUB is in place before another connection publishes
+    try:
+        sub = mux._sub
+        direct = sub is not None and isinstance(sub._pending_queue, _DirectDelivery)
+        opened = [mux.open() for _ in range(STREAMS)]
+        for i in range(MESSAGES):  # interleaved: stream k gets "k:i" in order
+            for k, (subject, _) in enumerate(opened):
+                await sender.publish(subject, f"{k}:{i}".encode())
+        await sender.flush()
+        got: list[list[bytes]] = []
+        for _, inbox in opened:
+            data: list[bytes] = []
+            while len(data) < MESSAGES:
+                msg = await inbox.next(2.0)
+                if msg is None:
+                    break  # the rest did not come: the comparison below says which
+                data.append(msg.data)
+            got.append(data)
+        assert sub is not None
+        pending = sub._pending_size
+        late_subject, late_inbox = opened[0]
+        mux.close(late_subject)
+        await sender.publish(late_subject, b"after close")  # dropped: nobody reads it
+        await sender.flush()
+        await asyncio.sleep(0.1)
+        return direct, got, pending, len(late_inbox)
+    finally:
+        await mux.stop()
+        await sender.close()
+        await receiver.close()
+
+
+def test_replies_reach_their_own_inbox_in_order_straight_from_the_reader(
+    tmp_path: Path,
+) -> None:
+    with NatsServer(tmp_path) as server:
+        direct, got, pending, late = asyncio.run(_send_and_read(server.url))
+    assert direct, "ReplyMux fell back to a callback subscription (nats-py changed?)"
+    for k, data in enumerate(got):
+        assert data == [f"{k}:{i}".encode() for i in range(MESSAGES)]
+    assert pending == 0
+    assert late == 0
+
+
+async def _across_a_restart(tmp_path: Path, servers: list[NatsServer]) -> bytes:
+    server = servers[0]
+    receiver = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+    mux = ReplyMux(receiver)
+    await mux.start()
+    await receiver.flush()
+    subject, inbox = mux.open()
+    port = server.port
+    server.stop()
+    server = NatsServer.on_port(tmp_path, port)
+    servers.append(server)
+    for _ in range(100):  # the receiver re-subscribes once it is back
+        if receiver.is_connected:
+            break
+        await asyncio.sleep(0.1)
+    sender = await nats.connect(server.url)
+    try:
+        for _ in range(50):  # until the SUB replayed on reconnect is in place
+            await sender.publish(subject, b"after restart")
+            await sender.flush()
+            msg = await inbox.next(0.1)
+            if msg is not None:
+                return msg.data
+        return b"<nothing>"
+    finally:
+        await sender.close()
+        await mux.stop()
+        await receiver.close()
+
+
+def test_the_inboxes_keep_receiving_after_the_server_restarts(tmp_path: Path) -> None:
+    servers = [NatsServer(tmp_path)]
+    try:
+        data = asyncio.run(_across_a_restart(tmp_path, servers))
+    finally:
+        for server in servers:
+            server.stop()
+    assert data == b"after restart"
