@@ -168,10 +168,12 @@ class ClusterRunner(Runner):
         return verdict
 
     async def _inject(self, client: NodeClient, fault: ClusterFault) -> None:  # type: ignore[override]
+        at = time.monotonic()
         record: dict[str, object] = {"fault": fault.fault, "server": fault.server}
         if fault.node >= 0:
             record = {"fault": fault.fault, "node": fault.node}
-        at = time.monotonic()
+        record.update(injected_at=round(at - self.started, 3), ends={})
+        self.verdict.faults.append(record)  # ends from now on are counted on this fault
         timeout = self.cluster_scenario.recovery_timeout
         loop = asyncio.get_running_loop()
         try:
@@ -188,7 +190,6 @@ class ClusterRunner(Runner):
             assert isinstance(self.verdict, ClusterVerdict)
             self.verdict.discovery_exact = False
             record["discovery_seen"] = sorted(await self._listed(client))
-        self.verdict.faults.append(record)
 
     async def _listed(self, client: NodeClient) -> set[str]:
         try:

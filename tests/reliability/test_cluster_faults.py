@@ -17,6 +17,7 @@ import msgspec
 import tomllib
 
 from supervisor.chaos_cluster import ClusterScenario, run_cluster_scenario
+from supervisor.chaos_verdict import print_verdict
 from tests.node.harness import ROOT
 
 
@@ -28,6 +29,7 @@ def test_every_cluster_fault_under_load_loses_nothing_and_discovery_comes_back_e
     verdict = run_cluster_scenario(scenario, tmp_path)
     report = msgspec.json.encode(verdict).decode()
     print(report)  # the figures, for the README's reliability table
+    print_verdict(verdict)  # what `python -m supervisor.chaos_cluster` prints (it once raised)
     assert verdict.lost == 0, report
     assert verdict.errors == {}, report
     assert verdict.completed > 0
@@ -35,6 +37,7 @@ def test_every_cluster_fault_under_load_loses_nothing_and_discovery_comes_back_e
     assert [f["fault"] for f in verdict.faults] == [f.fault for f in scenario.faults]
     for fault in verdict.faults:
         assert fault["ok"], fault
+        assert isinstance(fault["injected_at"], float), fault  # ends are counted on it
         assert fault["discovery_exact_after"] is not None, fault
     partition, restart, kill, rolling = (f["detail"] for f in verdict.faults)
     assert re.match(r"sglc-\d exited -9", kill), kill
