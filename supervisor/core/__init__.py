@@ -29,6 +29,7 @@ from supervisor.core._events import (
     SupervisorStopped,
 )
 from supervisor.core._faults import crash, suspend
+from supervisor.core._loop_actor import LoopActor, LoopHost, LoopThread
 from supervisor.core._metrics import SupervisionMetrics
 from supervisor.core._names import ask, whereis
 from supervisor.core._process import (
@@ -99,6 +100,9 @@ __all__ = [
     "InjectedFaultError",
     "InvalidSpec",
     "Killed",
+    "LoopActor",
+    "LoopHost",
+    "LoopThread",
     "Normal",
     "ProcessStart",
     "ReadyImmediately",

@@ -104,6 +104,7 @@ class SupervisedActor(pykka.ThreadingActor):
         self._exit_lock = threading.Lock()
         self._send_timers: set[_ActorTimer] = set()
         self._send_timers_lock = threading.Lock()
+        self._exit_reason: ExitReason = Shutdown(detail="not exited")
 
     # --- hooks for subclasses -------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class SupervisedActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         try:
             self.on_start_up()
+            self._started_up()
         except BaseException as exc:  # noqa: BLE001
             self.log.error("start-up failed", error=f"{type(exc).__name__}: {exc}")
             self._supervised_finish(StartFailed(cause=f"{type(exc).__name__}: {exc}"))
@@ -182,7 +184,7 @@ class SupervisedActor(pykka.ThreadingActor):
             return self.on_stop_request(message)
         try:
             if isinstance(message, Suspend):  # a fault hook: stop answering for a while
-                time.sleep(message.seconds)
+                self._suspend(message.seconds)
                 return None
             if isinstance(message, InjectCrash):  # a fault hook: crash right here
                 raise InjectedFaultError(message.detail)
@@ -196,6 +198,13 @@ class SupervisedActor(pykka.ThreadingActor):
             if isinstance(exc, Exception):
                 raise  # to an ask caller; pykka only logs it for a tell
             raise ActorCrashed(reason.describe()) from exc
+
+    def _started_up(self) -> None:
+        """Runtime hook: `on_start_up` returned, the actor is not yet reported ready."""
+
+    def _suspend(self, seconds: float) -> None:
+        """Runtime hook for the `Suspend` fault: answer nothing for `seconds`."""
+        time.sleep(seconds)
 
     def on_stop_request(self, request: StopRequest) -> None:
         """The supervisor asks this actor to stop: graceful hook, cleanup, exit notice."""
@@ -232,8 +241,15 @@ class SupervisedActor(pykka.ThreadingActor):
         # Leave the receive loop without taking another message; from now on a tell to
         # this actor fails at the sender (ActorDeadError).
         pykka.ActorRegistry.unregister(self.actor_ref)
+        self._exit_reason = reason
         self.actor_stopped.set()
-        # What was already in the inbox is never handled: let the actor answer for it.
+        self._answer_undelivered()
+        self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))
+
+    def _answer_undelivered(self) -> None:
+        """What is in the inbox of an exited actor is never handled: let the actor answer
+        for it (a message that raced its exit comes here too, on a loop-hosted actor)."""
+        reason = self._exit_reason
         while not self.actor_inbox.empty():
             envelope = self.actor_inbox.get()
             try:
@@ -248,7 +264,6 @@ class SupervisedActor(pykka.ThreadingActor):
                 dead = pykka.ActorDeadError(f"{self.actor_ref} exited: {reason.describe()}")
                 with contextlib.suppress(queue.Full):  # answered already
                     envelope.reply_to.set_exception((type(dead), dead, None))
-        self.context.notify(ChildExited(self.context.child_id, self.context.generation, reason))
 
 
 class _ActorTimer:
