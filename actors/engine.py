@@ -9,6 +9,8 @@ the engine is unhealthy, the node stops), every in-flight request ends at once w
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import itertools
 import threading
 import time
@@ -18,6 +20,7 @@ from typing import Any
 
 import zmq
 
+from actors.engine_output import OutputReader
 from actors.engine_state.admission import InflightTable
 from actors.engine_state.health import (
     CanaryFailed,
@@ -28,19 +31,16 @@ from actors.engine_state.health import (
     Unhealthy,
 )
 from actors.telemetry import node_metrics
-from actors.wake import WakeablePoller
 from messages.chaos import ChaosFailProbes, ChaosFailRequests
-from messages.codec import DecodeError, decode_msgpack, encode_msgpack
+from messages.codec import encode_msgpack
 from messages.engine import (
     EngineInfo,
     HostAbort,
     HostChunk,
-    HostChunks,
     HostControl,
     HostControlReply,
     HostEmbed,
     HostGenerate,
-    HostOutput,
 )
 from messages.node import (
     AbortGenerate,
@@ -50,11 +50,19 @@ from messages.node import (
     EngineStatus,
     GetEngineInfo,
     GetEngineStatus,
+    GetLink,
     SubmitEmbed,
     SubmitGenerate,
 )
 from messages.request import BootstrapInfo, OutputOptions, SamplingOptions, StopConditions
-from supervisor.core import ChildContext, ExitReason, SupervisedActor, whereis
+from supervisor.core import (
+    ChildContext,
+    ExitReason,
+    LoopThread,
+    SupervisedActor,
+    ask,
+    whereis,
+)
 from supervisor.plan import EngineSettings
 
 __all__ = ["INFO_TIMEOUT", "EngineActor", "EngineUnhealthyError"]
@@ -62,7 +70,6 @@ __all__ = ["INFO_TIMEOUT", "EngineActor", "EngineUnhealthyError"]
 _CANARY_PREFIX = "canary-"
 _WARMUP_PREFIX = "warmup-"
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"  # SGLang's: a request that transfers no KV (warm-up, health)
-_DRAIN_MAX = 256  # host messages taken per wake-up of the reader
 # The host answers `info` at once; the margin is for a machine busy starting many
 # processes. The engine_actor's start timeout (supervisor/tree.py) covers this plus the
 # prefill warm-up.
@@ -96,9 +103,8 @@ class EngineActor(SupervisedActor):
         self.health = Health(settings.health, context.clock.now())
         self._pending: dict[int, Future[HostControlReply]] = {}
         self._op_ids = itertools.count(1)
-        self._halt = threading.Event()
-        self._wakeable = WakeablePoller(self._outputs)
-        self._reader: threading.Thread | None = None
+        self._reader: OutputReader | None = None
+        self._private_loop: LoopThread | None = None
         self._canary_count = itertools.count(1)
         self._fail_next = 0  # chaos: requests still to be failed on purpose
 
@@ -109,7 +115,14 @@ class EngineActor(SupervisedActor):
         self._commands.setsockopt(zmq.LINGER, 0)
         self._commands.connect(self.settings.command_endpoint)
         self._outputs.connect(self.settings.output_endpoint)
-        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        # The host's output is read on the NATS link's loop, where the handlers it goes
+        # to run (see actors.engine_output); alone, on a loop of its own.
+        if self.settings.fabric:
+            loop = ask(self.settings.fabric, GetLink(), timeout=10).loop
+        else:
+            self._private_loop = LoopThread("engine-output")
+            loop = self._private_loop.loop
+        self._reader = OutputReader(self._outputs, loop, self._on_reply, self._route)
         self._reader.start()
         reply = self._handshake()
         if not reply.ok:
@@ -195,8 +208,8 @@ class EngineActor(SupervisedActor):
         )
 
     def on_exit(self, reason: ExitReason) -> None:
-        self._halt.set()
-        self._wakeable.wake()
+        if self._reader is not None:
+            self._reader.stop()
         with self._lock:
             inflight = self._inflight.take_all()
         why = f"the engine stopped ({reason.describe()}); it restarts by policy, retry"
@@ -213,9 +226,8 @@ class EngineActor(SupervisedActor):
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError(why))
-        if self._reader is not None:
-            self._reader.join(timeout=2)
-        self._wakeable.close()
+        if self._private_loop is not None:
+            self._private_loop.stop()
         self._commands.close(linger=0)
         self._outputs.close(linger=0)
         self._zmq.term()
@@ -338,34 +350,15 @@ class EngineActor(SupervisedActor):
         self._send(HostControl(op_id=op_id, op=op, args=args))  # type: ignore[arg-type]
         return future
 
-    def _read(self) -> None:
-        while not self._halt.is_set():
-            if not self._wakeable.poll():  # sleeps until output comes or on_exit wakes it
-                continue
-            chunks: list[HostChunk] = []
-            for _ in range(_DRAIN_MAX):  # take what is there, route it in one go
-                try:
-                    data = self._outputs.recv(zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    break
-                try:
-                    output: HostOutput = decode_msgpack(data, HostOutput)
-                except DecodeError as exc:
-                    self.log.error("undecodable engine output", error=str(exc))
-                    continue
-                if isinstance(output, HostControlReply):
-                    future = self._pending.pop(output.op_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(output)
-                elif isinstance(output, HostChunks):
-                    chunks.extend(output.chunks)
-                else:
-                    chunks.append(output)
-            if chunks:
-                self._route(chunks)
+    def _on_reply(self, reply: HostControlReply) -> None:
+        future = self._pending.pop(reply.op_id, None)
+        if future is not None and not future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # raced a cancel
+                future.set_result(reply)
 
     def _route(self, chunks: list[HostChunk]) -> None:
-        """Hand chunks to the handlers that asked for them: one message per handler."""
+        """Hand chunks to the handlers that asked for them: one message per handler (on
+        the reader's loop, with the handlers)."""
         now = self.context.clock.now()
         self.health.active(now)
         by_handler: dict[str, list[HostChunk]] = {}

@@ -91,6 +91,7 @@ class EngineSettings(_Settings, frozen=True):
 
     command_endpoint: str
     output_endpoint: str
+    fabric: str = ""  # whose NATS link's loop reads the host's output ("": a loop of its own)
     health: HealthSection = msgspec.field(default_factory=HealthSection)
     max_inflight: int = 256
     max_streams_per_client: int = 0
@@ -335,7 +336,7 @@ def plan_node(
         leader=leader,
         local_dp_ranks=ranks,
         fabric=_fabric(config, servers, instance_id),
-        engine=_engine_settings(config, host_spec),
+        engine=_engine_settings(config, host_spec, paths.fabric),
         metrics=MetricsSettings(
             fabric=paths.fabric,
             engine_actor=paths.engine_actor,
@@ -390,10 +391,11 @@ def _replicas_wanted(config: NodeConfig) -> dict[str, int]:
     return {key: count for key, count in wanted.items() if count > 1}
 
 
-def _engine_settings(config: NodeConfig, host_spec: HostSpec) -> EngineSettings:
+def _engine_settings(config: NodeConfig, host_spec: HostSpec, fabric: str) -> EngineSettings:
     return EngineSettings(
         command_endpoint=host_spec.command_endpoint,
         output_endpoint=host_spec.output_endpoint,
+        fabric=fabric,
         health=config.engine.health,
         max_inflight=config.handlers.max_inflight,
         max_streams_per_client=config.handlers.max_streams_per_client,

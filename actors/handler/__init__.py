@@ -15,6 +15,13 @@ nothing for a while, asks on the resume subject and gets them again.
 What to do with each stream is decided by its pure core, `actors.streams.table`; this
 actor decodes, calls the core, and carries out what it returns (publish, abort, timers).
 
+Handlers are `LoopActor`s hosted on the NATS link's event loop, where the engine's output
+is read too (`actors.engine_output`): a request arrives, a step's chunks are routed to
+their handler and published without a thread hand-off in the node. So a handler never
+blocks in `handle`: the one wait it has, offering streams to another instance at the
+drain deadline, is a task on the loop whose answer comes back as a message (the
+handler's engine output waits meanwhile, as it waited in a blocked thread's mailbox).
+
 Modules: `actor` (the supervised child: start, stop, the match on messages, drain and
 hand-over), `admission` (the checks a request passes before its stream opens, generate
 and embed), `streams` (the handler's state and the carrying out of what the table

@@ -3,6 +3,7 @@ hand-over (the request plane as a whole: see `actors.handler`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,8 @@ from messages.node import (
     IncomingRequest,
     IncomingResume,
 )
-from messages.request import GenerateRequest
-from supervisor.core import ExitReason, Shutdown, StopRequest, ask
+from messages.request import GenerateRequest, HandoverReply
+from supervisor.core import ExitReason, LoopHost, Shutdown, StopRequest, ask
 
 __all__ = ["HandlerActor"]
 
@@ -28,6 +29,14 @@ __all__ = ["HandlerActor"]
 @dataclass(frozen=True)
 class _DrainDeadline:
     """The drain timeout ran out: hand the streams left over, or end them with `shutdown`."""
+
+
+@dataclass(frozen=True)
+class _HandoverAnswer:
+    """What came of offering a stream to another instance (None: nobody answered)."""
+
+    request_id: str
+    answer: HandoverReply | None
 
 
 class HandlerActor(RequestAdmission):
@@ -38,6 +47,8 @@ class HandlerActor(RequestAdmission):
     # --- start and stop ------------------------------------------------------------------
 
     def on_start_up(self) -> None:
+        # Runs on a start-up thread: it may block. From ready on, this actor's messages are
+        # handled on the NATS link's loop (a LoopActor: see `actors.handler`).
         self.link = ask(self.fabric_path, GetLink(), timeout=10)
         ref = self.actor_ref
         clock = self.context.clock
@@ -71,6 +82,10 @@ class HandlerActor(RequestAdmission):
             self._continue_adopted()
         for message in self.context.handover.pop("pending", []):
             self.actor_ref.tell(message)  # requests the crashed incarnation never read
+
+    def loop_host(self) -> LoopHost:
+        assert self.link is not None
+        return self.link
 
     def _continue_adopted(self) -> None:
         """The previous incarnation crashed with streams in flight: abandon their engine
@@ -142,6 +157,8 @@ class HandlerActor(RequestAdmission):
                         why = f"{type(exc).__name__}: {exc}"
                         self._reject(message.reply, request_id_of(message.data), "internal", why)
                     raise
+            case EngineOutputs(chunks=chunks) if self._offering:
+                self._held.extend(chunks)  # a stream is being offered: its output waits
             case EngineOutputs(chunks=chunks):
                 self._outbox = []  # the batch's publishes go out together
                 try:
@@ -166,6 +183,8 @@ class HandlerActor(RequestAdmission):
                 self._submit_waiting()
             case _DrainDeadline():
                 self._drain_deadline()
+            case _HandoverAnswer(request_id=request_id, answer=answer):
+                self._handover_answered(request_id, answer)
             case _:
                 return super().handle(message)
         return None
@@ -174,34 +193,51 @@ class HandlerActor(RequestAdmission):
 
     def _drain_deadline(self) -> None:
         """The drain timeout ran out with streams still running: hand each over to another
-        instance (a continuation that streams to the same client), else end it."""
+        instance (a continuation that streams to the same client), else end it. The offers
+        go one at a time, each a NATS request in a task of the loop; meanwhile the
+        handler's engine output waits (`_held`), so what the client gets from here is what
+        the offer said it has."""
         if self.table and self.limits.handover_on_drain:
-            moved = self._hand_over_all()
-            if moved:
-                self.log.info("streams handed over to another instance", streams=moved)
+            self._to_offer = list(self.table.streams)
+        self._offer_next()
+
+    def _offer_next(self) -> None:
+        assert self.link is not None
+        while self._to_offer:
+            request_id = self._to_offer.pop(0)
+            stream = self.table.streams.get(request_id)
+            if stream is None or not isinstance(stream.request, GenerateRequest):
+                continue
+            if stream.ending or stream.migrations >= self.limits.migration_limit:
+                continue
+            request = self.table.handover_request(request_id)
+            offer = offer_handover(self.link.nc, self.subjects.generate, request)
+            self._offering = request_id
+            self.spawn(offer, then=functools.partial(_HandoverAnswer, request_id))
+            return
+        self._end_drain()
+
+    def _handover_answered(self, request_id: str, answer: HandoverReply | None) -> None:
+        self._offering = ""
+        held, self._held = self._held, []
+        if answer is None or not answer.accepted:
+            self._to_offer = []  # no instance takes streams now: the rest end here
+        elif request_id in self.table.streams:
+            engine_id = self.table.handed_over(request_id, self.context.clock.now())
+            self._abort_in_engine(engine_id, "shutdown")
+            self._after_end(request_id, exiting=True)
+            node_metrics.MIGRATIONS.labels("handed_over").inc()
+            self._moved += 1
+        if held:
+            self.handle(EngineOutputs(held))  # late chunks of a stream handed over are dropped
+        self._offer_next()
+
+    def _end_drain(self) -> None:
+        if self._moved:
+            self.log.info("streams handed over to another instance", streams=self._moved)
         if self.table:
             self.log.warning(
                 "drain timeout: ending the rest with shutdown", remaining=len(self.table)
             )
         self._close_all()
         self.exit(Shutdown(detail="drained"))
-
-    def _hand_over_all(self) -> int:
-        assert self.link is not None
-        moved = 0
-        for request_id in list(self.table.streams):
-            stream = self.table.streams[request_id]
-            if not isinstance(stream.request, GenerateRequest) or stream.ending:
-                continue
-            request = self.table.handover_request(request_id)
-            if stream.migrations >= self.limits.migration_limit:
-                continue
-            answer = offer_handover(self.link, self.subjects.generate, request)
-            if answer is None or not answer.accepted:
-                break  # no instance takes streams now: the rest end here
-            engine_id = self.table.handed_over(request_id, self.context.clock.now())
-            self._abort_in_engine(engine_id, "shutdown")
-            self._after_end(request_id, exiting=True)
-            node_metrics.MIGRATIONS.labels("handed_over").inc()
-            moved += 1
-        return moved

@@ -38,7 +38,7 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor.core import ChildContext, Shutdown, SupervisedActor, whereis
+from supervisor.core import ChildContext, LoopActor, Shutdown, whereis
 from supervisor.plan import HandlerSettings
 
 __all__ = ["RESTARTING", "DeadlineGrace", "HandlerStreams", "RetrySubmit", "StreamDeadline"]
@@ -67,7 +67,7 @@ class RetrySubmit:
     """Streams wait for an engine: submit them if one runs again."""
 
 
-class HandlerStreams(SupervisedActor):
+class HandlerStreams(LoopActor):
     """The streams of one handler and what is done to them (see the module docstring)."""
 
     def __init__(self, context: ChildContext, settings: HandlerSettings) -> None:
@@ -101,6 +101,11 @@ class HandlerStreams(SupervisedActor):
         self._draining = False
         self._crashed = False
         self._retry: Any = None  # the armed RetrySubmit timer
+        # A drain's hand-over: streams still to offer, the one on offer, its held output.
+        self._to_offer: list[str] = []
+        self._offering = ""
+        self._held: list[HostChunk] = []
+        self._moved = 0
 
     # --- opening and submitting ---------------------------------------------------------
 

@@ -65,6 +65,8 @@ class NatsLink:
         self._listeners: list[Callable[[LinkEvent], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"nats-{name}", daemon=True)
         self._closed = False
+        self._loop_ended = False
+        self._at_loop_end: list[Callable[[], None]] = []
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -75,7 +77,39 @@ class NatsLink:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            with self._lock:
+                self._loop_ended = True
+                callbacks, self._at_loop_end = self._at_loop_end, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    self.log.exception("loop-end callback failed")
+
+    def when_loop_ends(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` once the loop has stopped for good (at once if it has): actors
+        hosted on the loop (`LoopActor`) exit then instead of waiting for ever."""
+        with self._lock:
+            ended = self._loop_ended
+            if not ended:
+                self._at_loop_end.append(callback)
+        if ended:
+            callback()
+
+        def forget() -> None:
+            with self._lock:
+                if callback in self._at_loop_end:
+                    self._at_loop_end.remove(callback)
+
+        return forget
+
+    @property
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the link's loop thread."""
+        return threading.get_ident() == self._thread.ident
 
     async def _connect(self) -> None:
         self.nc = await nats.connect(
@@ -204,7 +238,7 @@ class NatsLink:
             if self._drain_scheduled or not self._flowing or not self._queue:
                 return
             self._drain_scheduled = True
-        if threading.get_ident() == self._thread.ident:
+        if self.on_loop:
             self.loop.call_soon(self._start_drain)  # a reader on the loop: no wake-up needed
         else:
             self.loop.call_soon_threadsafe(self._start_drain)
@@ -277,15 +311,26 @@ class NatsLink:
         return self.call(go, timeout=self.connect_timeout)
 
     def unsubscribe(self, subscription: Any, timeout: float = 2.0) -> None:
-        """Stop a subscription (best effort when the connection is gone)."""
+        """Stop a subscription (best effort when the connection is gone). On the loop
+        thread it does not wait: the unsubscribe goes out in a task of the loop."""
 
         async def go() -> None:
             await subscription.unsubscribe()
 
+        if self.on_loop:
+            task = self.loop.create_task(go())
+            task.add_done_callback(self._log_unsubscribe)
+            return
+        if self._loop_ended or not self.loop.is_running():
+            return  # nothing carries it any more: the connection is gone with the loop
         try:
             self.call(go, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             self.log.debug("unsubscribe failed", error=str(exc))
+
+    def _log_unsubscribe(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.debug("unsubscribe failed", error=str(task.exception()))
 
     def call(self, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
         """Run `factory()` on the loop and wait up to `timeout` seconds for its result."""

@@ -10,7 +10,8 @@ index. No responder, a refusal or no answer: the stream is not handed over.
 
 from __future__ import annotations
 
-from actors.nats.link import NatsLink
+from typing import Any
+
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.request import GenerateRequest, HandoverReply
 
@@ -19,15 +20,15 @@ __all__ = ["offer_handover"]
 _ANSWER_TIMEOUT = 2.0  # a node that takes the stream answers at once
 
 
-def offer_handover(link: NatsLink, subject: str, request: GenerateRequest) -> HandoverReply | None:
-    """Offer `request` (a continuation with `reply_to`) on `subject`; the taker's answer,
-    or None when nobody answered (no other instance, or it did not answer in time)."""
-    nc = link.nc
+async def offer_handover(nc: Any, subject: str, request: GenerateRequest) -> HandoverReply | None:
+    """Offer `request` (a continuation with `reply_to`) on `subject` over the NATS client
+    `nc` (on its loop); the taker's answer, or None when nobody answered (no other
+    instance, or it did not answer in time)."""
     if nc is None:
         return None
     data = encode_json(request)
     try:
-        message = link.call(lambda: nc.request(subject, data, timeout=_ANSWER_TIMEOUT), 5.0)
+        message = await nc.request(subject, data, timeout=_ANSWER_TIMEOUT)
         return decode_json(message.data, HandoverReply)
     except (DecodeError, TimeoutError, OSError):
         return None
