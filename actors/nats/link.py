@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -67,6 +69,8 @@ class NatsLink:
         self._closed = False
         self._loop_ended = False
         self._at_loop_end: list[Callable[[], None]] = []
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # calls waiting on the loop
+        self._unsubscribing: set[asyncio.Task[None]] = set()
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -83,6 +87,11 @@ class NatsLink:
             with self._lock:
                 self._loop_ended = True
                 callbacks, self._at_loop_end = self._at_loop_end, []
+                calls, self._calls = self._calls, set()
+            closed = ConnectionError(f"the NATS link {self.name} closed during the call")
+            for call in calls:  # waiting for a loop that is gone: fail them now
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    call.set_exception(closed)
             for callback in callbacks:
                 try:
                     callback()
@@ -143,6 +152,8 @@ class NatsLink:
         self._closed = True
 
         async def shutdown() -> None:
+            if self._unsubscribing:  # on-loop unsubscribes still on their way
+                await asyncio.wait(self._unsubscribing, timeout=1.0)
             if self.nc is not None and not self.nc.is_closed:
                 await self._drain_queue()
                 try:
@@ -317,18 +328,22 @@ class NatsLink:
         async def go() -> None:
             await subscription.unsubscribe()
 
+        if self._loop_ended or self.loop.is_closed():
+            return  # nothing carries it any more: the connection is gone with the loop
         if self.on_loop:
             task = self.loop.create_task(go())
-            task.add_done_callback(self._log_unsubscribe)
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribed)
             return
-        if self._loop_ended or not self.loop.is_running():
-            return  # nothing carries it any more: the connection is gone with the loop
+        if not self.loop.is_running():
+            return
         try:
             self.call(go, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             self.log.debug("unsubscribe failed", error=str(exc))
 
-    def _log_unsubscribe(self, task: asyncio.Task[None]) -> None:
+    def _unsubscribed(self, task: asyncio.Task[None]) -> None:
+        self._unsubscribing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.debug("unsubscribe failed", error=str(task.exception()))
 
@@ -341,12 +356,20 @@ class NatsLink:
         async def run() -> T:
             return await factory()
 
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        with self._lock:
+            if self._loop_ended:  # nothing would ever run it: say so now, not at the timeout
+                msg = f"the NATS link {self.name} is closed"
+                raise ConnectionError(msg)
+            future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+            self._calls.add(future)
         try:
             return future.result(timeout)
         except TimeoutError:
             future.cancel()
             raise
+        finally:
+            with self._lock:
+                self._calls.discard(future)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything queued so far has reached the server."""

@@ -119,3 +119,39 @@ def test_a_crash_loop_exceeds_the_intensity_stops_in_order_and_exits_non_zero(
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
     finally:
         node.kill()
+
+
+def test_a_crash_of_the_nats_link_owner_restarts_the_core_at_once_and_cleanly(
+    tmp_path: Path,
+) -> None:
+    # The fabric owns the NATS link whose loop the handlers and the engine's output reader
+    # run on. Its crash ends that loop: the handlers exit with LoopEnded, the others' calls
+    # through the link fail at once instead of at their timeouts, so the rest_for_one
+    # restart of the core does not wait for a child abandoned at its shutdown timeout (the
+    # registrar used to be, 5 s), and nothing is left pending on the dead loop.
+    scenario = msgspec.convert(
+        {
+            "name": "fabric-crash",
+            "duration": 8.0,
+            "config": "configs/chaos/sim-node.toml",
+            "load": {"clients": 4, "max_tokens": 40, "deadline": 10.0},
+            "faults": [{"at": 2.0, "fault": "crash_actor", "target": "core/fabric"}],
+        },
+        Scenario,
+    )
+    verdict = run_scenario(scenario, tmp_path)
+    report = msgspec.json.encode(verdict).decode()
+    print(report)
+    assert verdict.lost == 0, report
+    assert verdict.errors == {}, report
+    assert verdict.recovered, report
+    assert verdict.restarts.get("core/fabric") == 1, report
+    assert verdict.faults[0]["recovered_after"] is not None, report
+    log = (tmp_path / "node.log").read_text()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    handler_exits = [
+        e["reason"] for e in events if e["event"] == "child exited" and e["child"] == "handler-1"
+    ]
+    assert "LoopEnded" in handler_exits[0] or "rest_for_one" in handler_exits[0], handler_exits
+    assert not [e for e in events if "abandoning" in e["event"]], log[-3000:]
+    assert "Task was destroyed" not in log
