@@ -155,7 +155,7 @@ class Supervisor(SupervisedActor):
             for _ in range(self.pool_size):
                 self._children.append(self._new_pool_child())
         else:
-            self._children = [_Child(spec) for spec in self.specs]
+            self._children = [self._new_child(spec) for spec in self.specs]
         for child in self._children:
             self._plan.append(_StartStep(child.spec.id, initial=True))
         self._plan.append(_ReadyStep())
@@ -171,7 +171,21 @@ class Supervisor(SupervisedActor):
             significant=template.significant,
             start_timeout=template.start_timeout,
         )
-        return _Child(spec)
+        return self._new_child(spec)
+
+    def _new_child(self, spec: ChildSpec) -> _Child:
+        # What a child hands over is kept in this supervisor's own handover, which its
+        # parent keeps: so it also outlives a restart of this supervisor (a rest_for_one
+        # sibling's crash restarting the subtree it is in), as an ETS table whose heir is
+        # the grandparent.
+        kept = self.context.handover.setdefault("children", {})
+        return _Child(spec, handover=kept.setdefault(spec.id, {}))
+
+    def _forget(self, child_ids: Any) -> None:
+        """Children removed for good: what they handed over goes with them."""
+        kept = self.context.handover.get("children", {})
+        for child_id in child_ids:
+            kept.pop(child_id, None)
 
     # --- messages -------------------------------------------------------------------------
 
@@ -320,6 +334,7 @@ class Supervisor(SupervisedActor):
     def _finish_stop_step(self, step: _StopStep) -> None:
         if step.remove:
             self._children = [c for c in self._children if c.spec.id not in step.child_ids]
+            self._forget(step.child_ids)
         self._complete(step)
 
     # --- notices from children ---------------------------------------------------------------
@@ -413,6 +428,7 @@ class Supervisor(SupervisedActor):
         if not restart:
             if spec.restart == "temporary" or self.flags.strategy == "pool":
                 self._children.remove(child)
+                self._forget([spec.id])
             if spec.significant:
                 alive = sum(1 for c in self._children if c.spec.significant and c.state in _ALIVE)
                 if auto_shutdown_due(self.flags.auto_shutdown, True, alive):
@@ -482,6 +498,7 @@ class Supervisor(SupervisedActor):
                 continue
             if child_id != step.failed and child.spec.restart == "temporary":
                 self._children.remove(child)  # OTP: temporary siblings are not restarted
+                self._forget([child_id])
                 continue
             child.state = "restarting"
             child.restarts += 1

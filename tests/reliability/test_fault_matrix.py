@@ -128,7 +128,10 @@ def test_a_crash_of_the_nats_link_owner_restarts_the_core_at_once_and_cleanly(
     # run on. Its crash ends that loop: the handlers exit with LoopEnded, the others' calls
     # through the link fail at once instead of at their timeouts, so the rest_for_one
     # restart of the core does not wait for a child abandoned at its shutdown timeout (the
-    # registrar used to be, 5 s), and nothing is left pending on the dead loop.
+    # registrar used to be, 5 s), and nothing is left pending on the dead loop. The
+    # handlers' stream tables outlive the restart of their pool (kept in the pool
+    # supervisor's own handover), so the streams in flight continue on the restarted
+    # engine: nothing ends with stream_lost.
     scenario = msgspec.convert(
         {
             "name": "fabric-crash",
@@ -144,6 +147,8 @@ def test_a_crash_of_the_nats_link_owner_restarts_the_core_at_once_and_cleanly(
     print(report)
     assert verdict.lost == 0, report
     assert verdict.errors == {}, report
+    assert verdict.stream_lost == 0, report
+    assert verdict.completed + sum(verdict.refused.values()) == verdict.sent, report
     assert verdict.recovered, report
     assert verdict.restarts.get("core/fabric") == 1, report
     assert verdict.faults[0]["recovered_after"] is not None, report
@@ -154,4 +159,5 @@ def test_a_crash_of_the_nats_link_owner_restarts_the_core_at_once_and_cleanly(
     ]
     assert "LoopEnded" in handler_exits[0] or "rest_for_one" in handler_exits[0], handler_exits
     assert not [e for e in events if "abandoning" in e["event"]], log[-3000:]
+    assert [e for e in events if e["event"] == "continuing the crashed incarnation's streams"]
     assert "Task was destroyed" not in log

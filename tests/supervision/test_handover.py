@@ -1,5 +1,6 @@
 """What a child hands over to its next incarnation (`ChildContext.handover`): kept by the
-supervisor across the child's restarts, as an ETS table whose heir is the supervisor."""
+supervisor across the child's restarts, as an ETS table whose heir is the supervisor, and
+in the supervisor's own handover, so across the supervisor's restarts too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from supervisor.core import (
     SupervisorFlags,
     whereis,
 )
+from tests.supervision.children import wait_until
 from tests.supervision.conftest import Tree
 
 FAST = SupervisorFlags(intensity=5, backoff=Backoff(initial=0.0, jitter=0.0))
@@ -86,3 +88,52 @@ def test_each_child_has_its_own_handover_and_a_pool_child_keeps_its_own(
 def test_a_child_context_made_by_hand_starts_with_an_empty_handover() -> None:
     context = ChildContext("x", 0, "x", lambda _n: None, None, None)  # type: ignore[arg-type]
     assert context.handover == {}
+
+
+def test_what_a_child_handed_over_outlives_a_restart_of_its_supervisor(
+    make_tree: Callable[..., Tree],
+) -> None:
+    # A rest_for_one sibling's crash restarts the subtree the child is in: its supervisor
+    # keeps the children's handovers in its own, which its parent keeps.
+    sub = ChildSpec(
+        "sub",
+        ActorStart(Supervisor, (FAST, [ChildSpec("c", ActorStart(Counter))])),
+    )
+    first = ChildSpec("first", ActorStart(Counter))
+    rest = SupervisorFlags(
+        strategy="rest_for_one", intensity=5, backoff=Backoff(initial=0.0, jitter=0.0)
+    )
+    tree = make_tree([first, sub], rest)
+    _ask("root/sub/c", ("remember", "streams"))
+    ref = whereis("root/first")
+    assert ref is not None
+    ref.tell("crash")
+    tree.wait(ChildReadyEvent, "sub", count=2)
+    assert _ask("root/sub/c", "read") == {"starts": 2, "value": "streams"}
+
+
+def test_a_pool_child_removed_for_good_takes_its_handover_along(
+    make_tree: Callable[..., Tree],
+) -> None:
+    pool = ChildSpec(
+        "pool",
+        ActorStart(
+            Supervisor,
+            (
+                SupervisorFlags(strategy="pool", intensity=5),
+                [ChildSpec("w", ActorStart(Counter), restart="transient")],
+            ),
+            {"pool_size": 1},
+        ),
+    )
+    tree = make_tree([pool], FAST)
+    _ask("root/pool/w-1", ("remember", "w-1's"))
+    supervisor = whereis("root/pool")
+    assert supervisor is not None
+    kept = supervisor.proxy().context.get().handover["children"]
+    assert kept["w-1"]["value"] == "w-1's"
+    ref = whereis("root/pool/w-1")
+    assert ref is not None
+    ref.stop()  # a normal exit of a transient child: not restarted, removed from the pool
+    tree.wait(ChildExitedEvent, "w-1")
+    assert wait_until(lambda: "w-1" not in kept)  # the event comes before the removal
