@@ -151,6 +151,8 @@ def test_a_crash_of_the_nats_link_owner_restarts_the_core_at_once_and_cleanly(
     assert verdict.completed + sum(verdict.refused.values()) == verdict.sent, report
     assert verdict.recovered, report
     assert verdict.restarts.get("core/fabric") == 1, report
+    # its admin reply went with the link; the runner sees the fault in the tree's restarts
+    assert verdict.faults[0]["ok"], report
     assert verdict.faults[0]["recovered_after"] is not None, report
     log = (tmp_path / "node.log").read_text()
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
