@@ -11,8 +11,11 @@ threads; they ask actors with short timeouts and never block an actor.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
@@ -30,6 +33,9 @@ from supervisor.plan import SystemSettings
 __all__ = ["SystemHttpActor"]
 
 _ASK_TIMEOUT = 1.0
+# How often the idle server looks at its stop flag (socketserver's default is 0.5 s: two
+# wake-ups a second for ever); a stop wakes it at once (on_exit).
+_POLL = 30.0
 
 
 class SystemHttpActor(SupervisedActor):
@@ -87,15 +93,27 @@ class SystemHttpActor(SupervisedActor):
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="system-http", daemon=True
+            target=self._server.serve_forever, args=(_POLL,), name="system-http", daemon=True
         )
         self._thread.start()
         self.log.info("system http listening", host=self.host, port=self.port)
 
     def on_exit(self, reason: ExitReason) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            server = self._server
+            stopper = threading.Thread(target=server.shutdown, name="system-http-stop")
+            stopper.start()
+            # The server looks at its stop flag between requests or every _POLL seconds: a
+            # connection of our own wakes it (again, until the flag was seen).
+            host, port = server.server_address[:2]
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1"
+            deadline = time.monotonic() + 5.0
+            while stopper.is_alive() and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    socket.create_connection((str(host), int(port)), timeout=0.5).close()
+                stopper.join(0.05)
+            server.server_close()
 
     def handle(self, message: Any) -> Any:
         return super().handle(message)
