@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from actors.engine_host.builtin_model import resolve_model_path
+from supervisor.config import DiscoverySection
 from tests.benchmarks import peer_env
 from tests.frontend.harness import Frontend, parse_metric, start_frontend
 from tests.node.harness import NatsServer, NodeProcess, descendants, free_ports, start_node
@@ -62,11 +63,14 @@ class SglNode:
         self.server = NatsServer(tmp)
         self.nodes: list[NodeProcess] = []
         quiet = {"level": "warning"}
+        # the node's own discovery timing (the test harness heartbeats every second)
+        defaults = DiscoverySection()
+        discovery = {"lease_ttl": defaults.lease_ttl, "heartbeat": defaults.heartbeat}
         for i in range(2):
             self.nodes.append(
                 start_node(
                     tmp, name=f"n{i}", embedded_nats=False, nats_url=self.server.url,
-                    engine__sim=sim, logging=quiet,
+                    engine__sim=sim, logging=quiet, discovery=discovery,
                 )
             )  # fmt: skip
         for node in self.nodes:
