@@ -29,7 +29,7 @@ from supervisor.core._events import (
     SupervisorStopped,
 )
 from supervisor.core._faults import crash, suspend
-from supervisor.core._loop_actor import LoopActor, LoopHost, LoopThread
+from supervisor.core._loop_actor import SLOW_MESSAGE, LoopActor, LoopHost, LoopThread
 from supervisor.core._metrics import SupervisionMetrics
 from supervisor.core._names import ask, whereis
 from supervisor.core._process import (
@@ -77,6 +77,7 @@ from supervisor.core._supervisor import Supervisor
 
 __all__ = [
     "DEFAULTS",
+    "SLOW_MESSAGE",
     "ActorCrashed",
     "ActorStart",
     "AddChild",

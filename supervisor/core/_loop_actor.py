@@ -13,7 +13,8 @@ every semantic of `SupervisedActor` (exit reasons, timers, undelivered answers, 
 The price: while one of them handles a message, nothing else on that loop runs. So a
 loop-hosted actor must never block in `handle`: no `ask`, no sleep, no blocking I/O;
 work that waits is started as a task on the loop (`spawn`) whose end comes back as a
-message. `on_start_up` is the exception: it runs on a short-lived thread of its own, so
+message; a message handled for longer than `SLOW_MESSAGE` is logged as having held up
+the loop. `on_start_up` is the exception: it runs on a short-lived thread of its own, so
 it may block (asks, subscriptions) as any actor's start-up does; the actor then attaches
 to the loop its `loop_host()` names and is reported ready. The `Suspend` fault parks the
 inbox instead of sleeping, so only this actor stops answering. If the loop ends while the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -34,7 +36,11 @@ from pykka._envelope import Envelope
 from supervisor.core._actor import SupervisedActor, crash_reason
 from supervisor.core._protocol import Crash
 
-__all__ = ["LoopActor", "LoopHost", "LoopThread"]
+__all__ = ["SLOW_MESSAGE", "LoopActor", "LoopHost", "LoopThread"]
+
+# A message handled for longer than this held up every other actor and reader on the loop:
+# it is logged (a loop-hosted actor must not block in `handle`).
+SLOW_MESSAGE = 0.1
 
 _get_running_loop = asyncio._get_running_loop  # the cheap "which loop runs here"
 
@@ -144,6 +150,7 @@ class LoopActor(SupervisedActor):
     Subclasses implement `loop_host()`, called once `on_start_up` returned."""
 
     actor_inbox: _LoopInbox
+    _held_up_said = -1.0  # when a held-up loop was last logged
 
     @staticmethod
     def _create_actor_inbox() -> Any:
@@ -203,6 +210,7 @@ class LoopActor(SupervisedActor):
             self._receive(envelope)
 
     def _receive(self, envelope: Envelope[Any]) -> None:
+        started = time.perf_counter()
         try:
             response = self._handle_receive(envelope.message)
         except BaseException as exc:  # noqa: BLE001 - on_receive crashed the actor already
@@ -211,8 +219,25 @@ class LoopActor(SupervisedActor):
             if envelope.reply_to is not None:
                 envelope.reply_to.set_exception((type(exc), exc, exc.__traceback__))
             return
+        finally:
+            took = time.perf_counter() - started
+            if took > SLOW_MESSAGE:
+                self._held_up(envelope.message, took)
         if envelope.reply_to is not None:
             envelope.reply_to.set(response)
+
+    def _held_up(self, message: Any, seconds: float) -> None:
+        """Say that a message kept the loop from everything else (at most once a second
+        per actor): the one failure mode a loop-hosted actor adds, a `handle` that blocks."""
+        now = time.monotonic()
+        if now - self._held_up_said < 1.0:
+            return
+        self._held_up_said = now
+        self.log.warning(
+            "a message held up the event loop this actor shares",
+            message_type=type(message).__name__,
+            seconds=round(seconds, 3),
+        )
 
     def _suspend(self, seconds: float) -> None:
         inbox = self.actor_inbox

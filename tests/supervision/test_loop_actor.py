@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from supervisor.core import (
+    SLOW_MESSAGE,
     ActorStart,
     ChildContext,
     ChildExitedEvent,
@@ -64,6 +66,8 @@ class Echo(LoopActor):
                 self.spawn(_fail())
             case "ping":
                 return "pong"
+            case ("block", seconds):
+                time.sleep(seconds)  # what a loop-hosted actor must not do
             case _:
                 self.seen.put((message, threading.current_thread().name))
         return None
@@ -182,3 +186,17 @@ def test_when_its_loop_ends_the_actor_exits_with_a_crash_that_says_so(
     # its restart finds the loop ended: each incarnation ends at once, until the
     # supervisor gives up, instead of waiting for ever
     tree.wait(ChildExitedEvent, "a", count=2)
+
+
+def test_a_message_that_holds_up_the_loop_is_logged_with_its_type(
+    make_tree: Callable[..., Tree], host: LoopThread
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        tree, _seen = _tree(make_tree, host)
+        tree.wait(ChildReadyEvent, "a")
+        ask("root/a", ("block", SLOW_MESSAGE * 1.5), timeout=5)
+        ask("root/a", ("block", SLOW_MESSAGE / 10), timeout=5)
+    held = [e for e in logs if e["event"] == "a message held up the event loop this actor shares"]
+    assert len(held) == 1, held
+    assert held[0]["message_type"] == "tuple"
+    assert held[0]["seconds"] >= SLOW_MESSAGE
