@@ -348,7 +348,9 @@ class NatsLink:
             self.log.debug("unsubscribe failed", error=str(task.exception()))
 
     def call(self, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
-        """Run `factory()` on the loop and wait up to `timeout` seconds for its result."""
+        """Run `factory()` on the loop and wait up to `timeout` seconds for its result.
+        Once the loop has ended (the link closed), it raises `ConnectionError` at once, and
+        calls still waiting then fail with it too."""
         if threading.current_thread() is self._thread:
             msg = "NatsLink.call from its own loop thread would deadlock"
             raise RuntimeError(msg)
