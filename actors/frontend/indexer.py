@@ -10,7 +10,9 @@ leading pages of this prompt are cached" exactly as a radix tree would.
   sequence of the batch after it (`Resync.next_seq`) restarts the count there, so a batch
   lost right after a resync is a gap like any other.
 - A sequence gap (a batch lost on the way, or a relay's `KvHead` newer than the last batch
-  applied: the end of a burst lost) is counted; the view stays usable (a missed store
+  applied: the end of a burst lost) is counted; a batch past 0, or any head, of a rank the
+  index knows nothing of (it started late, or forgot the instance while it was away) says
+  the same of what came before; either way the rank's view is asked for again; the view stays usable (a missed store
   under-estimates, a missed removal over-estimates until the next resync).
 - A prompt routed to a rank is *predicted* there for `PREDICTION_TTL` seconds: its blocks
   count as cached on that rank until its own KV events arrive (after its prefill), so a
@@ -30,6 +32,7 @@ __all__ = ["KvIndexer", "RankKey"]
 
 RankKey = tuple[str, int]  # (instance_id, dp_rank)
 PREDICTION_TTL = 10.0  # seconds a routed prompt's blocks count as cached before its events
+_ANY_NEXT = -2  # a rank's last seq after a resync that named no successor: any batch follows
 
 
 class KvIndexer:
@@ -46,7 +49,9 @@ class KvIndexer:
     # --- updates ----------------------------------------------------------------------------
 
     def apply(self, batch: KvEventBatch, now: float) -> str:
-        """Apply one batch; returns its outcome: `applied`, `resync` or `gap`."""
+        """Apply one batch; returns its outcome: `applied`, `resync`, `gap` (batches of the
+        rank were lost on the way) or `joined` (the first batch, past 0, of a rank the
+        index knew nothing of). After a gap or a join the rank's view is to be asked for."""
         key = (batch.instance_id, batch.dp_rank)
         self._heard[batch.instance_id] = now
         blocks = self._blocks.setdefault(key, set())
@@ -54,13 +59,18 @@ class KvIndexer:
         if batch.resync is not None:
             blocks.clear()
             self._predicted.pop(key, None)
-            self._seq.pop(key, None)
-            if batch.resync.next_seq is not None:  # what follows it is counted from there
-                self._seq[key] = batch.resync.next_seq - 1
+            # what follows it is counted from there (an old relay does not say: from the
+            # next batch, whatever its number)
+            next_seq = batch.resync.next_seq
+            self._seq[key] = _ANY_NEXT if next_seq is None else next_seq - 1
             outcome = "resync"
         elif batch.seq >= 0:
             last = self._seq.get(key)
-            if last is not None and batch.seq > last + 1:
+            if last is None and batch.seq > 0:
+                # nothing known of the rank (this index started after the relay, or forgot
+                # the instance while it was away): what came before never reached the view
+                outcome = "joined"
+            elif last is not None and last != _ANY_NEXT and batch.seq > last + 1:
                 self.gaps += 1
                 outcome = "gap"
         if batch.seq >= 0:
@@ -81,10 +91,13 @@ class KvIndexer:
 
     def behind(self, key: RankKey, seq: int) -> bool:
         """Whether the rank's relay published batch `seq` and it did not reach the view (a
-        `KvHead` newer than the last batch applied; counted as a gap)."""
+        `KvHead` newer than the last batch applied, counted as a gap; or any head of a rank
+        the view knows no batch of)."""
         last = self._seq.get(key)
-        if last is None or seq <= last:
+        if seq < 0 or last == _ANY_NEXT or (last is not None and seq <= last):
             return False
+        if last is None:
+            return True
         self.gaps += 1
         return True
 

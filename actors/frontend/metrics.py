@@ -89,7 +89,7 @@ CANCELS = Counter(
 )
 KV_BATCHES = Counter(
     "sgl_frontend_kv_event_batches",
-    "KV event batches received, by outcome (applied, resync, gap, undecodable)",
+    "KV event batches received, by outcome (applied, resync, gap, joined, undecodable)",
     ["outcome"],
     registry=REGISTRY,
 )

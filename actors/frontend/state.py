@@ -153,7 +153,7 @@ class FrontendState:
         key = (batch.instance_id, batch.dp_rank)
         if outcome == "resync":
             self._resync_asked.pop(key, None)  # the view came again (asked for or not)
-        elif outcome == "gap":
+        elif outcome in ("gap", "joined"):
             self._ask_resync(key, now)
 
     def _ask_resync(self, key: tuple[str, int], now: float) -> None:

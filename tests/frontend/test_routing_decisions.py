@@ -82,6 +82,21 @@ def test_a_batch_lost_right_after_a_resync_that_names_its_successor_is_a_gap() -
     assert index.gaps == 2
 
 
+def test_a_rank_the_index_knows_nothing_of_is_asked_for_past_its_first_batch() -> None:
+    """An index that started after the relay, or forgot the instance while it was away
+    (a partition longer than the prune grace), would otherwise hold only what comes next
+    and never ask for the rest: a quiet rank's heads and its later batches agree with it."""
+    index = KvIndexer()
+    assert index.apply(_stored("a", 0, PROMPT[:1]), now=0.0) == "applied"  # the very first
+    assert index.apply(_stored("b", 4, PROMPT[:1]), now=0.0) == "joined"  # 0-3 never came
+    assert index.apply(_stored("b", 5, PROMPT[1:2]), now=0.0) == "applied"
+    assert index.behind(("c", 0), 2)  # a head of a rank never heard of
+    assert not index.behind(("c", 0), -1)  # a relay that has relayed nothing
+    index.forget("a")
+    assert index.apply(_stored("a", 7, PROMPT[1:2]), now=0.0) == "joined"
+    assert index.gaps == 0  # nothing was lost that the index had been following
+
+
 def test_a_routed_prompt_is_predicted_on_its_rank_until_it_expires() -> None:
     index = KvIndexer()
     index.predict("a", 0, PROMPT, now=100.0)
