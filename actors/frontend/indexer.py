@@ -12,8 +12,9 @@ leading pages of this prompt are cached" exactly as a radix tree would.
 - A sequence gap (a batch lost on the way, or a relay's `KvHead` newer than the last batch
   applied: the end of a burst lost) is counted; a batch past 0, or any head, of a rank the
   index knows nothing of (it started late, or forgot the instance while it was away) says
-  the same of what came before; either way the rank's view is asked for again; the view stays usable (a missed store
-  under-estimates, a missed removal over-estimates until the next resync).
+  the same of what came before; either way the rank's view is asked for again. The view
+  stays usable meanwhile (a missed store under-estimates, a missed removal over-estimates
+  until the next resync).
 - A prompt routed to a rank is *predicted* there for `PREDICTION_TTL` seconds: its blocks
   count as cached on that rank until its own KV events arrive (after its prefill), so a
   burst of requests sharing a prefix follows the first one instead of scattering.

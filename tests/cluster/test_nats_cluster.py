@@ -83,13 +83,20 @@ def test_a_replicated_bucket_survives_the_kill_of_its_leaders_server(
     async def read_and_write_after() -> tuple[bytes, bytes]:
         nc = await nats.connect(others)
         try:
-            # a new leader is elected within seconds; until then requests time out
+            # a new leader is elected within seconds; until then requests time out, or find
+            # no responder for the stream (nats-py says so with either of two errors)
+            electing = (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,
+                nats.js.errors.APIError,
+            )
             for _ in range(60):
                 try:
                     kv = await nc.jetstream().key_value("survivor")
                     await kv.put("b", b"2")
                     break
-                except (nats.errors.TimeoutError, nats.js.errors.APIError):
+                except electing:
                     await asyncio.sleep(0.5)
             a, b = await kv.get("a"), await kv.get("b")
             return a.value or b"", b.value or b""
