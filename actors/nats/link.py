@@ -27,6 +27,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import OutboundBufferLimitError
 
+from supervisor.core import LoopThread
+
 __all__ = ["LinkEvent", "NatsLink"]
 
 T = TypeVar("T")
@@ -53,7 +55,6 @@ class NatsLink:
         self.connect_options = connect_options or {}
         self.resume_delay = resume_delay
         self.log = structlog.get_logger().bind(path=f"nats:{name}")
-        self.loop = asyncio.new_event_loop()
         self.nc: Client | None = None
         self.published = 0
         self.dropped = 0
@@ -65,60 +66,36 @@ class NatsLink:
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[LinkEvent], None]] = []
-        self._thread = threading.Thread(target=self._run, name=f"nats-{name}", daemon=True)
         self._closed = False
-        self._loop_ended = False
-        self._at_loop_end: list[Callable[[], None]] = []
         self._calls: set[concurrent.futures.Future[Any]] = set()  # calls waiting on the loop
+        # the loop's thread (started by connect); its end fails the calls still waiting
+        self._host = LoopThread(f"nats-{name}", start=False)
+        self.loop = self._host.loop
+        self.when_loop_ends = self._host.when_loop_ends
+        self.when_loop_ends(self._fail_calls)
         self._unsubscribing: set[asyncio.Task[None]] = set()
 
     # --- life cycle -------------------------------------------------------------------------
 
     def connect(self) -> None:
         """Start the loop thread and connect; raises if the servers cannot be reached."""
-        self._thread.start()
+        self._host.start()
         self.call(self._connect, timeout=self.connect_timeout + 5)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            with self._lock:
-                self._loop_ended = True
-                callbacks, self._at_loop_end = self._at_loop_end, []
-                calls, self._calls = self._calls, set()
-            closed = ConnectionError(f"the NATS link {self.name} closed during the call")
-            for call in calls:  # waiting for a loop that is gone: fail them now
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    call.set_exception(closed)
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:
-                    self.log.exception("loop-end callback failed")
-
-    def when_loop_ends(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call `callback` once the loop has stopped for good (at once if it has): actors
-        hosted on the loop (`LoopActor`) exit then instead of waiting for ever."""
+    def _fail_calls(self) -> None:
+        """The loop ended: calls waiting for it fail now (`when_loop_ends` also lets actors
+        hosted on the loop, `LoopActor`s, exit instead of waiting for ever)."""
         with self._lock:
-            ended = self._loop_ended
-            if not ended:
-                self._at_loop_end.append(callback)
-        if ended:
-            callback()
-
-        def forget() -> None:
-            with self._lock:
-                if callback in self._at_loop_end:
-                    self._at_loop_end.remove(callback)
-
-        return forget
+            calls, self._calls = self._calls, set()
+        closed = ConnectionError(f"the NATS link {self.name} closed during the call")
+        for call in calls:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                call.set_exception(closed)
 
     @property
     def on_loop(self) -> bool:
         """Whether the caller runs on the link's loop thread."""
-        return threading.get_ident() == self._thread.ident
+        return self._host.on_loop
 
     async def _connect(self) -> None:
         self.nc = await nats.connect(
@@ -147,7 +124,7 @@ class NatsLink:
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued, close the connection and stop the loop thread."""
-        if self._closed or not self._thread.is_alive():
+        if self._closed or not self._host.running:
             return
         self._closed = True
 
@@ -166,8 +143,7 @@ class NatsLink:
             self.call(shutdown, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             self.log.warning("nats close incomplete", error=str(exc))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=timeout)
+        self._host.stop(timeout, close=False)
 
     # --- events ------------------------------------------------------------------------------
 
@@ -328,7 +304,7 @@ class NatsLink:
         async def go() -> None:
             await subscription.unsubscribe()
 
-        if self._loop_ended or self.loop.is_closed():
+        if self._host.ended or self.loop.is_closed():
             return  # nothing carries it any more: the connection is gone with the loop
         if self.on_loop:
             task = self.loop.create_task(go())
@@ -351,7 +327,7 @@ class NatsLink:
         """Run `factory()` on the loop and wait up to `timeout` seconds for its result.
         Once the loop has ended (the link closed), it raises `ConnectionError` at once, and
         calls still waiting then fail with it too."""
-        if threading.current_thread() is self._thread:
+        if self.on_loop:
             msg = "NatsLink.call from its own loop thread would deadlock"
             raise RuntimeError(msg)
 
@@ -359,7 +335,7 @@ class NatsLink:
             return await factory()
 
         with self._lock:
-            if self._loop_ended:  # nothing would ever run it: say so now, not at the timeout
+            if self._host.ended:  # nothing would ever run it: say so now, not at the timeout
                 msg = f"the NATS link {self.name} is closed"
                 raise ConnectionError(msg)
             future = asyncio.run_coroutine_threadsafe(run(), self.loop)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import pykka
+import structlog
 from pykka._envelope import Envelope
 
 from supervisor.core._actor import SupervisedActor, crash_reason
@@ -61,15 +62,35 @@ class LoopHost(Protocol):
 
 class LoopThread:
     """An event loop running on a daemon thread of its own: a `LoopHost` for actors or
-    readers that have no other loop to share."""
+    readers that have no other loop to share, and the loop of the node's NATS link."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, start: bool = True) -> None:
         self.loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
         self._ended = False
         self._at_end: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the loop's thread (when made with `start=False`)."""
         self._thread.start()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the loop has stopped for good (its end callbacks run, or ran)."""
+        return self._ended
+
+    @property
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the loop's thread."""
+        return threading.get_ident() == self._thread.ident
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop's thread was started and has not ended."""
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -80,7 +101,10 @@ class LoopThread:
                 self._ended = True
                 callbacks, self._at_end = self._at_end, []
             for callback in callbacks:
-                callback()
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - one failing must not keep the others from running
+                    structlog.get_logger().exception("loop-end callback failed")
 
     def when_loop_ends(self, callback: Callable[[], None]) -> Callable[[], None]:
         """See `LoopHost.when_loop_ends`."""
@@ -98,12 +122,13 @@ class LoopThread:
 
         return forget
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the loop (what it hosts is told by `when_loop_ends`) and close it."""
+    def stop(self, timeout: float = 2.0, close: bool = True) -> None:
+        """Stop the loop (what it hosts is told by `when_loop_ends`) and, unless `close` is
+        false, close it."""
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
-        if not self._thread.is_alive() and not self.loop.is_closed():
+        if close and not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
 
 
