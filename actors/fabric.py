@@ -80,6 +80,8 @@ class FabricActor(SupervisedActor):
                 if self.proxy is None:
                     return False, "cut_nats needs [chaos] enabled (then NATS goes through a proxy)"
                 self.proxy.cut(seconds)
+                if self.link is not None:  # the direct streams to frontends go with it
+                    self.link.loop.call_soon_threadsafe(self.link.direct.cut, seconds)
                 return True, f"NATS connection cut for {seconds:g}s"
             case LinkChanged(event="closed"):
                 msg = "the NATS connection was closed and will not reconnect"

@@ -202,6 +202,7 @@ class RegistrarActor(SupervisedActor):
             pid=os.getpid(),
             started_at=self.started_at,
             version=VERSION,
+            direct_streams=True,
         )
 
     def _runtime_config(self, info: EngineInfo) -> dict[str, Any]:

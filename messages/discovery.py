@@ -53,3 +53,6 @@ class InstanceRecord(msgspec.Struct, frozen=True):
     pid: int
     started_at: float  # unix time
     version: str
+    # It sends a request's chunks straight to a frontend that asks (GenerateRequest.
+    # reply_direct); False from nodes before direct streams, which refuse the field.
+    direct_streams: bool = False

@@ -20,6 +20,7 @@ __all__ = [
     "CancelRequest",
     "ChatMessage",
     "Continuation",
+    "DirectReply",
     "EmbedRequest",
     "EmbedResponse",
     "ErrorCode",
@@ -131,6 +132,15 @@ class BootstrapInfo(_Wire, frozen=True):
     room: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
+class DirectReply(_Wire, frozen=True):
+    """Where a frontend takes a request's chunks straight over TCP instead of through the
+    NATS server (see `actors.streams.direct`): its host, port, and the token it expects."""
+
+    host: Annotated[str, msgspec.Meta(max_length=255)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    token: Annotated[str, msgspec.Meta(max_length=128)]
+
+
 class Continuation(_Wire, frozen=True):
     """The part of a stream the client already has, when a request continues elsewhere:
     on a restarted engine, on another DP rank, handler or node. The engine gets the prompt
@@ -166,6 +176,9 @@ class GenerateRequest(_Wire, frozen=True):
     bootstrap_info: BootstrapInfo | None = None  # disaggregated prefill/decode
     lora: str = ""  # a loaded LoRA adapter's name (see the admin op lora_load)
     continuation: Continuation | None = None  # the stream continues from here (see above)
+    # Send the chunks straight to the frontend (the reply subject names the stream there);
+    # only set for nodes that say they can (InstanceRecord.direct_streams).
+    reply_direct: DirectReply | None = None
 
     def input_field(self) -> str:
         """The input form given (`token_ids`, `prompt` or `messages`), the `field` of a

@@ -4,6 +4,8 @@ a connection (the frontend's, and each `NodeClient`'s).
 Each request gets a reply subject `{inbox}.{n}` under the connection's own inbox prefix
 and an `Inbox` its chunks are put on; a single wildcard subscription feeds all the inboxes
 (as nats-py's own request multiplexer does), so no SUB/UNSUB round trip per request.
+Chunks that come another way (a node's direct stream to the frontend) are handed to the
+same inboxes by `deliver`.
 """
 
 from __future__ import annotations
@@ -13,18 +15,43 @@ import contextlib
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["Inbox", "ReplyMux", "is_no_responders"]
+__all__ = ["Delivered", "Inbox", "Reply", "ReplyMux", "is_no_responders"]
 
 T = TypeVar("T")
 
 
-def is_no_responders(msg: Msg) -> bool:
+class Reply(Protocol):
+    """What an inbox holds: a NATS message, or a `Delivered` one."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+
+class Delivered:
+    """A reply that came to the reply subject other than through NATS."""
+
+    __slots__ = ("data", "subject")
+
+    headers = None
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+
+
+def is_no_responders(msg: Reply) -> bool:
     """NATS's answer to a request published where nobody subscribes (status 503)."""
     headers = msg.headers
     return headers is not None and headers.get("Status") == "503" and not msg.data
@@ -104,7 +131,7 @@ class ReplyMux:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = ""
-        self._inboxes: dict[str, Inbox[Msg]] = {}
+        self._inboxes: dict[str, Inbox[Reply]] = {}
         self._counter = itertools.count(1)
         self._sub: Subscription | None = None
 
@@ -128,10 +155,10 @@ class ReplyMux:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    def open(self) -> tuple[str, Inbox[Msg]]:
+    def open(self) -> tuple[str, Inbox[Reply]]:
         """A fresh reply subject and the inbox its messages arrive in."""
         subject = f"{self.prefix}.{next(self._counter)}"
-        inbox: Inbox[Msg] = Inbox()
+        inbox: Inbox[Reply] = Inbox()
         self._inboxes[subject] = inbox
         return subject, inbox
 
@@ -148,6 +175,12 @@ class ReplyMux:
 
     async def _deliver(self, msg: Msg) -> None:
         self._deliver_now(msg)
+
+    def deliver(self, subject: str, data: bytes) -> None:
+        """A reply to `subject` that came another way (on the loop of the mux's reader)."""
+        inbox = self._inboxes.get(subject)
+        if inbox is not None:
+            inbox.put(Delivered(subject, data))
 
 
 class _DirectDelivery:

@@ -23,7 +23,6 @@ from typing import Protocol
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from messages.codec import decode_json, encode_json
 from messages.request import (
@@ -34,7 +33,7 @@ from messages.request import (
     StreamChunk,
     error_chunk,
 )
-from supervisor.client_replies import ReplyMux
+from supervisor.client_replies import Reply, ReplyMux
 
 __all__ = ["Lost", "StreamOptions", "stream_chunks"]
 
@@ -223,7 +222,7 @@ async def _attempt(
 
 
 def _receive(
-    msg: Msg | None, subject: str, expected: int, early: dict[int, StreamChunk], watch: _Watch
+    msg: Reply | None, subject: str, expected: int, early: dict[int, StreamChunk], watch: _Watch
 ) -> str:
     """Take one message; the request id its chunk names ("" if none)."""
     if msg is None:

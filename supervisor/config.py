@@ -268,6 +268,12 @@ class FrontendSection(_Section, frozen=True):
     # for how long after they were made
     responses_store_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
     responses_ttl: Seconds = 3600.0
+    # Nodes send a request's chunks straight to the frontend over TCP, not through the
+    # NATS server (see actors/streams/direct.py), to a port picked at start on
+    # `direct_host`: an address the nodes can reach (set it when they run on other
+    # machines; a node that cannot connect sends through NATS).
+    direct_streams: bool = True
+    direct_host: str = "127.0.0.1"
 
 
 class LoggingSection(_Section, frozen=True):

@@ -18,17 +18,16 @@ from actors.frontend.router import Candidate
 from actors.frontend.streams import Retry, retry_of
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
-from messages.request import GenerateRequest, StreamChunk, error_chunk
+from messages.request import DirectReply, GenerateRequest, StreamChunk, error_chunk
 from supervisor.client import ask_resume
 from supervisor.client_replies import is_no_responders
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from nats.aio.msg import Msg
 
     from actors.frontend.discovery import Discovery
     from actors.frontend.indexer import KvIndexer, RankKey
-    from supervisor.client_replies import ReplyMux
+    from supervisor.client_replies import Reply, ReplyMux
 
 __all__ = ["DEADLINE_GRACE", "PROBE_AFTER", "run_attempt"]
 
@@ -50,6 +49,7 @@ class Dispatcher(Protocol):
     indexer: KvIndexer
     inflight: Counter[RankKey]
     log: Any
+    direct: DirectReply | None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -89,7 +89,10 @@ async def run_attempt(
 ) -> AsyncGenerator[StreamChunk, None]:
     """The chunks of `request` on `candidate`; raises `Retry` when another should go on."""
     record, iid = candidate.record, candidate.instance_id
-    wire = msgspec.structs.replace(request, dp_rank=candidate.dp_rank, model=record.model.name)
+    direct = dispatcher.direct if record.direct_streams else None
+    wire = msgspec.structs.replace(
+        request, dp_rank=candidate.dp_rank, model=record.model.name, reply_direct=direct
+    )
     key = (iid, candidate.dp_rank)
     reply, inbox = dispatcher.mux.open()
     dispatcher.inflight[key] += 1
@@ -166,7 +169,7 @@ async def _send(
 
 
 def _receive(
-    dispatcher: Dispatcher, msg: Msg, iid: str, request_id: str, order: _Order, now: float
+    dispatcher: Dispatcher, msg: Reply, iid: str, request_id: str, order: _Order, now: float
 ) -> StreamChunk | None:
     """Take one message: None if it was a chunk, else the chunk that ends the stream."""
     if is_no_responders(msg):

@@ -47,6 +47,7 @@ from messages.kv import block_hashes
 from messages.request import (
     BootstrapInfo,
     CancelRequest,
+    DirectReply,
     GenerateRequest,
     StreamChunk,
     error_chunk,
@@ -102,6 +103,8 @@ class Dispatcher:
         self.spawn = spawn
         self.log = log
         self.inflight: Counter[RankKey] = Counter()
+        # where nodes that can send chunks straight here (set once the listener runs)
+        self.direct: DirectReply | None = None
 
     # --- generate -------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from actors.frontend.replay import KvReplay
 from actors.frontend.response_store import ResponseStore
 from actors.frontend.router import Router
 from actors.frontend.tokenizers import TokenizerCache
+from actors.streams.direct import DirectReceiver
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.kv import KvEventBatch, KvHead, KvResyncRequest, resync_subject
 from messages.metrics import LoadMetrics
@@ -78,6 +79,11 @@ class FrontendState:
             log,
             frontend.migration_limit,
         )
+        self.direct = (
+            DirectReceiver(self.mux.deliver, frontend.direct_host, log)
+            if frontend.direct_streams
+            else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Any] = []
         self._pruning: asyncio.Task[None] | None = None
@@ -86,6 +92,8 @@ class FrontendState:
     async def start(self) -> None:
         """Subscribe to the event plane and start watching discovery."""
         await self.mux.start()
+        if self.direct is not None:
+            self.dispatcher.direct = await self.direct.start()
         self._subscriptions = [
             await self.nc.subscribe(f"{self.namespace}.*.kv_events", cb=self._on_kv_events),
             await self.nc.subscribe(f"{self.namespace}.*.kv_events.head", cb=self._on_kv_head),
@@ -108,6 +116,8 @@ class FrontendState:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
         await self.mux.stop()
+        if self.direct is not None:
+            await self.direct.stop()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background (kept referenced until done; failures logged)."""

@@ -88,7 +88,7 @@ class RequestAdmission(HandlerStreams):
                 migrations=cont.migrations,
             )
         if shaped.first is not None:
-            self._publish(stream.reply, self.table.send(stream, shaped.first))
+            self._publish(stream.reply, self.table.send(stream, shaped.first), stream.direct)
         self._submit(request.request_id, engine)
 
     def _admissible(self, reply: str, request: GenerateRequest, answer_to: str) -> Any:

@@ -31,6 +31,7 @@ from messages.node import (
 )
 from messages.request import (
     CancelRequest,
+    DirectReply,
     EmbedRequest,
     ErrorCode,
     GenerateRequest,
@@ -179,8 +180,10 @@ class HandlerStreams(LoopActor):
             self._retry_soon()
             return
         _observe(progress)
-        self._publish(progress.stream.reply, progress.data)
+        stream = progress.stream
+        self._publish(stream.reply, progress.data, stream.direct)
         if progress.ended is not None:
+            self._forget_route(stream.reply)
             self._after_end(progress.ended.request_id)
 
     def _on_cancel(self, data: bytes) -> None:
@@ -242,7 +245,8 @@ class HandlerStreams(LoopActor):
     def _end(self, request_id: str, chunk: StreamChunk) -> None:
         ended = self.table.end(request_id, chunk, self.context.clock.now())
         _count_end(ended.outcome, ended.seconds, ended.usage)
-        self._publish(ended.reply, ended.data)
+        self._publish(ended.reply, ended.data, ended.direct)
+        self._forget_route(ended.reply)
         self._after_end(request_id)
 
     def _after_end(self, request_id: str, exiting: bool = False) -> None:
@@ -266,12 +270,20 @@ class HandlerStreams(LoopActor):
             self._abort_in_engine(self.table.engine_id(chunk.request_id), "shutdown")
             self._end(chunk.request_id, chunk)
 
-    def _publish(self, reply: str, data: bytes) -> None:
+    def _publish(self, reply: str, data: bytes, direct: DirectReply | None = None) -> None:
+        """Send one message of a stream: straight to its frontend if it asked and the
+        stream goes direct (see `actors.streams.direct`), else through NATS."""
         assert self.link is not None
+        if direct is not None and self.link.direct.send(direct, reply, data):
+            return
         if self._outbox is not None:
             self._outbox.append((reply, data, ""))
         else:
             self.link.publish(reply, data)
+
+    def _forget_route(self, reply: str) -> None:
+        if self.link is not None:
+            self.link.direct.forget(reply)
 
     def _reject(
         self, reply: str, request_id: str, code: ErrorCode, message: str, field_name: str = ""

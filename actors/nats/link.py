@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import OutboundBufferLimitError
 
+from actors.streams.direct import DirectSender
 from supervisor.core import LoopThread
 
 __all__ = ["LinkEvent", "NatsLink"]
@@ -74,6 +75,8 @@ class NatsLink:
         self.when_loop_ends = self._host.when_loop_ends
         self.when_loop_ends(self._fail_calls)
         self._unsubscribing: set[asyncio.Task[None]] = set()
+        # chunks sent straight to frontends that ask (from the loop: the handlers')
+        self.direct = DirectSender(self.loop, lambda: self._host.on_loop, self.log)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class NatsLink:
         self._closed = True
 
         async def shutdown() -> None:
+            await self.direct.close()
             if self._unsubscribing:  # on-loop unsubscribes still on their way
                 await asyncio.wait(self._unsubscribing, timeout=1.0)
             if self.nc is not None and not self.nc.is_closed:

@@ -41,6 +41,7 @@ from messages.engine import HostChunk
 from messages.request import (
     ERROR_CODES,
     Continuation,
+    DirectReply,
     EmbedRequest,
     EmbedResponse,
     ErrorCode,
@@ -85,6 +86,12 @@ class Stream:
         """The stream's request id."""
         return self.request.request_id
 
+    @property
+    def direct(self) -> DirectReply | None:
+        """Where its frontend takes its chunks straight (see `actors.streams.direct`)."""
+        request = self.request
+        return request.reply_direct if isinstance(request, GenerateRequest) else None
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -120,6 +127,7 @@ class Ended:
     outcome: str  # the error code, or the finish reason
     seconds: float  # from receipt to the end
     usage: Usage | None
+    direct: DirectReply | None = None  # see `Stream.direct`
 
 
 @dataclass
@@ -375,7 +383,8 @@ class StreamTable:
             data = self.send(stream, chunk)
             self._keep(request_id, stream.sent, stream.first_index, now)
         outcome = chunk.error.code if chunk.error else (chunk.finish_reason or "unknown")
-        return Ended(request_id, stream.reply, data, outcome, now - stream.received_at, chunk.usage)
+        seconds = now - stream.received_at
+        return Ended(request_id, stream.reply, data, outcome, seconds, chunk.usage, stream.direct)
 
     def handover_request(self, request_id: str) -> GenerateRequest:
         """The request that continues a stream on another node: the client's request with

@@ -144,6 +144,25 @@ class _NatsLinkMetrics(Collector):
             ("sgl_node_nats_reconnects", "NATS reconnects", link.reconnects),
         ):  # fmt: skip
             yield CounterMetricFamily(name, documentation, value=value)
+        direct = link.direct
+        connections = GaugeMetricFamily(
+            "sgl_node_direct_stream_connections",
+            "Connections up to frontends that take chunks straight (not through NATS)",
+        )
+        connections.add_metric([], float(direct.connections))
+        yield connections
+        streams = CounterMetricFamily(
+            "sgl_node_direct_streams",
+            "Streams whose frontend asked for them straight, by the way they went (nats: "
+            "the connection was not up when they began)",
+            labels=["path"],
+        )
+        for path, count in direct.streams.items():
+            streams.add_metric([path], count)
+        yield streams
+        yield CounterMetricFamily(
+            "sgl_node_direct_chunks", "Chunks sent straight to a frontend", value=direct.sent
+        )
 
 
 NATS_LINK = _NatsLinkMetrics()

@@ -21,7 +21,7 @@ from actors.frontend.openai_formats import ChatMessageIn
 from actors.frontend.tool_calls import ToolPlan, template_input
 from messages.request import ChatMessage, GenerateRequest, SamplingOptions, StopConditions
 from supervisor.client import NodeClient
-from tests.frontend.harness import start_frontend
+from tests.frontend.harness import node_metric, start_frontend, wait_until
 from tests.node.harness import NatsServer, NodeProcess
 
 QUESTION = "What is the capital of France?"
@@ -55,6 +55,13 @@ def test_the_real_engine_answers_paris_through_the_openai_client(fleet: dict[str
     )
     text = answer.choices[0].message.content or ""
     assert "Paris" in text
+    node: NodeProcess = fleet["node"]
+    wait_until(  # the first request to the node opened its direct-stream connection
+        lambda: node_metric(node, "sgl_node_direct_stream_connections") >= 1,
+        10,
+        "the node connected to the frontend",
+    )
+    straight = node_metric(node, "sgl_node_direct_streams_total", {"path": "direct"})
     stream = client.chat.completions.create(
         model=model.id,
         messages=messages,  # type: ignore[arg-type]
@@ -63,6 +70,8 @@ def test_the_real_engine_answers_paris_through_the_openai_client(fleet: dict[str
         stream=True,
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    # ... and the stream came straight from the node, not through the NATS server
+    assert node_metric(node, "sgl_node_direct_streams_total", {"path": "direct"}) == straight + 1
 
     async def engine_side() -> tuple[str, int]:
         request = GenerateRequest(
