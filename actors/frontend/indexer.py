@@ -12,7 +12,8 @@ leading pages of this prompt are cached" exactly as a radix tree would.
 - A sequence gap (a batch lost on the way, or a relay's `KvHead` newer than the last batch
   applied: the end of a burst lost) is counted; a batch past 0, or any head, of a rank the
   index knows nothing of (it started late, or forgot the instance while it was away) says
-  the same of what came before; either way the rank's view is asked for again. The view
+  the same of what came before; a batch not newer than one applied (out of order) is not
+  applied; in each case the rank's view is asked for again. The view
   stays usable meanwhile (a missed store under-estimates, a missed removal over-estimates
   until the next resync).
 - A prompt routed to a rank is *predicted* there for `PREDICTION_TTL` seconds: its blocks
@@ -51,8 +52,9 @@ class KvIndexer:
 
     def apply(self, batch: KvEventBatch, now: float) -> str:
         """Apply one batch; returns its outcome: `applied`, `resync`, `gap` (batches of the
-        rank were lost on the way) or `joined` (the first batch, past 0, of a rank the
-        index knew nothing of). After a gap or a join the rank's view is to be asked for."""
+        rank were lost on the way), `joined` (the first batch, past 0, of a rank the index
+        knew nothing of) or `stale` (not newer than one applied: not applied). After a
+        gap, a join or a stale batch the rank's view is to be asked for."""
         key = (batch.instance_id, batch.dp_rank)
         self._heard[batch.instance_id] = now
         blocks = self._blocks.setdefault(key, set())
@@ -74,6 +76,13 @@ class KvIndexer:
             elif last is not None and last != _ANY_NEXT and batch.seq > last + 1:
                 self.gaps += 1
                 outcome = "gap"
+            elif last is not None and last != _ANY_NEXT and batch.seq <= last:
+                # older than a batch applied already: delivered out of order (the relay's
+                # NATS connection moved to another server of a cluster while the old one
+                # still held its batches), or the first of a restarted engine whose resync
+                # was lost. Applied now it could undo what came after it (a removal after
+                # the store that followed it): the rank's view is asked for instead.
+                return "stale"
         if batch.seq >= 0:
             self._seq[key] = max(batch.seq, self._seq.get(key, -1))
         for event in batch.events:

@@ -163,7 +163,7 @@ class FrontendState:
         key = (batch.instance_id, batch.dp_rank)
         if outcome == "resync":
             self._resync_asked.pop(key, None)  # the view came again (asked for or not)
-        elif outcome in ("gap", "joined"):
+        elif outcome in ("gap", "joined", "stale"):
             self._ask_resync(key, now)
 
     def _ask_resync(self, key: tuple[str, int], now: float) -> None:

@@ -97,6 +97,26 @@ def test_a_rank_the_index_knows_nothing_of_is_asked_for_past_its_first_batch() -
     assert index.gaps == 0  # nothing was lost that the index had been following
 
 
+def test_a_batch_older_than_one_applied_is_not_applied_and_the_view_is_asked_for() -> None:
+    """Out of order (a relay's connection moved between the servers of a cluster): the
+    older batch's removal applied after the store that followed it would leave the view
+    short of the engine's cache with every batch accounted for."""
+    index = KvIndexer()
+    index.apply(_stored("a", 0, PROMPT[:3]), now=0.0)
+    late = KvEventBatch("a", 0, 1, 0.0, [BlockRemoved(block_hashes=[PROMPT[2]])])
+    assert index.apply(_stored("a", 2, PROMPT[2:3]), now=0.0) == "gap"  # 1 is late
+    assert index.apply(late, now=0.0) == "stale"
+    assert index.matched_blocks("a", 0, PROMPT, now=0.0) == 3  # the store after it stands
+    assert index.apply(_stored("a", 2, PROMPT[:1]), now=0.0) == "stale"  # a duplicate
+    # a restarted engine counts from 0 again; its relay's resync was lost on the way
+    assert index.apply(_stored("a", 0, PROMPT[:1]), now=0.0) == "stale"
+    resync = KvEventBatch(
+        "a", 0, -1, 0.0, [AllBlocksCleared()], resync=Resync(reason="publisher_restart", next_seq=0)
+    )
+    assert index.apply(resync, now=0.0) == "resync"
+    assert index.apply(_stored("a", 0, PROMPT[:1]), now=0.0) == "applied"
+
+
 def test_a_routed_prompt_is_predicted_on_its_rank_until_it_expires() -> None:
     index = KvIndexer()
     index.predict("a", 0, PROMPT, now=100.0)
