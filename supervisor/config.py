@@ -438,24 +438,46 @@ def _check(config: NodeConfig) -> None:
     model = config.engine.model_path
     if config.engine.backend == "sglang" and not model:
         raise ConfigError("engine.model_path", "required when engine.backend is sglang")
-    ports = {"nats.port": config.nats.port if config.nats.embedded else 0}
-    dp = config.engine.dp_size
-    for rank in range(dp):
-        ports[f"engine.kv_events_port (rank {rank})"] = config.engine.kv_events_port + rank
-        if config.engine.kv_replay:
-            ports[f"engine.kv_events_port (replay, rank {rank})"] = (
-                config.engine.kv_events_port + dp + rank
-            )
-    if config.system.enabled:
-        ports["system.port"] = config.system.port
-    seen: dict[int, str] = {}
-    for key, port in ports.items():
-        if port and port in seen:
-            raise ConfigError(key.split(" ")[0], f"port {port} is also used by {seen[port]}")
-        if port:
-            seen[port] = key
+    _check_ports(config)
     if config.engine.kv_events_port + 2 * config.engine.dp_size - 1 > 65535:
         raise ConfigError("engine.kv_events_port", "port + dp_size - 1 exceeds 65535")
+
+
+def _check_ports(config: NodeConfig) -> None:
+    """No two of the node's listening ports the same. A clash is blamed on the setting the
+    configuration changed from its default (of the two involved), so the error names what
+    the operator wrote: a `dp_size` that stretches the KV ports onto `system.port` names
+    `engine.dp_size`, a `system.port` moved onto them names `system.port`."""
+    defaults = NodeConfig()
+    engine, base = config.engine, defaults.engine
+    kv_key = "engine.kv_events_port" if engine.kv_events_port != base.kv_events_port else ""
+    kv_key = kv_key or ("engine.dp_size" if engine.dp_size != base.dp_size else "")
+    # (what the port is, the setting to blame if it was changed, whether it was)
+    ports: list[tuple[int, str, str, bool]] = []
+    if config.nats.embedded:
+        changed = config.nats.port != defaults.nats.port
+        ports.append((config.nats.port, "nats.port", "nats.port", changed))
+    dp = engine.dp_size
+    for rank in range(dp):
+        what = f"engine.kv_events_port (rank {rank})"
+        ports.append((engine.kv_events_port + rank, what, kv_key, bool(kv_key)))
+        if engine.kv_replay:
+            what = f"engine.kv_events_port (replay, rank {rank})"
+            ports.append((engine.kv_events_port + dp + rank, what, kv_key, bool(kv_key)))
+    if config.system.enabled:
+        changed = config.system.port != defaults.system.port
+        ports.append((config.system.port, "system.port", "system.port", changed))
+    seen: dict[int, tuple[str, str, bool]] = {}
+    for port, what, key, changed in ports:
+        if port in seen:
+            other, other_key, other_changed = seen[port]
+            mine, blamed, clash = what, key, other
+            if other_changed and not changed:  # the earlier one is what was changed
+                mine, blamed, clash = other, other_key, what
+            blamed = blamed or mine.split(" ")[0]
+            where = "" if mine == blamed else f" of {mine}"
+            raise ConfigError(blamed, f"port {port}{where} is also used by {clash}")
+        seen[port] = (what, key, changed)
 
 
 def _check_replicas(config: NodeConfig) -> None:

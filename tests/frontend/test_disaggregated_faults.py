@@ -91,6 +91,18 @@ def _cancelled(node: NodeProcess) -> float:
     return node_metric(node, "sgl_node_requests_total", {"outcome": "cancelled"})
 
 
+def _outcomes(fleet: dict[str, Any]) -> dict[str, list[str]]:
+    """Every live node's request outcome counts (what a failed assertion says)."""
+    return {
+        name: [
+            line
+            for line in node.http("/metrics")[1].decode().splitlines()
+            if line.startswith("sgl_node_requests_total{")
+        ]
+        for name, node in _nodes(fleet).items()
+    }
+
+
 @pytest.mark.parametrize("moment", ["prefilling", "decoding"])
 def test_a_client_gone_at_any_moment_leaves_no_request_and_no_kv_on_either_side(
     fleet: dict[str, Any], moment: str
@@ -123,7 +135,7 @@ def test_a_client_gone_at_any_moment_leaves_no_request_and_no_kv_on_either_side(
     after = {name: _cancelled(node) for name, node in _nodes(fleet).items()}
     assert after["decode"] == before["decode"] + 1, (before, after)
     if moment == "prefilling":  # the prefill was cancelled too (it had ~2 s to go)
-        assert sum(after[n] - before[n] for n in PREFILLS) == 1, (before, after)
+        assert sum(after[n] - before[n] for n in PREFILLS) == 1, (before, after, _outcomes(fleet))
 
 
 def test_a_prefill_node_killed_mid_prefill_the_prefill_runs_again_on_the_other(

@@ -38,7 +38,9 @@ async def _send_and_read(url: str) -> tuple[bool, list[list[bytes]], int, int]:
         for _, inbox in opened:
             data: list[bytes] = []
             while len(data) < MESSAGES:
-                msg = await inbox.next(2.0)
+                # generous: the test is of order and completeness, and a loaded CI
+                # machine once stalled this read past 2 s
+                msg = await inbox.next(10.0)
                 if msg is None:
                     break  # the rest did not come: the comparison below says which
                 data.append(msg.data)

@@ -37,6 +37,11 @@ def run_cli(repo: Path, *args: str, timeout: float = 30) -> subprocess.Completed
             'node.mode: expected one of aggregated, prefill, decode, embedding, got "turbo"',
         ),
         ("[system]\nport = 4222", "system.port: port 4222 is also used by nats.port"),
+        (  # a dp_size whose KV ports reach system.port: the dp_size is what changed
+            "[engine]\ndp_size = 1263",
+            "engine.dp_size: port 8081 of engine.kv_events_port (replay, rank 1261) is also "
+            "used by system.port",
+        ),
         ("[engine", "not valid TOML"),
     ],
 )
