@@ -28,6 +28,10 @@ from messages.engine import HostChunk, HostChunks, HostControlReply, HostOutput
 __all__ = ["OutputReader"]
 
 _DRAIN_MAX = 256  # host messages taken per turn of the loop
+# plain ints: pyzmq's flags are enums, whose `&` costs an enum construction per test
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class OutputReader:
@@ -85,9 +89,9 @@ class OutputReader:
         for _ in range(_DRAIN_MAX):
             try:
                 # EVENTS first: a recv that finds nothing raises, which costs more
-                if not int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if not int(self._socket.getsockopt(_EVENTS)) & _POLLIN:
                     break
-                data = self._socket.recv(zmq.NOBLOCK)
+                data = self._socket.recv(_NOBLOCK)
             except zmq.Again:
                 break
             except zmq.ZMQError as exc:  # closed under us: the actor is stopping

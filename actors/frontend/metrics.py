@@ -115,6 +115,11 @@ INSTANCES = Gauge(
     ["mode"],
     registry=REGISTRY,
 )
+DIRECT_CONNECTIONS = Gauge(
+    "sgl_frontend_direct_stream_connections",
+    "Nodes connected to send their chunks straight here (direct streams)",
+    registry=REGISTRY,
+)
 INDEXED_BLOCKS = Gauge(
     "sgl_frontend_kv_indexed_blocks",
     "KV blocks the frontend believes cached, per instance and DP rank",

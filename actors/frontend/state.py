@@ -227,6 +227,7 @@ class FrontendState:
         self.models_seen.update(serving)
         for name in self.models_seen:
             metrics.MODEL_INSTANCES.labels(name).set(serving.get(name, 0))
+        metrics.DIRECT_CONNECTIONS.set(len(self.direct.transports) if self.direct else 0)
         metrics.INDEXED_BLOCKS.clear()
         for (instance_id, rank), count in self.indexer.block_counts().items():
             metrics.INDEXED_BLOCKS.labels(instance_id, str(rank)).set(count)

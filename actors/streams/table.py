@@ -453,7 +453,9 @@ class StreamTable:
 def _finish_reason(chunk: HostChunk, ending: Ending) -> FinishReason | None:
     if chunk.finish_reason == "cancelled" and ending in ("deadline_exceeded", "shutdown"):
         return "error" if ending == "deadline_exceeded" else "shutdown"
-    return cast(FinishReason | None, chunk.finish_reason)  # the host sends only these
+    # the host sends only these (the cast as a string: `FinishReason | None` evaluated
+    # would build a typing union on every chunk)
+    return cast("FinishReason | None", chunk.finish_reason)
 
 
 def _error(chunk: HostChunk, stream: Stream) -> ErrorInfo | None:

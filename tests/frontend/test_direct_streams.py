@@ -53,6 +53,8 @@ def test_chunks_go_straight_to_the_frontend_and_a_cut_mid_stream_loses_none(
             10,
             "the node connected to the frontend",
         )
+        assert frontend.metric("sgl_frontend_direct_stream_connections") == 1
+        assert plain.metric("sgl_frontend_direct_stream_connections") == 0
         before = direct("direct")
         chat("straight to the frontend", 20)
         assert direct("direct") == before + 1
