@@ -4,7 +4,9 @@ The engine's schedulers push SGLang's `KvMetrics` (one PUSH socket per DP rank, 
 an ipc path this actor binds). Every interval it publishes one `LoadMetrics` per rank on
 `{namespace}.{component}.load_metrics`, with KV figures in pages, and sets the gauges.
 A rank without a fresh sample is published with `stale = true` (SGLang sends nothing
-while idle), so a router can tell "idle" from "unknown".
+while idle), so a router can tell "idle" from "unknown". An idle rank (nothing running
+or waiting) whose figures are those it last published is published only every
+`idle_interval`: the same numbers each second were most of an idle fabric's traffic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import zmq
 
 from actors.faults.zmq_faults import ZmqFaults
@@ -50,6 +53,8 @@ class MetricsActor(SupervisedActor):
         self.instance_id = settings.instance_id
         self.subject = settings.subject
         self.interval = settings.interval
+        self.idle_interval = settings.idle_interval
+        self._last: dict[int, tuple[LoadMetrics, float]] = {}  # per rank: published, when
         self.link: NatsLink | None = None
         self.info: EngineInfo | None = None
         self._zmq = zmq.Context()
@@ -145,6 +150,10 @@ class MetricsActor(SupervisedActor):
                 ts=time.time(),
                 stale=stale,
             )
+            now = self.context.clock.now()
+            if self._unchanged_idle(rank, load, now):
+                continue
+            self._last[rank] = (load, now)
             self.link.publish(self.subject, encode_json(load))
             label = str(rank)
             node_metrics.KV_ACTIVE.labels(label).set(load.kv_active_blocks)
@@ -153,3 +162,14 @@ class MetricsActor(SupervisedActor):
             node_metrics.RUNNING.labels(label).set(load.request_active_slots)
             node_metrics.CACHE_USAGE.labels(label).set(load.cache_usage)
             node_metrics.PREFIX_HIT.labels(label).set(load.prefix_hit_rate)
+
+    def _unchanged_idle(self, rank: int, load: LoadMetrics, now: float) -> bool:
+        """Whether the rank is idle with the figures it last published, published less
+        than `idle_interval` ago (its time stamp and freshness aside)."""
+        last = self._last.get(rank)
+        if last is None or now - last[1] >= self.idle_interval - 1e-3:
+            return False
+        if load.request_active_slots or load.num_requests_waiting:
+            return False
+        same = msgspec.structs.replace(last[0], ts=load.ts, stale=load.stale)
+        return same == load

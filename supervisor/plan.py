@@ -107,6 +107,7 @@ class MetricsSettings(_Settings, frozen=True):
     instance_id: str
     subject: str
     interval: float = 1.0
+    idle_interval: float = 5.0
 
 
 class RelaySettings(_Settings, frozen=True):
@@ -343,6 +344,7 @@ def plan_node(
             instance_id=instance_id,
             subject=subjects.load_metrics,
             interval=config.metrics.interval,
+            idle_interval=config.metrics.idle_interval,
         ),
         relays=_relays(config, paths, instance_id, subjects, ranks),
         handler=HandlerSettings(

@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,6 +314,41 @@ def test_eviction_shows_as_block_removed(node: NodeProcess) -> None:
         return any(isinstance(e, BlockRemoved) for b in batches if b.dp_rank == 0 for e in b.events)
 
     assert removed(_batches(node, action, removed, "a BlockRemoved on rank 0"))
+
+
+def test_an_idle_rank_is_published_every_idle_interval_and_a_busy_one_every_interval(
+    tmp_path: Path,
+) -> None:
+    """Unchanged figures of an idle rank go out every 5 s (metrics.idle_interval), not
+    every second; a rank running a request is published every second again at once."""
+    proc = start_node(tmp_path, dp_size=2, engine__sim={"decode_time_per_step": 0.02})
+
+    async def go() -> tuple[list[LoadMetrics], list[LoadMetrics]]:
+        async with watching(proc.url, "metrics") as idle:
+            await asyncio.sleep(7.5)
+        async with NodeClient(proc.url) as client, watching(proc.url, "metrics") as busy:
+            long = request("busy", max_tokens=200, dp_rank=0)  # 4 s at 20 ms a step
+            task = asyncio.create_task(collect(client, long, idle_timeout=60))
+            await until(lambda: any(m.request_active_slots for m in busy), 3, "a busy sample")
+            first = len(busy)
+            await asyncio.sleep(1.6)
+            seen = busy[first - 1 :]
+            chunks = await task
+            assert chunks[-1].finish_reason == "length", chunks[-1]
+        return idle, seen
+
+    try:
+        proc.wait_ready(60)
+        idle, busy = run(go())
+    finally:
+        proc.kill()
+    for rank in (0, 1):
+        samples = [m for m in idle if m.dp_rank == rank]
+        assert 1 <= len(samples) <= 2, [round(m.ts, 1) for m in samples]  # 7-8 at 1 s
+        assert all(not m.request_active_slots for m in samples)
+    running = [m for m in busy if m.dp_rank == 0]
+    assert len(running) >= 2, busy  # the next second's sample came, changed or not
+    assert running[0].request_active_slots >= 1
 
 
 def test_load_metrics_arrive_on_nats_and_prometheus_scrapes(node: NodeProcess) -> None:
