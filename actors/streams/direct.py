@@ -44,7 +44,8 @@ OK = b"OK\n"
 MAX_SUBJECT = 1024
 MAX_DATA = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 5.0
-RETRY_AFTER = 2.0  # seconds before connecting again to a frontend that refused or broke
+RETRY_AFTER = 2.0  # seconds before connecting again to a frontend that broke or refused
+RETRY_MAX = 60.0  # ... doubling while it keeps failing (unreachable: another machine)
 # A frontend that does not read what it is sent: its connection is dropped, and its
 # streams go on through NATS (whose server buffers and, past its limits, cuts the client).
 MAX_BUFFERED = 8 * 1024 * 1024
@@ -72,6 +73,7 @@ class _Outgoing(asyncio.Protocol):
         self.key = key
         self.up = False
         self.was_up = False
+        self.why = ""  # why it never came up, once known
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self._answer = b""
@@ -93,13 +95,11 @@ class _Outgoing(asyncio.Protocol):
         if len(self._answer) < len(OK):
             return
         if self._answer[: len(OK)] != OK:
-            self.sender.log.warning(
-                "direct streams refused by the frontend; its streams go through NATS",
-                frontend=f"{self.key[0]}:{self.key[1]}",
-            )
+            self.why = "refused by what listens there (not that frontend, or another run)"
             self.abort()
             return
         self.up = self.was_up = True
+        self.sender.connected(self.key)
         self.sender.log.info(
             "direct streams to a frontend connected", frontend=f"{self.key[0]}:{self.key[1]}"
         )
@@ -114,10 +114,7 @@ class _Outgoing(asyncio.Protocol):
 
     def _check_handshake(self) -> None:
         if not self.up and not self.closed:
-            self.sender.log.warning(
-                "no answer to the direct streams handshake; its streams go through NATS",
-                frontend=f"{self.key[0]}:{self.key[1]}",
-            )
+            self.why = "no answer to the handshake"
             self.abort()
 
     def write(self, subject: bytes, data: bytes) -> None:
@@ -178,6 +175,7 @@ class DirectSender:
         self._cut_until = 0.0
         self._conns: dict[_Key, _Outgoing] = {}
         self._retry_at: dict[_Key, float] = {}
+        self._failures: dict[_Key, int] = {}  # attempts in a row that never came up
         self._routes: dict[str, _Outgoing | None] = {}  # reply subject → its way, once chosen
 
     def send(self, target: DirectReply, subject: str, data: bytes) -> bool:
@@ -236,26 +234,43 @@ class DirectSender:
                 self.loop.create_connection(lambda: conn, host, port), HANDSHAKE_TIMEOUT
             )
         except (OSError, TimeoutError) as exc:
-            self.log.warning(
-                "cannot connect to a frontend for direct streams; they go through NATS",
-                frontend=f"{host}:{port}",
-                error=str(exc) or type(exc).__name__,
-                retry_after=RETRY_AFTER,
-            )
+            conn.why = str(exc) or type(exc).__name__
             self.lost(conn, exc)
 
     def lost(self, conn: _Outgoing, exc: Exception | None) -> None:
-        """A connection ended (or never was): try again after `RETRY_AFTER`."""
-        if self._conns.get(conn.key) is not conn:
+        """A connection ended, or never came up: try again after `RETRY_AFTER`, doubling
+        up to `RETRY_MAX` while attempts keep failing (said at the first and every tenth:
+        a frontend on another machine with the default `direct_host` fails every time)."""
+        key = conn.key
+        if self._conns.get(key) is not conn:
             return
-        del self._conns[conn.key]
-        self._retry_at[conn.key] = time.monotonic() + RETRY_AFTER
-        if conn.was_up:  # (a refusal or a failed connect was said when it happened)
+        del self._conns[key]
+        frontend = f"{key[0]}:{key[1]}"
+        if conn.was_up:
+            self._failures.pop(key, None)
+            self._retry_at[key] = time.monotonic() + RETRY_AFTER
             self.log.warning(
                 "direct streams to a frontend lost; its streams go through NATS",
-                frontend=f"{conn.key[0]}:{conn.key[1]}",
+                frontend=frontend,
                 error=str(exc) if exc is not None else "closed by the frontend",
             )
+            return
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        delay = min(RETRY_AFTER * 2 ** (failures - 1), RETRY_MAX)
+        self._retry_at[key] = time.monotonic() + delay
+        if failures == 1 or failures % 10 == 0:
+            self.log.warning(
+                "cannot stream straight to a frontend; its streams go through NATS"
+                " (set frontend.direct_host to an address the nodes can reach)",
+                frontend=frontend,
+                why=conn.why or (str(exc) if exc is not None else "closed"),
+                attempts=failures,
+                retry_after=delay,
+            )
+
+    def connected(self, key: _Key) -> None:
+        """A connection came up: failures before it are forgotten."""
+        self._failures.pop(key, None)
 
     async def close(self) -> None:
         """Send what is queued and close every connection (on the loop)."""

@@ -148,3 +148,43 @@ def test_the_receiver_drops_a_peer_without_the_handshake_or_with_a_bad_frame() -
             await receiver.stop()
 
     _run(body)
+
+
+class _Said:
+    """A logger that keeps what it was told (to read the sender's warnings)."""
+
+    def __init__(self) -> None:
+        self.warnings: list[dict[str, Any]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.warnings.append({"event": event, **fields})
+
+    def info(self, event: str, **fields: Any) -> None:
+        pass
+
+
+def test_an_unreachable_frontend_is_tried_less_and_less_often_and_said_once() -> None:
+    """A frontend on another machine with the default direct_host (127.0.0.1) is never
+    reachable: the node keeps streaming through NATS, tries again at doubling intervals,
+    and says so at the first attempt and every tenth, not every 2 s for ever."""
+
+    async def body() -> None:
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        said = _Said()
+        sender = DirectSender(asyncio.get_running_loop(), lambda: True, said)
+        target = DirectReply("127.0.0.1", port, "token")
+        key = (target.host, target.port, target.token)
+        delays = []
+        for attempt in range(3):
+            sender._retry_at[key] = 0.0  # as if its pause were over
+            assert not sender.send(target, f"_INBOX.e.{attempt}", b"x")
+            await _until(lambda: not sender._conns, "the attempt failed")
+            delays.append(sender._retry_at[key] - asyncio.get_running_loop().time())
+        assert [round(d) for d in delays] == [2, 4, 8]
+        assert [w["attempts"] for w in said.warnings] == [1]
+        assert "direct_host" in said.warnings[0]["event"]
+        await sender.close()
+
+    _run(body)
