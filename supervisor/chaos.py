@@ -84,6 +84,9 @@ class Load(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # seconds without news of a stream before the client continues it elsewhere (0: the
     # deadline, so a one-node run's stream is not given up while its node is away)
     lost_after: float = 0.0
+    # the clients take chunks straight from the nodes over TCP (direct streams, as the
+    # frontend does) instead of through NATS
+    direct_streams: bool = False
 
 
 class NodeFault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -171,7 +174,9 @@ class Runner:
 
     async def run(self) -> Verdict:
         async with NodeClient(
-            self.node.url, connect_options={"max_reconnect_attempts": -1}
+            self.node.url,
+            connect_options={"max_reconnect_attempts": -1},
+            direct_streams=self.scenario.load.direct_streams,
         ) as client:
             watcher = asyncio.create_task(self._watch_kv(client))
             clients = [

@@ -152,6 +152,7 @@ class ClusterRunner(Runner):
         async with NodeClient(
             urls[-1:] + urls[:-1],
             connect_options={"dont_randomize": True, "error_cb": _connection_error},
+            direct_streams=self.scenario.load.direct_streams,
         ) as client:
             clients = [
                 asyncio.create_task(self._client(client)) for _ in range(self.scenario.load.clients)

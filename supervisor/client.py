@@ -25,8 +25,10 @@ from typing import Any, TypeVar
 import msgspec
 import nats
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 
+from actors.streams.direct import DirectReceiver
 from messages.codec import DecodeError, decode_json, encode_json
 from messages.discovery import InstanceRecord
 from messages.kv import KvEventBatch
@@ -34,6 +36,7 @@ from messages.metrics import LoadMetrics
 from messages.request import (
     CancelRequest,
     ChatMessage,
+    DirectReply,
     EmbedRequest,
     EmbedResponse,
     GenerateRequest,
@@ -88,6 +91,8 @@ class NodeClient:
         endpoint: str = _NODE.endpoint,
         bucket: str = _DISCOVERY.bucket,
         connect_options: dict[str, Any] | None = None,
+        direct_streams: bool = False,
+        direct_host: str = "127.0.0.1",
     ) -> None:
         self.servers = [servers] if isinstance(servers, str) else servers
         self.namespace = namespace
@@ -104,6 +109,13 @@ class NodeClient:
         self.nc: Client | None = None
         self._reconnects = 0  # streams ask for what they may have missed when this moves
         self._replies: ReplyMux | None = None  # every stream's reply inbox, one subscription
+        # Chunks straight from the nodes over TCP, as the frontend takes them (see
+        # actors.streams.direct): only for nodes that know `reply_direct` (old ones refuse
+        # the field), so off unless asked for.
+        self.direct_streams = direct_streams
+        self.direct_host = direct_host
+        self._receiver: DirectReceiver | None = None
+        self.direct: DirectReply | None = None  # where nodes send straight, once listening
 
     @property
     def base(self) -> str:
@@ -123,10 +135,16 @@ class NodeClient:
         self.nc = await nats.connect(servers=self.servers, reconnected_cb=reconnected, **options)
         self._replies = ReplyMux(self.nc)
         await self._replies.start()
+        if self.direct_streams:
+            log = structlog.get_logger().bind(path="client")
+            self._receiver = DirectReceiver(self._replies.deliver, self.direct_host, log)
+            self.direct = await self._receiver.start()
         return self
 
     async def close(self) -> None:
         """Close the connection."""
+        if self._receiver is not None:
+            await self._receiver.stop()
         if self.nc is not None:
             with contextlib.suppress(ConnectionError):  # the server went away first
                 await self.nc.close()

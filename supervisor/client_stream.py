@@ -28,6 +28,7 @@ from messages.codec import decode_json, encode_json
 from messages.request import (
     CancelRequest,
     Continuation,
+    DirectReply,
     GenerateRequest,
     ResumeReply,
     StreamChunk,
@@ -59,6 +60,9 @@ class _Client(Protocol):
 
     @property
     def replies(self) -> ReplyMux: ...
+
+    @property
+    def direct(self) -> DirectReply | None: ...
 
     async def resume(self, request_id: str, from_index: int) -> ResumeReply | None: ...
 
@@ -123,6 +127,8 @@ async def stream_chunks(
 ) -> AsyncIterator[StreamChunk]:
     """The chunks of `request` until the one with a finish reason (see the module doc)."""
     progress = _Progress()
+    if isinstance(request, GenerateRequest) and client.direct is not None:
+        request = msgspec.structs.replace(request, reply_direct=client.direct)
     data = request if isinstance(request, bytes) else encode_json(request)
     request_id = request.request_id if isinstance(request, GenerateRequest) else ""
     tries = seen = 0  # sends since the caller's last chunk; its index then

@@ -73,7 +73,7 @@ class _Outgoing(asyncio.Protocol):
         self.key = key
         self.up = False
         self.was_up = False
-        self.why = ""  # why it never came up, once known
+        self.why = ""  # why it never came up, or was dropped here, once known
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self._answer = b""
@@ -139,6 +139,7 @@ class _Outgoing(asyncio.Protocol):
                 frontend=f"{self.key[0]}:{self.key[1]}",
                 buffered_bytes=transport.get_write_buffer_size(),
             )
+            self.why = "the frontend did not read"
             self.abort()
 
     def abort(self) -> None:
@@ -212,6 +213,7 @@ class DirectSender:
         they hold, and open none for `seconds`."""
         self._cut_until = time.monotonic() + seconds
         for conn in list(self._conns.values()):
+            conn.why = "cut (fault injection)"
             conn.abort()
 
     def _route(self, target: DirectReply) -> _Outgoing | None:
@@ -252,7 +254,7 @@ class DirectSender:
             self.log.warning(
                 "direct streams to a frontend lost; its streams go through NATS",
                 frontend=frontend,
-                error=str(exc) if exc is not None else "closed by the frontend",
+                error=str(exc) if exc is not None else conn.why or "closed by the frontend",
             )
             return
         failures = self._failures[key] = self._failures.get(key, 0) + 1

@@ -75,6 +75,11 @@ def test_every_fault_under_load_with_the_sim_engine(tmp_path: Path) -> None:
     _check(verdict, len(scenario.faults))
     assert verdict.kv_view_equal is True, verdict.kv_detail
     assert verdict.restarts.get("core/engine/engine_host") == 3  # kill, stop (stall), probes
+    # its clients take the chunks straight from the node (direct streams): the faults hit
+    # that path too, and the cut of the node's NATS cuts it (then it comes back)
+    log = (tmp_path / "node.log").read_text()
+    assert log.count('"direct streams to a frontend connected"') >= 2, log[-2000:]
+    assert '"cut (fault injection)"' in log
 
 
 # Two SGLang starts (the first, and the restart after the stall): ~25 s each on a quiet
