@@ -75,6 +75,7 @@ class _Outgoing(asyncio.Protocol):
         self.was_up = False
         self.why = ""  # why it never came up, or was dropped here, once known
         self.closed = False
+        self.aborted = False
         self.transport: asyncio.Transport | None = None
         self._answer = b""
         self._pending: list[bytes] = []
@@ -84,6 +85,9 @@ class _Outgoing(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.aborted:  # dropped (a cut) while it was connecting
+            transport.abort()
+            return
         _no_delay(transport)
         transport.write(HELLO + self.key[2].encode() + b"\n")
         self.sender.loop.call_later(HANDSHAKE_TIMEOUT, self._check_handshake)
@@ -145,6 +149,7 @@ class _Outgoing(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection now (what it holds is lost: the frontend resumes it)."""
         self.up = False
+        self.aborted = True
         if self.transport is not None:
             self.transport.abort()
 
