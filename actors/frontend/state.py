@@ -93,7 +93,15 @@ class FrontendState:
         """Subscribe to the event plane and start watching discovery."""
         await self.mux.start()
         if self.direct is not None:
-            self.dispatcher.direct = await self.direct.start()
+            try:
+                self.dispatcher.direct = await self.direct.start()
+            except OSError as exc:
+                msg = (
+                    f"frontend.direct_host {self.direct.host!r}: cannot listen for direct"
+                    f" streams ({exc.strerror or exc}); give an address of this machine the"
+                    " nodes can reach, or set frontend.direct_streams = false"
+                )
+                raise RuntimeError(msg) from exc
         self._subscriptions = [
             await self.nc.subscribe(f"{self.namespace}.*.kv_events", cb=self._on_kv_events),
             await self.nc.subscribe(f"{self.namespace}.*.kv_events.head", cb=self._on_kv_head),

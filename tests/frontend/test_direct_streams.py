@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from tests.frontend.harness import node_metric, sim_answer, sim_chat_ids, sim_fleet, wait_until
-from tests.node.harness import admin_request
+from tests.node.harness import NatsServer, admin_request, free_ports, start_node
 
 TOKEN = "admin-" + uuid.uuid4().hex
 
@@ -88,3 +88,25 @@ def test_chunks_go_straight_to_the_frontend_and_a_cut_mid_stream_loses_none(
         time.sleep(0.1)
         chat("through nats", 12, plain.client())
         assert (direct("direct"), direct("nats")) == counted
+
+
+def test_a_direct_host_it_cannot_listen_on_stops_the_frontend_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    with NatsServer(tmp_path) as server:
+        proc = start_node(
+            tmp_path,
+            name="frontend",
+            embedded_nats=False,
+            nats_url=server.url,
+            node={"tree": "frontend"},
+            frontend={"enabled": True, "port": free_ports(), "direct_host": "10.254.254.254"},
+            system={"enabled": False},
+        )
+        try:
+            assert proc.proc.wait(60) != 0
+        finally:
+            proc.kill()
+    said = "frontend.direct_host '10.254.254.254': cannot listen for direct streams"
+    wait_until(lambda: said in proc.log_path.read_text(), 5, "the error in its log")
+    assert "frontend.direct_streams = false" in proc.log_path.read_text()
