@@ -50,6 +50,9 @@ RETRY_MAX = 60.0  # ... doubling while it keeps failing (unreachable: another ma
 # streams go on through NATS (whose server buffers and, past its limits, cuts the client).
 MAX_BUFFERED = 8 * 1024 * 1024
 MAX_ROUTES = 100_000  # reply subjects remembered (ended streams are forgotten at once)
+# Frontends remembered for their retry pause: each run of a frontend is another (a new
+# token); past this many, those whose pause is over are forgotten.
+MAX_PAUSED = 64
 
 _Key = tuple[str, int, str]
 _UNSET: Any = object()
@@ -252,6 +255,8 @@ class DirectSender:
         if self._conns.get(key) is not conn:
             return
         del self._conns[key]
+        if len(self._retry_at) >= MAX_PAUSED:
+            self._forget_paused()
         frontend = f"{key[0]}:{key[1]}"
         if conn.was_up:
             self._failures.pop(key, None)
@@ -274,6 +279,12 @@ class DirectSender:
                 attempts=failures,
                 retry_after=delay,
             )
+
+    def _forget_paused(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, at in self._retry_at.items() if at <= now]:
+            del self._retry_at[key]
+            self._failures.pop(key, None)
 
     def connected(self, key: _Key) -> None:
         """A connection came up: failures before it are forgotten."""

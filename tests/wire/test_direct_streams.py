@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from actors.streams.direct import DirectReceiver, DirectSender
+from actors.streams.direct import MAX_PAUSED, DirectReceiver, DirectSender
 from messages.request import DirectReply
 
 LOG = structlog.get_logger()
@@ -185,6 +185,27 @@ def test_an_unreachable_frontend_is_tried_less_and_less_often_and_said_once() ->
         assert [round(d) for d in delays] == [2, 4, 8]
         assert [w["attempts"] for w in said.warnings] == [1]
         assert "direct_host" in said.warnings[0]["event"]
+        await sender.close()
+
+    _run(body)
+
+
+def test_frontends_whose_retry_pause_is_over_are_forgotten() -> None:
+    """Every run of a frontend is another to the node (another token): over months of
+    restarts the node must not keep them all."""
+
+    async def body() -> None:
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        sender = DirectSender(asyncio.get_running_loop(), lambda: True, _Said())
+        for run in range(3 * MAX_PAUSED):
+            sender.send(DirectReply("127.0.0.1", port, f"run-{run}"), f"_INBOX.f.{run}", b"x")
+            await _until(lambda: not sender._conns, "the attempt failed")
+            for key in sender._retry_at:  # as if each pause were over
+                sender._retry_at[key] = 0.0
+        assert len(sender._retry_at) <= MAX_PAUSED
+        assert len(sender._failures) <= MAX_PAUSED
         await sender.close()
 
     _run(body)
