@@ -25,10 +25,8 @@ asks the node for the missing ones as for any gap (resume).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import secrets
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -58,13 +56,6 @@ _Key = tuple[str, int, str]
 _UNSET: Any = object()
 
 
-def _no_delay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 # --- the node's side ------------------------------------------------------------------------
 
 
@@ -91,7 +82,7 @@ class _Outgoing(asyncio.Protocol):
         if self.aborted:  # dropped (a cut) while it was connecting
             transport.abort()
             return
-        _no_delay(transport)
+        # (TCP_NODELAY: asyncio sets it on the TCP sockets it makes, both sides)
         transport.write(HELLO + self.key[2].encode() + b"\n")
         self.sender.loop.call_later(HANDSHAKE_TIMEOUT, self._check_handshake)
 
@@ -107,9 +98,12 @@ class _Outgoing(asyncio.Protocol):
             return
         self.up = self.was_up = True
         self.sender.connected(self.key)
-        self.sender.log.info(
-            "direct streams to a frontend connected", frontend=f"{self.key[0]}:{self.key[1]}"
-        )
+        self.sender.log.info("direct streams to a frontend connected", frontend=self.frontend)
+
+    @property
+    def frontend(self) -> str:
+        """`host:port` (for the logs)."""
+        return f"{self.key[0]}:{self.key[1]}"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.up = False
@@ -143,7 +137,7 @@ class _Outgoing(asyncio.Protocol):
         if transport.get_write_buffer_size() > MAX_BUFFERED:
             self.sender.log.warning(
                 "a frontend does not read its direct streams; its streams go through NATS",
-                frontend=f"{self.key[0]}:{self.key[1]}",
+                frontend=self.frontend,
                 buffered_bytes=transport.get_write_buffer_size(),
             )
             self.why = "the frontend did not read"
@@ -257,13 +251,11 @@ class DirectSender:
         del self._conns[key]
         if len(self._retry_at) >= MAX_PAUSED:
             self._forget_paused()
-        frontend = f"{key[0]}:{key[1]}"
-        if conn.was_up:
-            self._failures.pop(key, None)
+        if conn.was_up:  # (its failures were forgotten when it came up: `connected`)
             self._retry_at[key] = time.monotonic() + RETRY_AFTER
             self.log.warning(
                 "direct streams to a frontend lost; its streams go through NATS",
-                frontend=frontend,
+                frontend=conn.frontend,
                 error=str(exc) if exc is not None else conn.why or "closed by the frontend",
             )
             return
@@ -274,7 +266,7 @@ class DirectSender:
             self.log.warning(
                 "cannot stream straight to a frontend; its streams go through NATS"
                 " (set frontend.direct_host to an address the nodes can reach)",
-                frontend=frontend,
+                frontend=conn.frontend,
                 why=conn.why or (str(exc) if exc is not None else "closed"),
                 attempts=failures,
                 retry_after=delay,
@@ -314,7 +306,6 @@ class _Incoming(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        _no_delay(transport)
         self.receiver.transports.add(transport)
         asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._check_handshake)
 
@@ -381,17 +372,15 @@ class DirectReceiver:
         self.log = log
         self.token = secrets.token_hex(16)
         self.transports: set[asyncio.Transport] = set()
-        self.target: DirectReply | None = None  # where nodes send, once listening
         self._server: asyncio.Server | None = None
 
     async def start(self) -> DirectReply:
-        """Listen on a free port of `host`."""
+        """Listen on a free port of `host`; where nodes are to send."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Incoming(self), self.host, 0)
         port = self._server.sockets[0].getsockname()[1]
-        self.target = DirectReply(self.host, port, self.token)
         self.log.info("direct streams listening", host=self.host, port=port)
-        return self.target
+        return DirectReply(self.host, port, self.token)
 
     async def stop(self) -> None:
         """Stop listening and close the nodes' connections."""
