@@ -172,6 +172,14 @@ class SimFleet:
         )
         return self.nodes[name]
 
+    def chaos_node(self, name: str, admin_token: str, **options: Any) -> NodeProcess:
+        """`node`, with fault injection on and its admin subject taking `admin_token`
+        (for `admin_request(node, admin_token, "chaos", ...)`)."""
+        token_file = self.tmp / f"{name}-admin-token"
+        token_file.write_text(admin_token)
+        admin = {"enabled": True, "token_file": str(token_file)}
+        return self.node(name, admin=admin, chaos={"enabled": True}, **options)
+
     def frontend(self, name: str = "frontend", **options: Any) -> Frontend:
         """Start frontend `name` on the fleet's server (`start_frontend` options)."""
         self.frontends[name] = start_frontend(self.tmp, self.server.url, name=name, **options)

@@ -18,12 +18,10 @@ TOKEN = "admin-" + uuid.uuid4().hex
 def test_a_request_while_the_only_instance_is_unreachable_for_a_moment_is_served(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "token").write_text(TOKEN)
     with sim_fleet(tmp_path) as fleet:
-        node = fleet.node(
+        node = fleet.chaos_node(
             "sim",
-            admin={"enabled": True, "token_file": str(tmp_path / "token")},
-            chaos={"enabled": True},
+            TOKEN,
             discovery={"lease_ttl": 10.0, "heartbeat": 1.0},
         )
         frontend = fleet.frontend()

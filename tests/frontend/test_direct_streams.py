@@ -20,12 +20,10 @@ TOKEN = "admin-" + uuid.uuid4().hex
 def test_chunks_go_straight_to_the_frontend_and_a_cut_mid_stream_loses_none(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "token").write_text(TOKEN)
     with sim_fleet(tmp_path) as fleet:
-        node = fleet.node(
+        node = fleet.chaos_node(
             "sim",
-            admin={"enabled": True, "token_file": str(tmp_path / "token")},
-            chaos={"enabled": True},
+            TOKEN,
             engine__sim={"decode_time_per_step": 0.03},
         )
         frontend = fleet.frontend()

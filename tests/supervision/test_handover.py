@@ -43,10 +43,21 @@ class Counter(SupervisedActor):
         return None
 
 
-def _ask(path: str, message: Any) -> Any:
+def _ref(path: str) -> Any:
     ref = whereis(path)
     assert ref is not None
-    return ref.ask(message, timeout=5)
+    return ref
+
+
+def _ask(path: str, message: Any) -> Any:
+    return _ref(path).ask(message, timeout=5)
+
+
+def _pool(size: int, **worker: Any) -> ChildSpec:
+    """A pool supervisor `pool` of `size` `Counter` workers `w` (ChildSpec options)."""
+    flags = SupervisorFlags(strategy="pool", intensity=5)
+    workers = [ChildSpec("w", ActorStart(Counter), **worker)]
+    return ChildSpec("pool", ActorStart(Supervisor, (flags, workers), {"pool_size": size}))
 
 
 def test_a_restarted_child_finds_what_its_predecessor_handed_over(
@@ -54,9 +65,7 @@ def test_a_restarted_child_finds_what_its_predecessor_handed_over(
 ) -> None:
     tree = make_tree([ChildSpec("c", ActorStart(Counter))], FAST)
     _ask("root/c", ("remember", "streams"))
-    ref = whereis("root/c")
-    assert ref is not None
-    ref.tell("crash")
+    _ref("root/c").tell("crash")
     tree.wait(ChildReadyEvent, "c", count=2)
     assert _ask("root/c", "read") == {"starts": 2, "value": "streams"}
 
@@ -64,20 +73,10 @@ def test_a_restarted_child_finds_what_its_predecessor_handed_over(
 def test_each_child_has_its_own_handover_and_a_pool_child_keeps_its_own(
     make_tree: Callable[..., Tree],
 ) -> None:
-    pool = ChildSpec(
-        "pool",
-        ActorStart(
-            Supervisor,
-            (SupervisorFlags(strategy="pool", intensity=5), [ChildSpec("w", ActorStart(Counter))]),
-            {"pool_size": 2},
-        ),
-    )
-    tree = make_tree([ChildSpec("a", ActorStart(Counter)), pool], FAST)
+    tree = make_tree([ChildSpec("a", ActorStart(Counter)), _pool(2)], FAST)
     _ask("root/a", ("remember", "a's"))
     _ask("root/pool/w-1", ("remember", "w-1's"))
-    ref = whereis("root/pool/w-1")
-    assert ref is not None
-    ref.tell("crash")
+    _ref("root/pool/w-1").tell("crash")
     tree.wait(ChildExitedEvent, "w-1")
     tree.wait(ChildReadyEvent, "w-1", count=2)
     assert _ask("root/pool/w-1", "read") == {"starts": 2, "value": "w-1's"}
@@ -105,9 +104,7 @@ def test_what_a_child_handed_over_outlives_a_restart_of_its_supervisor(
     )
     tree = make_tree([first, sub], rest)
     _ask("root/sub/c", ("remember", "streams"))
-    ref = whereis("root/first")
-    assert ref is not None
-    ref.tell("crash")
+    _ref("root/first").tell("crash")
     tree.wait(ChildReadyEvent, "sub", count=2)
     assert _ask("root/sub/c", "read") == {"starts": 2, "value": "streams"}
 
@@ -115,25 +112,11 @@ def test_what_a_child_handed_over_outlives_a_restart_of_its_supervisor(
 def test_a_pool_child_removed_for_good_takes_its_handover_along(
     make_tree: Callable[..., Tree],
 ) -> None:
-    pool = ChildSpec(
-        "pool",
-        ActorStart(
-            Supervisor,
-            (
-                SupervisorFlags(strategy="pool", intensity=5),
-                [ChildSpec("w", ActorStart(Counter), restart="transient")],
-            ),
-            {"pool_size": 1},
-        ),
-    )
-    tree = make_tree([pool], FAST)
+    tree = make_tree([_pool(1, restart="transient")], FAST)
     _ask("root/pool/w-1", ("remember", "w-1's"))
-    supervisor = whereis("root/pool")
-    assert supervisor is not None
-    kept = supervisor.proxy().context.get().handover["children"]
+    kept = _ref("root/pool").proxy().context.get().handover["children"]
     assert kept["w-1"]["value"] == "w-1's"
-    ref = whereis("root/pool/w-1")
-    assert ref is not None
-    ref.stop()  # a normal exit of a transient child: not restarted, removed from the pool
+    # a normal exit of a transient child: not restarted, removed from the pool
+    _ref("root/pool/w-1").stop()
     tree.wait(ChildExitedEvent, "w-1")
     assert wait_until(lambda: "w-1" not in kept)  # the event comes before the removal

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -35,19 +35,27 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> 
         await asyncio.sleep(0.01)
 
 
-def _pair() -> tuple[list[tuple[str, bytes]], DirectReceiver, DirectSender]:
+_Pair = tuple[list[tuple[str, bytes]], DirectReply, DirectReceiver, DirectSender]
+
+
+@contextlib.asynccontextmanager
+async def _pair() -> AsyncIterator[_Pair]:
+    """A listening receiver (what it got, where to send) and a sender on this loop; both
+    closed at the end."""
     got: list[tuple[str, bytes]] = []
     receiver = DirectReceiver(lambda subject, data: got.append((subject, data)), "127.0.0.1", LOG)
-    loop = asyncio.get_running_loop()
-    sender = DirectSender(loop, lambda: True, LOG)
-    return got, receiver, sender
+    sender = DirectSender(asyncio.get_running_loop(), lambda: True, LOG)
+    target = await receiver.start()
+    try:
+        yield got, target, receiver, sender
+    finally:
+        await sender.close()
+        await receiver.stop()
 
 
 def test_chunks_go_straight_once_connected_in_order_and_byte_for_byte() -> None:
     async def body() -> None:
-        got, receiver, sender = _pair()
-        target = await receiver.start()
-        try:
+        async with _pair() as (got, target, _, sender):
             # the first stream to a frontend goes through NATS while the connection opens
             assert not sender.send(target, "_INBOX.a.1", b"first")
             await _until(lambda: sender.connections == 1, "the connection is up")
@@ -58,36 +66,26 @@ def test_chunks_go_straight_once_connected_in_order_and_byte_for_byte() -> None:
             assert got == sent
             assert sender.streams == {"direct": 3, "nats": 1}
             assert sender.sent == len(sent)
-        finally:
-            await sender.close()
-            await receiver.stop()
 
     _run(body)
 
 
 def test_a_wrong_token_is_refused_and_its_streams_go_through_nats() -> None:
     async def body() -> None:
-        got, receiver, sender = _pair()
-        target = await receiver.start()
-        forged = DirectReply(target.host, target.port, "not-the-token")
-        try:
+        async with _pair() as (got, target, receiver, sender):
+            forged = DirectReply(target.host, target.port, "not-the-token")
             assert not sender.send(forged, "_INBOX.b.1", b"x")
             await _until(lambda: not sender._conns, "the refused connection is gone")
             assert not sender.send(forged, "_INBOX.b.2", b"y")  # and not tried again at once
             assert not got
             assert receiver.transports == set()
-        finally:
-            await sender.close()
-            await receiver.stop()
 
     _run(body)
 
 
 def test_a_broken_connection_sends_the_rest_of_its_streams_through_nats() -> None:
     async def body() -> None:
-        got, receiver, sender = _pair()
-        target = await receiver.start()
-        try:
+        async with _pair() as (got, target, receiver, sender):
             sender.send(target, "_INBOX.c.0", b"opens the connection")
             await _until(lambda: sender.connections == 1, "the connection is up")
             assert sender.send(target, "_INBOX.c.1", b"direct")
@@ -96,17 +94,13 @@ def test_a_broken_connection_sends_the_rest_of_its_streams_through_nats() -> Non
             await _until(lambda: sender.connections == 0, "the sender saw it go")
             assert not sender.send(target, "_INBOX.c.1", b"the rest: nats")
             assert not sender.send(target, "_INBOX.c.2", b"a new stream: nats")
-        finally:
-            await sender.close()
 
     _run(body)
 
 
 def test_a_cut_drops_the_connections_and_opens_none_while_it_lasts() -> None:
     async def body() -> None:
-        got, receiver, sender = _pair()
-        target = await receiver.start()
-        try:
+        async with _pair() as (got, target, _, sender):
             sender.send(target, "_INBOX.d.0", b"opens the connection")
             await _until(lambda: sender.connections == 1, "the connection is up")
             sender.cut(0.5)
@@ -118,19 +112,14 @@ def test_a_cut_drops_the_connections_and_opens_none_while_it_lasts() -> None:
             await _until(lambda: sender.connections == 1, "connected again")
             assert sender.send(target, "_INBOX.d.3", b"after: direct")
             await _until(lambda: ("_INBOX.d.3", b"after: direct") in got, "the chunk arrived")
-        finally:
-            await sender.close()
-            await receiver.stop()
 
     _run(body)
 
 
 def test_the_receiver_drops_a_peer_without_the_handshake_or_with_a_bad_frame() -> None:
     async def body() -> None:
-        got, receiver, _ = _pair()
-        target = await receiver.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with _pair() as (got, target, _, _):
+            loop = asyncio.get_running_loop()
             for payload in (
                 b"GET / HTTP/1.1\r\n\r\n",  # no handshake
                 b"SGLDIRECT1 " + target.token.encode() + b"\n" + struct.pack(">IH", 2**31, 5),
@@ -144,8 +133,6 @@ def test_the_receiver_drops_a_peer_without_the_handshake_or_with_a_bad_frame() -
                             answer += chunk  # until the receiver closes it
                     assert answer in (b"", b"OK\n")
             assert not got
-        finally:
-            await receiver.stop()
 
     _run(body)
 
