@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -61,14 +62,39 @@ async def _stream_leader(urls: list[str], stream: str) -> str:
         await nc.close()
 
 
+# Until a replicated stream has a leader (a new bucket's first, or after its leader's
+# server died) requests to it time out or find no responder (nats-py says so with either
+# of two errors).
+_ELECTING = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.APIError,
+)
+
+
+async def _put_once_elected(nc: Any, bucket: str, key: str, value: bytes) -> Any:
+    """Put `key` in `bucket`, retrying while its stream elects a leader; the bucket."""
+    for _ in range(60):
+        try:
+            kv = await nc.jetstream().key_value(bucket)
+            await kv.put(key, value)
+            return kv
+        except _ELECTING:
+            await asyncio.sleep(0.5)
+    kv = await nc.jetstream().key_value(bucket)
+    await kv.put(key, value)  # the last try: its error is the test's
+    return kv
+
+
 def test_a_replicated_bucket_survives_the_kill_of_its_leaders_server(
     cluster: NatsCluster,
 ) -> None:
     async def write() -> list[int]:
         nc = await nats.connect(cluster.urls)
         try:
-            kv = await nc.jetstream().create_key_value(bucket="survivor", replicas=3)
-            await kv.put("a", b"1")
+            await nc.jetstream().create_key_value(bucket="survivor", replicas=3)
+            await _put_once_elected(nc, "survivor", "a", b"1")
             info = await nc.jetstream().stream_info("KV_survivor")
             return [len(info.cluster.replicas or []) if info.cluster else 0]
         finally:
@@ -83,21 +109,7 @@ def test_a_replicated_bucket_survives_the_kill_of_its_leaders_server(
     async def read_and_write_after() -> tuple[bytes, bytes]:
         nc = await nats.connect(others)
         try:
-            # a new leader is elected within seconds; until then requests time out, or find
-            # no responder for the stream (nats-py says so with either of two errors)
-            electing = (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError,
-                nats.js.errors.APIError,
-            )
-            for _ in range(60):
-                try:
-                    kv = await nc.jetstream().key_value("survivor")
-                    await kv.put("b", b"2")
-                    break
-                except electing:
-                    await asyncio.sleep(0.5)
+            kv = await _put_once_elected(nc, "survivor", "b", b"2")  # a new leader, first
             a, b = await kv.get("a"), await kv.get("b")
             return a.value or b"", b.value or b""
         finally:
