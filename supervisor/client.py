@@ -45,7 +45,7 @@ from messages.request import (
     StopConditions,
     StreamChunk,
 )
-from supervisor.client_replies import ReplyMux
+from supervisor.client_replies import ReplyMux, is_no_responders
 from supervisor.client_stream import Lost, StreamOptions, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
@@ -59,17 +59,21 @@ T = TypeVar("T")
 
 
 async def ask_resume(
-    nc: Client, subject: str, request_id: str, from_index: int, timeout: float
+    mux: ReplyMux, subject: str, request_id: str, from_index: int, timeout: float
 ) -> ResumeReply | None:
     """Ask, on the `resume` subject, the node holding `request_id` for its chunks from
-    `from_index` on; None if no node answers (or the connection is down just now)."""
+    `from_index` on; None if no node answers (or the connection is down just now). Through
+    the connection's reply inboxes: a cancel of the caller always raises (see
+    `ReplyMux.request`)."""
     ask = encode_json(ResumeRequest(request_id, from_index))
     try:
-        msg = await nc.request(subject, ask, timeout=timeout)
+        msg = await mux.request(subject, ask, timeout)
     except nats.errors.ConnectionClosedError:
         raise
-    except (nats.errors.Error, TimeoutError):
-        return None  # nobody holds it, nobody serves the subject, or reconnecting
+    except nats.errors.Error:
+        return None  # reconnecting, or the outgoing buffer is full
+    if msg is None or is_no_responders(msg):
+        return None  # nobody holds it, or nobody serves the subject
     try:
         return decode_json(msg.data, ResumeReply)
     except DecodeError:
@@ -223,7 +227,7 @@ class NodeClient:
     async def resume(self, request_id: str, from_index: int) -> ResumeReply | None:
         """Ask the node holding `request_id` for its chunks from `from_index` on."""
         return await ask_resume(
-            self._nc(), f"{self.base}.resume", request_id, from_index, _RESUME_TIMEOUT
+            self.replies, f"{self.base}.resume", request_id, from_index, _RESUME_TIMEOUT
         )
 
     async def embed(

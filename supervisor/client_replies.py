@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["Delivered", "Inbox", "Reply", "ReplyMux", "is_no_responders"]
+__all__ = ["Delivered", "Inbox", "Reply", "ReplyMux", "in_place", "is_no_responders"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,25 @@ def is_no_responders(msg: Reply) -> bool:
     """NATS's answer to a request published where nobody subscribes (status 503)."""
     headers = msg.headers
     return headers is not None and headers.get("Status") == "503" and not msg.data
+
+
+async def in_place(nc: Client, timeout: float = 5.0) -> None:
+    """Return once the server has taken every command `nc` sent before: its subscriptions
+    are in place for what other connections publish next.
+
+    nats-py 2.16's `flush()` is not that: it writes its PING straight to the socket, ahead
+    of commands still queued for its writer, so it can come back before a subscription
+    just made reaches the server (NATS then answered "no responders" to a request sent
+    after the responder had subscribed and flushed: 5 times in 300). A message to an inbox
+    of its own goes through the same queue as everything before it."""
+    subject = nc.new_inbox()
+    sub = await nc.subscribe(subject, max_msgs=1)
+    try:
+        await nc.publish(subject, b"")
+        await sub.next_msg(timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 class Inbox(Generic[T]):
@@ -161,6 +180,21 @@ class ReplyMux:
         inbox: Inbox[Reply] = Inbox()
         self._inboxes[subject] = inbox
         return subject, inbox
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> Reply | None:
+        """The first answer to `data` published on `subject`, or None if none comes within
+        `timeout` seconds; a subject nobody serves answers at once (`is_no_responders`).
+
+        Unlike nats-py's `request` (`asyncio.wait_for` on Python 3.11), a cancel that
+        lands in the loop turn the answer does still raises: a stream's resume probe or
+        lost-instance probe answered just as its client went away swallowed the cancel,
+        and the request ran on to its end on the node, never cancelled."""
+        reply, inbox = self.open()
+        try:
+            await self.nc.publish(subject, data, reply=reply)
+            return await inbox.next(timeout)
+        finally:
+            self.close(reply)
 
     def close(self, subject: str) -> None:
         """Forget a reply subject; late messages to it are dropped."""

@@ -198,7 +198,7 @@ async def _resumed(
         return not silent
     order.probed_at = now
     subject = record.subjects.resume
-    answer = await ask_resume(dispatcher.nc, subject, request_id, order.index, RESUME_TIMEOUT)
+    answer = await ask_resume(dispatcher.mux, subject, request_id, order.index, RESUME_TIMEOUT)
     if answer is None:
         if order.unheld_since is None:
             order.unheld_since = now

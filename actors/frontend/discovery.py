@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
@@ -41,6 +40,7 @@ from nats.js.kv import KeyValue
 from actors.frontend.errors import FrontendError
 from messages.codec import DecodeError, decode_json
 from messages.discovery import InstanceRecord, ModelCard
+from supervisor.client_replies import ReplyMux, is_no_responders
 
 __all__ = ["Discovery", "ModelPool"]
 
@@ -98,6 +98,7 @@ class Discovery:
     def __init__(
         self,
         nc: Client,
+        mux: ReplyMux,
         bucket: str,
         namespace: str,
         log: Any,
@@ -105,6 +106,7 @@ class Discovery:
         heard_at: Callable[[str], float | None] = lambda _: None,
     ) -> None:
         self.nc = nc
+        self.mux = mux  # the frontend's reply inboxes (probes are answered there)
         self.heard_at = heard_at  # instance → loop time its last KV event or metric came
         self.bucket = bucket
         self.namespace = namespace
@@ -343,10 +345,10 @@ class Discovery:
         return lost
 
     async def _probe(self, record: InstanceRecord) -> bool:
+        # Through the reply inboxes, not nats-py's `request`: a stream's cancel (its client
+        # went away) landing as the answer does must still raise (`ReplyMux.request`).
         try:
-            await self.nc.request(record.subjects.tree, b"", timeout=PROBE_TIMEOUT)
-        except nats.errors.NoRespondersError:
-            return True
+            answer = await self.mux.request(record.subjects.tree, b"", PROBE_TIMEOUT)
         except Exception:  # noqa: BLE001 - slow or unreachable is not gone: the deadline decides
             return False
-        return False
+        return answer is not None and is_no_responders(answer)

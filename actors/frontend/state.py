@@ -59,8 +59,10 @@ class FrontendState:
         self.tokenizers = TokenizerCache(log)
         self.parsers = ParserLoader(log)
         self.responses = ResponseStore(frontend.responses_store_size, frontend.responses_ttl)
+        self.mux = ReplyMux(nc)
         self.discovery = Discovery(
             nc,
+            self.mux,
             config.discovery.bucket,
             self.namespace,
             log,
@@ -68,7 +70,6 @@ class FrontendState:
             heard_at=self.indexer.heard_at,
         )
         self.router = Router(frontend.routing, frontend.kv_block_weight, frontend.load_weight)
-        self.mux = ReplyMux(nc)
         self.dispatcher = Dispatcher(
             nc,
             self.mux,

@@ -352,13 +352,3 @@ class NatsLink:
         finally:
             with self._lock:
                 self._calls.discard(future)
-
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything queued so far has reached the server."""
-
-        async def go() -> None:
-            await self._drain_queue()
-            assert self.nc is not None
-            await self.nc.flush(timeout=max(1, int(timeout)))
-
-        self.call(go, timeout=timeout + 1)

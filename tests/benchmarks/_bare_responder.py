@@ -15,6 +15,7 @@ import nats
 
 from messages.codec import decode_json, encode_json
 from messages.request import GenerateRequest, StreamChunk, Usage
+from supervisor.client_replies import in_place
 
 
 async def main(url: str, subject: str) -> None:
@@ -39,7 +40,7 @@ async def main(url: str, subject: str) -> None:
         await nc.publish(msg.reply, encode_json(end))
 
     await nc.subscribe(subject, queue=subject, cb=on)
-    await nc.flush()
+    await in_place(nc)
     print("ready", flush=True)
     while True:
         await asyncio.sleep(3600)

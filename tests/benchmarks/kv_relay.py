@@ -17,6 +17,7 @@ import nats
 
 from messages.codec import decode_json
 from messages.kv import KvEventBatch, decode_sglang_batch
+from supervisor.client_replies import in_place
 from tests.benchmarks._common import median, percentile, python, table, write_section
 from tests.node.harness import NatsServer, free_ports
 
@@ -49,7 +50,7 @@ async def measure(url: str, subject: str, endpoint: str, raw: bool) -> dict[str,
         latencies.append(now - ts)
 
     await nc.subscribe(subject, cb=on, pending_msgs_limit=10_000_000, pending_bytes_limit=2 << 30)
-    await nc.flush()
+    await in_place(nc)
     producer = python(
         "-m",
         "tests.benchmarks._kv_producer",

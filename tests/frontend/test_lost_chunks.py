@@ -21,6 +21,7 @@ import nats
 
 from messages.codec import DecodeError, decode_json
 from messages.request import StreamChunk
+from supervisor.client_replies import in_place
 from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend
 from tests.node.harness import NatsServer, sim_node_on_own_nats
 
@@ -91,7 +92,7 @@ def _wait_for_the_last_chunk(url: str, timeout: float = 60.0) -> None:
 
         try:
             await nc.subscribe("_INBOX.>", cb=on)
-            await nc.flush()
+            await in_place(nc)
             await asyncio.wait_for(ended.wait(), timeout)
         finally:
             await nc.close()

@@ -25,6 +25,7 @@ from messages.kv import KvEventBatch
 from messages.metrics import LoadMetrics
 from supervisor.chaos import free_ports  # the one way to pick ports (also for other test modules)
 from supervisor.chaos_nodes import NatsServer as NatsServer  # noqa: PLC0414 - re-exported
+from supervisor.client_replies import in_place
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -293,7 +294,7 @@ async def watching(url: str, what: str) -> AsyncIterator[list[Any]]:
     nc = await nats.connect(url)
     try:
         await nc.subscribe(subject, cb=on)
-        await nc.flush()
+        await in_place(nc)
         yield items
     finally:
         await nc.close()

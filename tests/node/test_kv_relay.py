@@ -32,6 +32,7 @@ from messages.kv import (
     encode_sglang_batch,
 )
 from messages.node import GetEngineInfo
+from supervisor.client_replies import in_place
 from supervisor.core import (
     ActorStart,
     Backoff,
@@ -83,7 +84,7 @@ class Collector:
                     self.cond.notify_all()
 
             await nc.subscribe(SUBJECT, cb=on)
-            await nc.flush()
+            await in_place(nc)
             self.ready.set()
             while True:
                 await asyncio.sleep(3600)

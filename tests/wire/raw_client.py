@@ -188,6 +188,15 @@ class RawClient:
         await self.nc.publish(subject, json.dumps({"request_id": request_id}).encode())
         await self.nc.flush()
 
+    async def _in_place(self) -> None:
+        """Until the server has our subscriptions. Not `flush()`: nats-py 2.16 writes its
+        PING ahead of commands still queued, so it can return before a SUB reaches the
+        server. A message to an inbox of our own is queued behind them."""
+        subject = self.nc.new_inbox()
+        sub = await self.nc.subscribe(subject, max_msgs=1)
+        await self.nc.publish(subject, b"")
+        await sub.next_msg(5.0)
+
     # --- event plane ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -199,7 +208,7 @@ class RawClient:
             queue.put_nowait(json.loads(msg.data))
 
         sub = await self.nc.subscribe(subject, cb=deliver)
-        await self.nc.flush()
+        await self._in_place()
         try:
             yield queue
         finally:
