@@ -76,6 +76,41 @@ def test_a_process_groups_resident_memory_is_summed_from_proc() -> None:
         proc.wait()
 
 
+SPAWNER = """
+import subprocess, sys, time
+time.sleep(1.5)  # after the group was first watched (and scanned)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+print("spawned", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_process_the_group_starts_after_it_is_watched_is_sampled_within_seconds() -> None:
+    """A child starts its own processes while it starts (SGLang: its scheduler and
+    detokenizer); the sampler looks for them again soon after a group is first watched,
+    not only at its slow steady pace."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", SPAWNER], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        _memory_watch.watch(proc.pid)
+        first = _memory_watch.last_sample(proc.pid)
+        assert first is not None
+        assert first.processes == 1
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"spawned"
+
+        def both_sampled() -> bool:
+            last = _memory_watch.last_sample(proc.pid)
+            return last is not None and last.processes == 2
+
+        assert wait_until(both_sampled, timeout=4)  # full scans ~2 and ~4 s after the watch
+    finally:
+        _memory_watch.forget(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_sigkill_from_outside_says_the_signal_and_the_memory_then(
     make_tree: Callable[..., Tree],
 ) -> None:
