@@ -1,14 +1,14 @@
 """`Discovery`: the live instances of the frontend's namespace, from the instances bucket.
 
 It watches the bucket (`discovery.bucket`, keys `{ns}.{component}.{endpoint}.{id}`, and
-`...{id}.lora.{name}` for adapters) with history, so puts and deletes arrive at once, and
-re-lists it, because a lease that runs out (TTL expiry) does not always produce a delete
-marker. A re-list reads the bucket's keys and its last revision in one answer, so a record
-written meanwhile is never dropped by mistake. It comes when a lease may have run out:
-just after the bucket's TTL has passed since a record's last write reached the watch, and
-then every `RELIST_MIN` seconds until the server has expired it; otherwise every
-`RELIST_MAX` seconds, for keys the watch missed. (A re-list every 0.5 s, as before, was
-most of an idle frontend's CPU and a good part of the NATS server's.)
+`...{id}.lora.{name}` for adapters) with history, so puts and deletes arrive at once
+(`_watch`), and re-lists it, because a lease that runs out (TTL expiry) does not always
+produce a delete marker. A re-list reads the bucket's keys and its last revision in one
+answer, so a record written meanwhile is never dropped by mistake. It comes when a lease
+may have run out: just after the bucket's TTL has passed since a record's last write
+reached the watch, and then every `RELIST_MIN` seconds until the server has expired it;
+otherwise every `RELIST_MAX` seconds, for keys the watch missed. (A re-list every 0.5 s,
+as before, was most of an idle frontend's CPU and a good part of the NATS server's.)
 
 A record whose lease ran out is kept while its instance is still heard from (KV events,
 load metrics within `SILENCE` seconds): the bucket can miss heartbeats for a whole lease
@@ -35,6 +35,7 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from actors.frontend.errors import FrontendError
@@ -90,6 +91,34 @@ class ModelPool:
 
 def _rank_of_mode(mode: str) -> int:
     return _CARD_ORDER.index(mode) if mode in _CARD_ORDER else len(_CARD_ORDER)
+
+
+async def _watch(nc: Client, bucket: str, namespace: str) -> Any:
+    """A subscription to every write under `namespace` in the bucket, from its history on:
+    an ephemeral push consumer in memory, unacknowledged, with idle heartbeats.
+
+    Not nats-py's `KeyValue.watch`: its ordered consumer polls for flow-control replies
+    every 0.25 s, 4 wake-ups a second of an idle frontend (1 ms of its CPU a second, a
+    tenth of the whole idle system's) for a stream of a few records a second. What the
+    ordered consumer adds is kept otherwise: a write missed is made good by the record's
+    next heartbeat or the next re-list, and a watch is renewed after the connection comes
+    back (its consumer may have gone with the server) or when silent for `WATCH_SILENCE`.
+    """
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        max_deliver=1,
+        mem_storage=True,
+        num_replicas=1,
+        inactive_threshold=300.0,  # a frontend gone without unsubscribing: dropped then
+    )
+    return await nc.jetstream().subscribe(
+        f"$KV.{bucket}.{namespace}.>",
+        stream=f"KV_{bucket}",
+        config=config,
+        manual_ack=True,
+        idle_heartbeat=5.0,
+    )
 
 
 class Discovery:
@@ -174,7 +203,8 @@ class Discovery:
             watcher: Any = None
             try:
                 kv = await self.nc.jetstream().key_value(self.bucket)
-                watcher = await kv.watch(f"{self.namespace}.>", include_history=True)
+                reconnects = self.nc.stats["reconnects"]
+                watcher = await _watch(self.nc, self.bucket, self.namespace)
                 follow = asyncio.get_running_loop().create_task(self._follow(watcher))
                 self.log.info("watching discovery", bucket=self.bucket, namespace=self.namespace)
                 loop = asyncio.get_running_loop()
@@ -182,6 +212,12 @@ class Discovery:
                 while not follow.done():
                     await self._relist(kv)
                     await asyncio.sleep(self._next_relist(loop.time()))
+                    if self.nc.stats["reconnects"] != reconnects:
+                        # its consumer may have gone with the server: a new one replays
+                        # the bucket (a few records) and follows it from there
+                        self.log.info("renewing the discovery watch after a reconnect")
+                        follow.cancel()
+                        break
                     if self._records and loop.time() - self._heard > WATCH_SILENCE:
                         # records are rewritten every heartbeat: a silent watch is stuck
                         # (e.g. after a NATS restart); make a new one
@@ -197,7 +233,7 @@ class Discovery:
             except asyncio.CancelledError:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await watcher.unsubscribe()
                 raise
             except Exception as exc:  # noqa: BLE001 - NATS trouble: retry, never give up
                 self.log.warning(
@@ -205,18 +241,20 @@ class Discovery:
                 )
             if watcher is not None:
                 with contextlib.suppress(Exception):
-                    await watcher.stop()
+                    await watcher.unsubscribe()
             await asyncio.sleep(RELIST_MIN)
 
     async def _follow(self, watcher: Any) -> None:
-        async for entry in watcher:
+        prefix = f"$KV.{self.bucket}."
+        async for msg in watcher.messages:
             self._heard = asyncio.get_running_loop().time()
-            if entry is None:  # the end of the initial values
-                continue
-            if entry.operation in ("DEL", "PURGE"):
-                self._remove(entry.key, entry.revision, "deleted")
+            key = msg.subject[len(prefix) :]
+            revision = msg.metadata.sequence.stream
+            operation = msg.headers.get("KV-Operation") if msg.headers else None
+            if operation in ("DEL", "PURGE"):
+                self._remove(key, revision, "deleted")
             else:
-                self._upsert(entry.key, entry.revision, entry.value)
+                self._upsert(key, revision, msg.data)
 
     def _next_relist(self, now: float) -> float:
         """Seconds until the next re-list (see the module docstring)."""

@@ -22,7 +22,7 @@ import nats
 from messages.codec import DecodeError, decode_json
 from messages.request import StreamChunk
 from supervisor.client_replies import in_place
-from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend
+from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend, wait_until
 from tests.node.harness import NatsServer, sim_node_on_own_nats
 
 
@@ -98,3 +98,34 @@ def _wait_for_the_last_chunk(url: str, timeout: float = 60.0) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def test_after_a_nats_restart_a_node_that_stops_leaves_the_frontends_view_at_once(
+    tmp_path: Path,
+) -> None:
+    """The frontend follows the discovery bucket through a JetStream consumer that lives in
+    the server's memory: a restart takes it away. The frontend makes a new one once it is
+    back, so a record deleted afterwards (a node stopping in order) leaves its view at
+    once; a re-list alone would keep it (its key still holds the delete marker)."""
+    server, node = sim_node_on_own_nats(tmp_path)
+    frontend = None
+    try:
+        node.wait_ready(60)
+        frontend = start_frontend(tmp_path, server.url)
+        frontend.wait_instances(1)
+        server.stop()
+        server = NatsServer.on_port(tmp_path, server.port)
+        node.wait_ready(60)  # back, and registered again
+
+        front = frontend
+        wait_until(lambda: front.health().get("status") == "ok", 30, "the frontend back on NATS")
+        node.proc.send_signal(signal.SIGTERM)
+        took = frontend.wait_instances(0, timeout=10)
+        print(f"the stopped node left the frontend's view {took:.2f} s after its SIGTERM")
+        assert node.stop() == 0
+        assert took < 5.0
+    finally:
+        if frontend is not None:
+            frontend.kill()
+        node.kill()
+        server.stop()
