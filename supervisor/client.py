@@ -45,7 +45,7 @@ from messages.request import (
     StopConditions,
     StreamChunk,
 )
-from supervisor.client_replies import ReplyMux, is_no_responders
+from supervisor.client_replies import Reply, ReplyMux, is_no_responders
 from supervisor.client_stream import Lost, StreamOptions, stream_chunks
 from supervisor.config import DiscoverySection, NodeSection
 
@@ -233,16 +233,23 @@ class NodeClient:
     async def embed(
         self, request: EmbedRequest | bytes, instance_id: str | None = None, timeout: float = 60.0
     ) -> EmbedResponse:
-        """Send an embedding request (to nodes in `embedding` mode) and return the answer."""
-        nc = self._nc()
+        """Send an embedding request (to nodes in `embedding` mode) and return the answer;
+        raises `NoRespondersError` when no node serves the subject, `nats.errors.TimeoutError`
+        when none answers within `timeout`."""
         subject = f"{self.base}.{self.endpoint}" + (f".{instance_id}" if instance_id else "")
         data = request if isinstance(request, bytes) else encode_json(request)
-        try:
-            msg = await nc.request(subject, data, timeout=timeout)
-        except nats.errors.NoRespondersError:
+        return decode_json((await self._ask(subject, data, timeout)).data, EmbedResponse)
+
+    async def _ask(self, subject: str, data: bytes, timeout: float) -> Reply:
+        """One request's answer, through the reply inboxes (a cancel always raises: see
+        `ReplyMux.request`)."""
+        msg = await self.replies.request(subject, data, timeout)
+        if msg is None:
+            raise nats.errors.TimeoutError
+        if is_no_responders(msg):
             msg_text = f"no node serves {subject}"
-            raise NoRespondersError(msg_text) from None
-        return decode_json(msg.data, EmbedResponse)
+            raise NoRespondersError(msg_text)
+        return msg
 
     async def cancel(self, request_id: str) -> None:
         """Cancel an in-flight request, whichever node runs it."""
@@ -296,7 +303,7 @@ class NodeClient:
 
     async def tree(self, instance_id: str, timeout: float = 5.0) -> Any:
         """The supervision tree of one instance (which_children, recursively)."""
-        msg = await self._nc().request(f"{self.base}.tree.{instance_id}", b"", timeout=timeout)
+        msg = await self._ask(f"{self.base}.tree.{instance_id}", b"", timeout)
         return msgspec.json.decode(msg.data)
 
 

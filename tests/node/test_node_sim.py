@@ -14,13 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 
 from actors.engine_host.sim import SimTokenizer, expected_output
 from messages.kv import BlockRemoved, BlockStored, KvEventBatch, block_hashes
 from messages.metrics import LoadMetrics
 from messages.request import GenerateRequest, StopConditions, StreamChunk
-from supervisor.client import NodeClient
+from supervisor.client import NodeClient, NoRespondersError
 from tests.node.harness import ROOT, NodeProcess, start_node, until, watching
 
 TOKENIZER = SimTokenizer()
@@ -242,6 +243,47 @@ def test_bad_requests_get_one_error_naming_the_problem(
     assert error.code == "invalid_request"
     assert error.field == field
     assert words in error.message
+
+
+def test_the_client_asks_for_the_tree_and_says_when_nobody_or_nothing_answers(
+    node: NodeProcess,
+) -> None:
+    """`NodeClient.tree` and `embed` ask through the connection's reply inboxes: the
+    answer, `NoRespondersError` for a subject nobody serves, a timeout for one whose
+    server stays silent, and a cancel while it waits ends the wait (the cancel that lands
+    with an answer: `tests/reliability/test_reply_mux.py`)."""
+
+    async def go() -> tuple[Any, str, str, bool]:
+        async with NodeClient(node.url) as client:
+            tree = await client.tree(node.instance_id)
+            try:
+                await client.tree("no-such-instance")
+                nobody = "answered"
+            except NoRespondersError as exc:
+                nobody = str(exc)
+            nc = client._nc()
+            silent = await nc.subscribe(f"{client.base}.tree.silent")  # never answers
+            try:
+                await client.tree("silent", timeout=0.3)
+                late = "answered"
+            except nats.errors.TimeoutError:
+                late = "timeout"
+            asking = asyncio.ensure_future(client.tree("silent", timeout=5.0))
+            await asyncio.sleep(0.1)
+            asking.cancel()
+            try:
+                await asking
+                cancelled = False
+            except asyncio.CancelledError:
+                cancelled = True
+            await silent.unsubscribe()
+            return tree, nobody, late, cancelled
+
+    tree, nobody, late, cancelled = run(go())
+    assert [r["id"] for r in tree["children"]] == ["system", "nats_server", "core"]
+    assert nobody == "no node serves dynamo.backend.tree.no-such-instance"
+    assert late == "timeout"
+    assert cancelled
 
 
 def test_the_node_kept_serving_with_zero_restarts(node: NodeProcess) -> None:
