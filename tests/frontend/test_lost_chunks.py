@@ -4,6 +4,7 @@ The frontend is paused (SIGSTOP) while the NATS server restarts under a streamin
 so it comes back only after the node has sent what it held: those chunks reached nobody.
 The frontend notices the gap or the silence, asks the node on its resume subject, and
 the client, through the official `openai` package, gets the whole answer once, in order.
+And after such a restart, the frontend's view of discovery still follows the bucket.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +25,52 @@ import nats
 from messages.codec import DecodeError, decode_json
 from messages.request import StreamChunk
 from supervisor.client_replies import in_place
-from tests.frontend.harness import sim_answer, sim_chat_ids, start_frontend, wait_until
-from tests.node.harness import NatsServer, sim_node_on_own_nats
+from tests.frontend.harness import (
+    Frontend,
+    sim_answer,
+    sim_chat_ids,
+    start_frontend,
+    wait_until,
+)
+from tests.node.harness import NatsServer, NodeProcess, sim_node_on_own_nats
+
+
+@dataclass
+class _Fabric:
+    """A sim node on a NATS server of its own, and a frontend on that server."""
+
+    tmp_path: Path
+    server: NatsServer
+    node: NodeProcess
+    frontend: Frontend
+
+    def restart_nats(self, down_for: float = 0.0) -> None:
+        """Stop the server and start it again on its port, with its store."""
+        self.server.stop()
+        time.sleep(down_for)
+        self.server = NatsServer.on_port(self.tmp_path, self.server.port)
+
+
+@contextlib.contextmanager
+def _fabric(tmp_path: Path) -> Iterator[_Fabric]:
+    server, node = sim_node_on_own_nats(tmp_path)
+    fabric: _Fabric | None = None
+    try:
+        node.wait_ready(60)
+        fabric = _Fabric(tmp_path, server, node, start_frontend(tmp_path, server.url))
+        fabric.frontend.wait_instances(1)
+        yield fabric
+    finally:
+        if fabric is not None:
+            fabric.frontend.kill()
+            server = fabric.server  # the one running now, after any restart
+        node.kill()
+        server.stop()
 
 
 def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path) -> None:
-    server, node = sim_node_on_own_nats(tmp_path)
-    frontend = None
-    try:
-        node.wait_ready(60)
-        frontend = start_frontend(tmp_path, server.url)
-        frontend.wait_instances(1)
+    with _fabric(tmp_path) as fabric:
+        frontend = fabric.frontend
         messages = [{"role": "user", "content": "keep talking through the outage"}]
         pieces: list[str] = []
         finish: list[str | None] = []
@@ -58,10 +96,9 @@ def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path
         assert pieces, "the stream did not start"
         os.kill(frontend.proc.proc.pid, signal.SIGSTOP)
         try:
-            server.stop()
-            time.sleep(0.3)  # the subject: an outage
-            server = NatsServer.on_port(tmp_path, server.port)
-            _wait_for_the_last_chunk(server.url)  # the node reconnected and sent what it held
+            fabric.restart_nats(down_for=0.3)  # the subject: an outage
+            # the node reconnected and sent what it held
+            _wait_for_the_last_chunk(fabric.server.url)
         finally:
             os.kill(frontend.proc.proc.pid, signal.SIGCONT)
         reader.join(60)
@@ -69,11 +106,6 @@ def test_a_nats_restart_while_the_frontend_is_away_loses_no_token(tmp_path: Path
         assert finish == ["length"]
         assert "".join(pieces) == sim_answer(sim_chat_ids(messages), 80)
         assert frontend.metric("sgl_frontend_resumed_streams_total") >= 1
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        node.kill()
-        server.stop()
 
 
 def _wait_for_the_last_chunk(url: str, timeout: float = 60.0) -> None:
@@ -107,25 +139,13 @@ def test_after_a_nats_restart_a_node_that_stops_leaves_the_frontends_view_at_onc
     the server's memory: a restart takes it away. The frontend makes a new one once it is
     back, so a record deleted afterwards (a node stopping in order) leaves its view at
     once; a re-list alone would keep it (its key still holds the delete marker)."""
-    server, node = sim_node_on_own_nats(tmp_path)
-    frontend = None
-    try:
-        node.wait_ready(60)
-        frontend = start_frontend(tmp_path, server.url)
-        frontend.wait_instances(1)
-        server.stop()
-        server = NatsServer.on_port(tmp_path, server.port)
+    with _fabric(tmp_path) as fabric:
+        frontend, node = fabric.frontend, fabric.node
+        fabric.restart_nats()
         node.wait_ready(60)  # back, and registered again
-
-        front = frontend
-        wait_until(lambda: front.health().get("status") == "ok", 30, "the frontend back on NATS")
+        wait_until(lambda: frontend.health().get("status") == "ok", 30, "the frontend back on NATS")
         node.proc.send_signal(signal.SIGTERM)
         took = frontend.wait_instances(0, timeout=10)
         print(f"the stopped node left the frontend's view {took:.2f} s after its SIGTERM")
         assert node.stop() == 0
         assert took < 5.0
-    finally:
-        if frontend is not None:
-            frontend.kill()
-        node.kill()
-        server.stop()

@@ -10,9 +10,12 @@ fallback (correct, but a task turn and a queue per token slower) is never silent
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from supervisor.chaos_nodes import NatsServer
@@ -21,13 +24,24 @@ from supervisor.client_replies import ReplyMux, _DirectDelivery, in_place, is_no
 STREAMS, MESSAGES = 8, 200
 
 
-async def _send_and_read(url: str) -> tuple[bool, list[list[bytes]], int, int]:
-    receiver = await nats.connect(url)
-    sender = await nats.connect(url)
-    mux = ReplyMux(receiver)
+@contextlib.asynccontextmanager
+async def _mux_and_peer(url: str) -> AsyncIterator[tuple[ReplyMux, Client]]:
+    """A started `ReplyMux` on one connection, and a second connection to talk to it."""
+    own = await nats.connect(url)
+    peer = await nats.connect(url)
+    mux = ReplyMux(own)
     await mux.start()
-    await in_place(receiver)  # the SUB is in place before another connection publishes
+    await in_place(own)  # the SUB is in place before another connection publishes
     try:
+        yield mux, peer
+    finally:
+        await mux.stop()
+        await peer.close()
+        await own.close()
+
+
+async def _send_and_read(url: str) -> tuple[bool, list[list[bytes]], int, int]:
+    async with _mux_and_peer(url) as (mux, sender):
         sub = mux._sub
         direct = sub is not None and isinstance(sub._pending_queue, _DirectDelivery)
         opened = [mux.open() for _ in range(STREAMS)]
@@ -54,10 +68,6 @@ async def _send_and_read(url: str) -> tuple[bool, list[list[bytes]], int, int]:
         await sender.flush()
         await asyncio.sleep(0.1)
         return direct, got, pending, len(late_inbox)
-    finally:
-        await mux.stop()
-        await sender.close()
-        await receiver.close()
 
 
 def test_replies_reach_their_own_inbox_in_order_straight_from_the_reader(
@@ -113,26 +123,21 @@ def test_the_inboxes_keep_receiving_after_the_server_restarts(tmp_path: Path) ->
 
 
 async def _requests(url: str) -> tuple[bytes | None, bool, float, bool, bool]:
-    asker = await nats.connect(url)
-    responder = await nats.connect(url)
-    mux = ReplyMux(asker)
-    await mux.start()
-    await in_place(asker)
-    race: list[asyncio.Task[object]] = []
+    async with _mux_and_peer(url) as (mux, responder):
+        race: list[asyncio.Task[object]] = []
 
-    async def answer(msg: Msg) -> None:
-        await responder.publish(msg.reply, b"answer:" + msg.data)
+        async def answer(msg: Msg) -> None:
+            await responder.publish(msg.reply, b"answer:" + msg.data)
 
-    async def answer_and_cancel(msg: Msg) -> None:
-        # the answer and the asker's cancel in one loop turn (both connections share it)
-        mux.deliver(msg.reply, b"answer")
-        race[0].cancel()
+        async def answer_and_cancel(msg: Msg) -> None:
+            # the answer and the asker's cancel in one loop turn (both connections share it)
+            mux.deliver(msg.reply, b"answer")
+            race[0].cancel()
 
-    await responder.subscribe("svc.echo", cb=answer)
-    await responder.subscribe("svc.race", cb=answer_and_cancel)
-    await responder.subscribe("svc.silent")
-    await in_place(responder)
-    try:
+        await responder.subscribe("svc.echo", cb=answer)
+        await responder.subscribe("svc.race", cb=answer_and_cancel)
+        await responder.subscribe("svc.silent")
+        await in_place(responder)
         echoed = await mux.request("svc.echo", b"ping", 5.0)
         nobody = await mux.request("svc.nobody", b"", 5.0)
         start = asyncio.get_running_loop().time()
@@ -152,10 +157,6 @@ async def _requests(url: str) -> tuple[bytes | None, bool, float, bool, bool]:
             cancelled,
             not mux._inboxes,  # every request's inbox closed
         )
-    finally:
-        await mux.stop()
-        await responder.close()
-        await asker.close()
 
 
 def test_a_request_gets_its_answer_or_none_and_a_cancel_landing_with_the_answer_raises(
@@ -174,7 +175,7 @@ def test_a_request_gets_its_answer_or_none_and_a_cancel_landing_with_the_answer_
     assert closed
 
 
-async def _subscribe_then_ask(url: str, rounds: int, barrier: str) -> int:
+async def _subscribe_then_ask(url: str, rounds: int) -> int:
     asker = await nats.connect(url)
     responder = await nats.connect(url)
     unanswered = 0
@@ -185,7 +186,7 @@ async def _subscribe_then_ask(url: str, rounds: int, barrier: str) -> int:
                 await responder.publish(msg.reply, b"here")
 
             sub = await responder.subscribe(f"svc.fresh.{i}", cb=answer)
-            await (in_place(responder) if barrier == "in_place" else responder.flush())
+            await in_place(responder)
             try:
                 await asker.request(f"svc.fresh.{i}", b"", timeout=5.0)
             except nats.errors.NoRespondersError:
@@ -204,5 +205,5 @@ def test_a_subscription_is_in_place_for_other_connections_once_in_place_returns(
     finds it, every time (with nats-py 2.16's `flush()` in its place, NATS answered "no
     responders" in 1 to 6 rounds of 300: its PING overtakes the SUB)."""
     with NatsServer(tmp_path) as server:
-        unanswered = asyncio.run(_subscribe_then_ask(server.url, 300, "in_place"))
+        unanswered = asyncio.run(_subscribe_then_ask(server.url, 300))
     assert unanswered == 0
