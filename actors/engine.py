@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from actors.engine_host import output_stream
 from actors.engine_output import OutputReader
 from actors.engine_state.admission import InflightTable
 from actors.engine_state.health import (
@@ -96,7 +98,7 @@ class EngineActor(SupervisedActor):
         self.info: EngineInfo | None = None
         self._zmq = zmq.Context()
         self._commands = self._zmq.socket(zmq.PUSH)
-        self._outputs = self._zmq.socket(zmq.PULL)
+        self._outputs: socket.socket | None = None  # the host's output stream, once connected
         # The in-flight table is shared with the reader thread: touched under the lock.
         self._inflight = InflightTable(settings.max_inflight, settings.max_streams_per_client)
         self._lock = threading.Lock()
@@ -114,7 +116,7 @@ class EngineActor(SupervisedActor):
         self._commands.setsockopt(zmq.SNDHWM, 0)
         self._commands.setsockopt(zmq.LINGER, 0)
         self._commands.connect(self.settings.command_endpoint)
-        self._outputs.connect(self.settings.output_endpoint)
+        self._outputs = output_stream.connect(self.settings.output_socket)
         # The host's output is read on the NATS link's loop, where the handlers it goes
         # to run (see actors.engine_output); alone, on a loop of its own.
         if self.settings.fabric:
@@ -141,9 +143,9 @@ class EngineActor(SupervisedActor):
         )
 
     def _handshake(self) -> HostControlReply:
-        """Ask the host for its info, again every second until it answers: our two
-        connections come up in either order, and an answer sent before the output one is
-        up finds no peer and is dropped (the host never blocks on a missing reader)."""
+        """Ask the host for its info, again every second until it answers (an answer the
+        host sent with no reader connected, the one of a previous incarnation say, was
+        dropped: the host never blocks on a missing reader)."""
         clock = self.context.clock
         deadline = clock.now() + INFO_TIMEOUT
         while True:
@@ -229,7 +231,8 @@ class EngineActor(SupervisedActor):
         if self._private_loop is not None:
             self._private_loop.stop()
         self._commands.close(linger=0)
-        self._outputs.close(linger=0)
+        if self._outputs is not None:
+            self._outputs.close()
         self._zmq.term()
         node_metrics.INFLIGHT.set(0)
 

@@ -90,7 +90,7 @@ class EngineSettings(_Settings, frozen=True):
     """EngineActor: its channel to the engine host, health and admission."""
 
     command_endpoint: str
-    output_endpoint: str
+    output_socket: str
     fabric: str = ""  # whose NATS link's loop reads the host's output ("": a loop of its own)
     health: HealthSection = msgspec.field(default_factory=HealthSection)
     max_inflight: int = 256
@@ -276,7 +276,7 @@ def _host_spec(config: NodeConfig, instance_id: str, run_dir: str) -> HostSpec:
     return HostSpec(
         backend=engine.backend,
         command_endpoint=f"ipc://{run_dir}/engine-cmd",
-        output_endpoint=f"ipc://{run_dir}/engine-out",
+        output_socket=f"{run_dir}/engine-out",
         dp_size=engine.dp_size,
         page_size=engine.page_size,
         kv_events_port=engine.kv_events_port,
@@ -396,7 +396,7 @@ def _replicas_wanted(config: NodeConfig) -> dict[str, int]:
 def _engine_settings(config: NodeConfig, host_spec: HostSpec, fabric: str) -> EngineSettings:
     return EngineSettings(
         command_endpoint=host_spec.command_endpoint,
-        output_endpoint=host_spec.output_endpoint,
+        output_socket=host_spec.output_socket,
         fabric=fabric,
         health=config.engine.health,
         max_inflight=config.handlers.max_inflight,
@@ -465,12 +465,12 @@ def prepare(config: NodeConfig, plan: NodePlan) -> list[str]:
     to (kill -9) are swept here; returns those."""
     longest = max(
         [
-            plan.host_spec.command_endpoint,
-            plan.host_spec.output_endpoint,
-            *plan.host_spec.metrics_endpoints,
+            plan.host_spec.command_endpoint.removeprefix("ipc://"),
+            plan.host_spec.output_socket,
+            *(e.removeprefix("ipc://") for e in plan.host_spec.metrics_endpoints),
         ],
         key=len,
-    ).removeprefix("ipc://")
+    )
     if len(longest.encode()) > _UNIX_PATH_MAX:
         msg = (
             f"the engine's socket path {longest!r} is {len(longest.encode())} bytes, more than "

@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m actors.engine_host SPEC_JSON", file=sys.stderr)
         return 2
     spec = msgspec.json.decode(argv[0], type=HostSpec)
-    channel = HostChannel(spec.command_endpoint, spec.output_endpoint)
+    channel = HostChannel(spec.command_endpoint, spec.output_socket)
     stop = threading.Event()
     backend = build_backend(spec, channel)
 

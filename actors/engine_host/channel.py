@@ -1,11 +1,11 @@
-"""The host's end of the engine host channel (see messages/engine.py)."""
+"""The host's end of the engine host channel (see messages/engine.py): commands over ZMQ,
+outputs over a Unix stream socket (see `actors.engine_host.output_stream`)."""
 
 from __future__ import annotations
 
-import threading
-
 import zmq
 
+from actors.engine_host.output_stream import OutputStream
 from actors.wake import WakeablePoller
 from messages.codec import DecodeError, decode_msgpack, encode_msgpack
 from messages.engine import HostChunk, HostChunks, HostCommand, HostOutput
@@ -14,20 +14,20 @@ __all__ = ["HostChannel"]
 
 
 class HostChannel:
-    """PULL for commands, PUSH for outputs; `send` is safe from any thread."""
+    """PULL for commands, the output stream for outputs; `send` is safe from any thread."""
 
-    def __init__(self, command_endpoint: str, output_endpoint: str) -> None:
+    def __init__(self, command_endpoint: str, output_socket: str) -> None:
         self._context = zmq.Context()
         self._commands = self._context.socket(zmq.PULL)
         self._commands.bind(command_endpoint)
-        self._outputs = self._context.socket(zmq.PUSH)
-        self._outputs.setsockopt(zmq.SNDHWM, 0)  # never drop an output
-        self._outputs.setsockopt(zmq.LINGER, 1000)
-        self._outputs.bind(output_endpoint)
+        self._outputs = OutputStream(output_socket)
         self._poller = WakeablePoller(self._commands)
-        self._send_lock = threading.Lock()
         self.undecodable = 0
-        self.unsent = 0
+
+    @property
+    def unsent(self) -> int:
+        """Outputs dropped: no EngineActor connected."""
+        return self._outputs.unsent
 
     def send(self, output: HostOutput | list[HostChunk]) -> None:
         """Send one output (thread-safe). Never blocks: with no EngineActor connected (it
@@ -37,12 +37,7 @@ class HostChannel:
             if not output:
                 return
             output = output[0] if len(output) == 1 else HostChunks(chunks=output)
-        data = encode_msgpack(output)
-        with self._send_lock:
-            try:
-                self._outputs.send(data, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                self.unsent += 1
+        self._outputs.send(encode_msgpack(output))
 
     def recv(self, timeout: float | None = None) -> HostCommand | None:
         """The next command, or None after `timeout` seconds (None: no limit), after a
@@ -64,5 +59,5 @@ class HostChannel:
         """Close both sockets."""
         self._poller.close()
         self._commands.close(linger=0)
-        self._outputs.close(linger=1000)
+        self._outputs.close()  # writes what waits, up to a second
         self._context.term()

@@ -16,7 +16,7 @@ class HostSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     backend: str  # sim | sglang
     command_endpoint: str  # ipc:// — the host binds PULL here
-    output_endpoint: str  # ipc:// — the host binds PUSH here
+    output_socket: str  # a Unix socket path: the host listens here (output_stream.py)
     dp_size: int
     page_size: int
     kv_events_port: int

@@ -75,7 +75,7 @@ def engine_root(endpoints: tuple[str, str]) -> Root:
     health = HealthSection(canary_after_idle=600.0)
     command, output = endpoints
     settings = EngineSettings(
-        command_endpoint=command, output_endpoint=output, health=health, max_inflight=16
+        command_endpoint=command, output_socket=output, health=health, max_inflight=16
     )
     spec = ChildSpec("engine", ActorStart(EngineActor, (settings,)))
     return Root("handshake", SupervisorFlags(intensity=0), [spec])

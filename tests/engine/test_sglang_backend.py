@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,9 @@ import msgspec
 import pytest
 import zmq
 
+from actors.engine_host import output_stream
 from actors.engine_host.__main__ import READY_LINE
+from actors.engine_host.output_stream import FrameReader
 from actors.engine_host.spec import HostSpec
 from messages.codec import decode_msgpack, encode_msgpack
 from messages.engine import (
@@ -139,11 +142,22 @@ class Host:
         self.send(HostControl(op_id=op_id, op=op, args=args or {}))  # type: ignore[arg-type]
         return q.get(timeout=timeout)
 
-    def read_outputs(self, sock: zmq.Socket[bytes], halt: threading.Event) -> None:
-        while not halt.is_set():
-            if not sock.poll(50):
-                continue
-            output = decode_msgpack(sock.recv(), HostOutput)
+    def read_outputs(self, sock: socket.socket, halt: threading.Event) -> None:
+        frames = FrameReader()
+        sock.settimeout(0.05)
+        with sock:
+            while not halt.is_set():
+                try:
+                    data = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return  # the host is gone
+                self._take(frames.feed(data))
+
+    def _take(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            output = decode_msgpack(frame, HostOutput)
             with self.lock:
                 if isinstance(output, HostControlReply):
                     self.replies.setdefault(output.op_id, queue.Queue()).put(output)
@@ -160,7 +174,7 @@ def host_spec(tmp: Path, dp_size: int = 1, **overrides: Any) -> HostSpec:
     return HostSpec(
         backend="sglang",
         command_endpoint=f"ipc://{tmp}/commands.ipc",
-        output_endpoint=f"ipc://{tmp}/outputs.ipc",
+        output_socket=f"{tmp}/outputs.sock",
         dp_size=dp_size,
         page_size=16,
         kv_events_port=port,
@@ -241,8 +255,7 @@ def start_host(tmp: Path, dp_size: int = 1) -> Started:
     wait_ready(process, tmp / "host.stderr", START_TIMEOUT)
     commands = context.socket(zmq.PUSH)
     commands.connect(spec.command_endpoint)
-    outputs = context.socket(zmq.PULL)
-    outputs.connect(spec.output_endpoint)
+    outputs = output_stream.connect(spec.output_socket)
     host = Host(
         process=process,
         spec=spec,

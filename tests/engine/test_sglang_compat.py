@@ -25,7 +25,7 @@ def spec(**fields: Any) -> HostSpec:
     base: dict[str, Any] = {
         "backend": "sglang",
         "command_endpoint": "ipc:///tmp/c",
-        "output_endpoint": "ipc:///tmp/o",
+        "output_socket": "/tmp/o",
         "dp_size": 1,
         "page_size": 16,
         "kv_events_port": 5557,
