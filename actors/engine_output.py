@@ -8,8 +8,10 @@ published without another thread (and, since the output left ZMQ for a Unix sock
 I/O thread of ZMQ's either: see `actors.engine_host.output_stream`). A node without a
 NATS link (an engine tested alone) reads on a private loop thread.
 
-Each wake-up reads what the socket holds (up to `_READ_MAX` bytes; the loop calls again
-while more waits, after its other work) and routes the whole frames in it together.
+Each wake-up reads what the socket holds into one buffer kept for it (up to `_READ_SIZE`
+bytes; the loop calls again while more waits, after its other work) and routes the whole
+frames in it together. Not `recv(n)`: that allocates n bytes per call, and a large n is a
+fresh mapping each time (`recv(1 MiB)` cost 100 µs more per call than `recv(64 KiB)` here).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from messages.engine import HostChunk, HostChunks, HostControlReply, HostOutput
 
 __all__ = ["OutputReader"]
 
-_READ_MAX = 1 << 20  # bytes taken per turn of the loop
+_READ_SIZE = 1 << 18  # bytes taken per turn of the loop
 
 
 class OutputReader:
@@ -44,6 +46,8 @@ class OutputReader:
         sock.setblocking(False)
         self._socket = sock
         self._frames = FrameReader()
+        self._buffer = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buffer)
         self._loop = loop
         self._on_reply = on_reply
         self._on_chunks = on_chunks
@@ -82,17 +86,17 @@ class OutputReader:
         if not self._reading:
             return
         try:
-            data = self._socket.recv(_READ_MAX)
+            size = self._socket.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # closed under us: the actor is stopping
             self._lost(f"{type(exc).__name__}: {exc}")
             return
-        if not data:
+        if not size:
             self._lost("the engine host closed it")
             return
         try:
-            frames = self._frames.feed(data)
+            frames = self._frames.feed(self._view[:size])
         except ValueError as exc:
             self.log.error("engine output stream broken", error=str(exc))
             self._lost(str(exc))

@@ -43,8 +43,9 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """The frames `data` completes, in order; raises ValueError on a broken stream."""
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        """The frames `data` completes, in order (copies: `data` may be reused after);
+        raises ValueError on a broken stream."""
         buffer = self._buffer
         if not buffer:  # the usual case: whole frames, nothing carried over
             frames, used = _cut(data)
@@ -57,7 +58,7 @@ class FrameReader:
         return frames
 
 
-def _cut(data: bytes | bytearray) -> tuple[list[bytes], int]:
+def _cut(data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
     frames: list[bytes] = []
     at, end, header = 0, len(data), _HEADER.size
     while end - at >= header:

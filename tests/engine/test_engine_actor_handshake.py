@@ -1,6 +1,7 @@
-"""EngineActor's start-up handshake over real ZMQ sockets: the host's first answer can be
-lost (its output connection not up yet); the actor asks again and starts. A host that
-never answers fails the start with an error that says what was missing."""
+"""EngineActor's start-up handshake over the real channel (commands on ZMQ, outputs on the
+host's output stream): the host's first answers can be lost (a host with no reader
+connected drops them); the actor asks again and starts. A host that never answers fails
+the start with an error that says what was missing."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class ScriptedHost:
 
 @pytest.fixture
 def endpoints(tmp_path: Path) -> tuple[str, str]:
-    return f"ipc://{tmp_path}/cmd", f"ipc://{tmp_path}/out"
+    return f"ipc://{tmp_path}/cmd", f"{tmp_path}/out"
 
 
 def run_host(endpoints: tuple[str, str], ignore: int) -> Iterator[ScriptedHost]:

@@ -41,9 +41,11 @@ def test_frames_cut_from_any_split_of_the_bytes() -> None:
     sent = [rng.randbytes(rng.randrange(0, 300)) for _ in range(200)]
     wire = b"".join(struct.pack("<I", len(f)) + f for f in sent)
     reader, got, at = FrameReader(), [], 0
+    buffer = bytearray(64)  # reused for every read, as the node's reader does
     while at < len(wire):
-        step = rng.randrange(1, 40)
-        got += reader.feed(wire[at : at + step])
+        step = min(rng.randrange(1, 40), len(wire) - at)
+        buffer[:step] = wire[at : at + step]
+        got += reader.feed(memoryview(buffer)[:step])
         at += step
     assert got == sent
 
@@ -83,6 +85,9 @@ def test_the_newest_reader_is_written_to_and_the_older_one_closed(stream: Output
         stream.send(b"to the old one")
         assert read_frames(old, 1) == [b"to the old one"]
         with connect(stream.path) as new:
+            deadline = time.monotonic() + 10
+            while stream.connections < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the stream's thread takes it (send only when it has none)
             stream.send(b"to the new one")
             assert read_frames(new, 1) == [b"to the new one"]
             old.settimeout(10)
