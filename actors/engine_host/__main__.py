@@ -191,7 +191,9 @@ def main(argv: list[str]) -> int:
         for t in threading.enumerate()
         if t.is_alive() and t is not threading.current_thread()
     ]
-    log.info("engine host stopped", threads_left=stuck)
+    # outputs dropped: sent while no EngineActor was connected (before its start, or after
+    # it stopped first, as in an ordered stop)
+    log.info("engine host stopped", threads_left=stuck, outputs_dropped=channel.unsent)
     return 0
 
 

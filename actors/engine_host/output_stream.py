@@ -75,16 +75,20 @@ def _cut(data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
 
 def connect(path: str, timeout: float = 10.0) -> socket.socket:
     """A blocking connection to the host's stream at `path`, retried while the host has
-    not begun listening yet (up to `timeout` seconds)."""
+    not begun listening yet (up to `timeout` seconds); raises ConnectionError naming it."""
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             if time.monotonic() >= deadline:
-                raise
+                msg = (
+                    f"the engine host's output socket {path} took no connection within "
+                    f"{timeout:g}s ({exc.strerror}): is the engine host running?"
+                )
+                raise ConnectionError(msg) from exc
             time.sleep(0.02)
             continue
         return sock

@@ -108,6 +108,12 @@ def test_a_reader_that_went_away_costs_frames_not_the_stream(stream: OutputStrea
         assert read_frames(second, 1) == [b"two"]
 
 
+def test_connecting_to_a_host_that_does_not_listen_names_the_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "nobody.sock")
+    with pytest.raises(ConnectionError, match=f"output socket {path} took no connection"):
+        connect(path, timeout=0.1)
+
+
 def test_close_writes_what_waits(tmp_path: Path) -> None:
     stream = OutputStream(str(tmp_path / "out.sock"))
     frame = b"y" * 65536
