@@ -94,6 +94,17 @@ def connect(path: str, timeout: float = 10.0) -> socket.socket:
         return sock
 
 
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """A reader's connection turned readable: the reader never writes, so it closed (or
+    the wake-up was spurious)."""
+    try:
+        return not conn.recv(4096)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class OutputStream:
     """The host's end: listens at `path`, sends frames to the connected reader."""
 
@@ -235,17 +246,10 @@ class OutputStream:
             self._wake()  # the thread watches it from now on
 
     def _service(self, conn: socket.socket, events: int) -> None:
-        if events & selectors.EVENT_READ:  # the reader never writes: it closed
-            try:
-                data = conn.recv(4096)
-            except BlockingIOError:
-                data = b"?"
-            except OSError:
-                data = b""
-            if not data:
-                with self._lock:
-                    self._drop(conn)
-                return
+        if events & selectors.EVENT_READ and _closed_by_peer(conn):
+            with self._lock:
+                self._drop(conn)
+            return
         if events & selectors.EVENT_WRITE:
             with self._lock:
                 if self._conn is not conn or not self._backlog:

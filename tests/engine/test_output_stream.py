@@ -25,8 +25,8 @@ def stream(tmp_path: Path) -> Iterator[OutputStream]:
         out.close()
 
 
-def read_frames(sock: socket.socket, count: int, reader: FrameReader | None = None) -> list[bytes]:
-    reader = reader or FrameReader()
+def read_frames(sock: socket.socket, count: int) -> list[bytes]:
+    reader = FrameReader()
     sock.settimeout(10)
     frames: list[bytes] = []
     while len(frames) < count:
